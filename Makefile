@@ -1,0 +1,24 @@
+# The two commands: `make demo` and `make test`. Both build .venv from the pinned lock file first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/lock.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/stacktrain demo --out demo-out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --timeout 900 tests
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

@@ -1,0 +1,88 @@
+"""Configuration of patches, preprocessing and loading: frozen keyword-only dataclasses.
+
+These are sections of the one training config (train/config.py loads them from TOML); each field's
+docstring-comment is what the README's config table shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+LOADERS = ("auto", "dali", "dali-cpu", "torch")
+EDGE_POLICIES = ("fit", "drop", "pad")
+NORMALIZATIONS = ("scale", "meanstd", "percentile")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PatchConfig:
+    size: tuple[int, int, int] = (32, 256, 256)
+    """Patch depth, height, width in voxels (z, y, x)."""
+    stride: tuple[int, int, int] | None = None
+    """Grid step (z, y, x); None means the patch size (no overlap)."""
+    edge: str = "fit"
+    """fit: shift the last patch back so the stack is covered; drop: leave the rest; pad: zero-pad."""
+    foreground_min: float = 0.0
+    """Skip patches whose stored foreground fraction is below this (0 keeps all; reads no voxels)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "size", tuple(self.size))
+        if self.stride is not None:
+            object.__setattr__(self, "stride", tuple(self.stride))
+        if self.edge not in EDGE_POLICIES:
+            raise ValueError(f"patch.edge = {self.edge!r}; choose one of {', '.join(EDGE_POLICIES)}")
+
+    @property
+    def step(self) -> tuple[int, int, int]:
+        return self.stride or self.size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PreprocessConfig:
+    normalize: str = "scale"
+    """scale: divide by the dtype's max to [0, 1]; meanstd: per-channel (x - mean) / std;
+    percentile: clip each stack to its stored [low, high] percentiles per channel, then to [0, 1]."""
+    mean: tuple[float, ...] | None = None
+    """Per-channel means for meanstd, in raw intensity units; None computes them from the training stacks."""
+    std: tuple[float, ...] | None = None
+    """Per-channel stds for meanstd; None computes them from the training stacks."""
+    percentile_low: float = 1.0
+    """Lower clip percentile for `percentile` (one of the stored 0.5, 1, 99, 99.5)."""
+    percentile_high: float = 99.0
+    """Upper clip percentile for `percentile`."""
+    flip: tuple[bool, bool, bool] = (True, True, True)
+    """Random flips along z, y, x during training (each with probability 0.5)."""
+    jitter: int = 0
+    """Random shift of the training crop by up to this many voxels per axis, inside the stack."""
+
+    def __post_init__(self):
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"preprocess.normalize = {self.normalize!r}; choose one of "
+                             f"{', '.join(NORMALIZATIONS)}")
+        object.__setattr__(self, "flip", tuple(self.flip))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    loader: str = "auto"
+    """dali (GPU decode), dali-cpu (same graph on the CPU), torch (reference DataLoader), auto (dali
+    when a GPU and DALI are present, else dali-cpu, else torch)."""
+    batch_size: int = 64
+    """Patches per batch (per rank under DDP)."""
+    workers: int = 2
+    """Worker processes reading chunk bytes (and decompressing them in CPU modes)."""
+    prefetch: int = 2
+    """Batches prepared ahead of the model."""
+    dtype: str = "bf16"
+    """Image dtype delivered: bf16, fp16 or fp32 (fp32 is what CPU training uses)."""
+    channels_last: bool = False
+    """Deliver images in torch.channels_last_3d memory format."""
+    balance: bool = False
+    """Class-balanced sampling of training patches (each epoch draws equally from SAIN and MALADE)."""
+    seed: int = 0
+    """Seed of the per-epoch shuffle and augmentation; epoch e uses (seed, e)."""
+
+    def __post_init__(self):
+        if self.loader not in LOADERS:
+            raise ValueError(f"loader.loader = {self.loader!r}; choose one of {', '.join(LOADERS)}")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"loader.dtype = {self.dtype!r}; choose bf16, fp16 or fp32")

@@ -1,0 +1,139 @@
+"""The on-disk layout of a stacktrain store, shared by the writer and the reader.
+
+```
+STORE.zarr/
+  zarr.json                  root group; attributes.stacktrain = {format_version, stacks: [...]}
+  <stack_id>/
+    zarr.json                group; attributes.stacktrain = StackMeta as a dict
+    image/                   an OME-Zarr 0.5 image (attributes.ome.multiscales)
+      0/                     uint8|uint16 array, axes c,z,y,x, sharded, LZ4 (or zstd) chunks
+    stats/
+      foreground             float32 (Zc, Yc, Xc): fraction of voxels above the threshold per stats cell
+      mean                   float32 (C, Zc, Yc, Xc): mean intensity per channel and stats cell
+  .staging/                  stacks being written; renamed into place when complete
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+AXES = ("c", "z", "y", "x")
+IMAGE = "image"
+LEVEL0 = "0"
+STATS = "stats"
+STAGING = ".staging"
+
+# A chunk is one channel of a (z, y, x) block, so every chunk of a stack inflates to the same shape
+# (DALI's inflate requires that). The shard holds all channels of one 32x256x256 patch cell, so a
+# patch-aligned read is one shard file. See README "Choosing chunks" for the measurements.
+DEFAULT_CHUNK_ZYX = (16, 64, 64)
+DEFAULT_SHARD_ZYX = (32, 256, 256)
+# Statistics are kept on a fine grid so that any patch size can aggregate them without reading voxels.
+STATS_CELL_ZYX = (8, 32, 32)
+DEFAULT_FOREGROUND_THRESHOLD = 0  # a voxel is foreground when any channel is above this value
+PERCENTILES = (0.5, 1.0, 99.0, 99.5)
+CODECS = ("lz4", "zstd")
+GPU_CODECS = ("lz4",)
+LABELS = {"SAIN": 0, "MALADE": 1}
+CLASS_NAMES = ("SAIN", "MALADE")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_stack_id(stack_id: str) -> str | None:
+    """Return why `stack_id` is unsafe as a directory name, or None when it is fine."""
+    if not _SAFE_ID.match(stack_id) or ".." in stack_id:
+        return (f"stack_id {stack_id!r} is not safe as a path name: use letters, digits, '_', '-' "
+                "and '.', starting with a letter or digit, without '..' or '/'")
+    return None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackMeta:
+    """What the store knows about one stack; saved in `<stack_id>/zarr.json` and the root list."""
+
+    stack_id: str
+    label: str  # SAIN or MALADE
+    group: str  # patient id; splits never separate a group
+    shape: tuple[int, int, int, int]  # c, z, y, x
+    dtype: str  # uint8 or uint16
+    codec: str  # lz4 or zstd
+    chunk_zyx: tuple[int, int, int]
+    shard_zyx: tuple[int, int, int]
+    spacing_zyx: tuple[float, float, float] | None  # physical voxel size, when the source had one
+    source: str
+    source_sha256: str
+    percentiles: dict[str, list[float]]  # "p1" -> one value per channel
+    channel_sum: list[float]  # per channel, over all voxels: for mean/std from training stacks
+    channel_sumsq: list[float]
+    foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD
+    stats_cell_zyx: tuple[int, int, int] = STATS_CELL_ZYX
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def label_index(self) -> int:
+        return LABELS[self.label]
+
+    @property
+    def n_voxels(self) -> int:
+        c, z, y, x = self.shape
+        return z * y * x
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StackMeta":
+        tuples = {"shape", "chunk_zyx", "shard_zyx", "stats_cell_zyx", "spacing_zyx"}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in fields}
+        return cls(**kw)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON next to `path` and rename it into place, so readers never see a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def root_group_json(stacks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The root zarr.json: a plain Zarr v3 group whose attributes list the stacks."""
+    return {
+        "zarr_format": 3,
+        "node_type": "group",
+        "attributes": {"stacktrain": {"format_version": FORMAT_VERSION, "stacks": stacks}},
+    }
+
+
+def ome_multiscales(name: str, spacing_zyx: tuple[float, float, float] | None) -> dict[str, Any]:
+    """OME-Zarr 0.5 `ome` attributes for a single-level c,z,y,x image."""
+    scale = [1.0, *(spacing_zyx or (1.0, 1.0, 1.0))]
+    unit = "micrometer" if spacing_zyx else None
+    axes = [{"name": "c", "type": "channel"}]
+    for ax in ("z", "y", "x"):
+        axes.append({"name": ax, "type": "space", **({"unit": unit} if unit else {})})
+    return {
+        "version": "0.5",
+        "multiscales": [{
+            "name": name,
+            "axes": axes,
+            "datasets": [{"path": LEVEL0, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+        }],
+    }

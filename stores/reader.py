@@ -1,0 +1,129 @@
+"""Open a store, list its stacks, read regions, and hand out compressed chunk bytes for the GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import chunks as _chunks
+from .errors import StoreError
+from .layout import FORMAT_VERSION, GPU_CODECS, IMAGE, LEVEL0, STATS, StackMeta
+
+Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # ((z0, z1), (y0, y1), (x0, x1))
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path.parent}: not a stacktrain store ({what} missing); "
+                         "create one with `stacktrain convert`") from None
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}: corrupt metadata ({e}); reconvert the store") from None
+
+
+class Store:
+    """A read-only view of a stacktrain store. Picklable: worker processes reopen files lazily."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise StoreError(f"{self.path}: store not found; create it with `stacktrain convert`")
+        root = _read_json(self.path / "zarr.json", "zarr.json")
+        info = root.get("attributes", {}).get("stacktrain")
+        if info is None:
+            raise StoreError(f"{self.path}: a Zarr group but not a stacktrain store "
+                             "(no attributes.stacktrain); create it with `stacktrain convert`")
+        version = info.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: format_version {version!r} is not supported by this "
+                             f"stacktrain (reads {FORMAT_VERSION}); reconvert with this version")
+        self._metas: dict[str, StackMeta] = {}
+        for entry in info.get("stacks", []):
+            sid = entry["stack_id"]
+            attrs = _read_json(self.path / sid / "zarr.json", f"{sid}/zarr.json")
+            self._metas[sid] = StackMeta.from_dict(attrs["attributes"]["stacktrain"])
+        self._files: dict[str, _chunks.ShardFiles] = {}
+
+    # -- listing -------------------------------------------------------------------------------
+    @property
+    def stack_ids(self) -> list[str]:
+        return list(self._metas)
+
+    @property
+    def stacks(self) -> list[StackMeta]:
+        return list(self._metas.values())
+
+    def meta(self, stack_id: str) -> StackMeta:
+        try:
+            return self._metas[stack_id]
+        except KeyError:
+            raise StoreError(f"{self.path}: no stack {stack_id!r}; it has {len(self._metas)} stacks "
+                             f"(e.g. {', '.join(list(self._metas)[:5])})") from None
+
+    def array_path(self, stack_id: str) -> Path:
+        return self.path / stack_id / IMAGE / LEVEL0
+
+    def zarr_array(self, stack_id: str):
+        """The level-0 array through zarr-python (the portable, slower path)."""
+        import zarr
+        self.meta(stack_id)
+        return zarr.open_array(self.array_path(stack_id), mode="r")
+
+    def stats(self, stack_id: str) -> dict[str, np.ndarray]:
+        """Per stats-cell `foreground` (Zc, Yc, Xc) and `mean` (C, Zc, Yc, Xc) written at conversion."""
+        import zarr
+        self.meta(stack_id)
+        group = zarr.open_group(self.path / stack_id / STATS, mode="r")
+        return {name: np.asarray(group[name][...]) for name in ("foreground", "mean")}
+
+    # -- chunks --------------------------------------------------------------------------------
+    def _shards(self, stack_id: str) -> _chunks.ShardFiles:
+        files = self._files.get(stack_id)
+        if files is None:
+            m = self.meta(stack_id)
+            c = m.shape[0]
+            files = _chunks.ShardFiles(self.array_path(stack_id), m.shape, (1, *m.chunk_zyx),
+                                       (c, *m.shard_zyx), np.dtype(m.dtype).itemsize)
+            self._files[stack_id] = files
+        return files
+
+    def chunk_region(self, stack_id: str, box: Box, *, raw_lz4: bool = False) -> _chunks.ChunkRegion:
+        """Stored bytes of every chunk covering `box`, with per-chunk offsets and sizes.
+
+        With `raw_lz4=True` each chunk is a raw LZ4 block, ready for DALI's `fn.decoders.inflate`;
+        a store whose codec the GPU cannot inflate is refused with what to do instead.
+        """
+        m = self.meta(stack_id)
+        if raw_lz4 and m.codec not in GPU_CODECS:
+            raise StoreError(
+                f"{self.path}: stack {stack_id!r} uses the {m.codec} codec, which the GPU cannot "
+                f"decode (DALI inflates LZ4 only); reconvert with `stacktrain convert --codec lz4` "
+                f"or use the CPU loader (loader = \"dali-cpu\" or \"torch\")")
+        return _chunks.gather(self._shards(stack_id), box, codec=m.codec, dtype=m.dtype, raw_lz4=raw_lz4)
+
+    def read(self, stack_id: str, box: Box | None = None) -> np.ndarray:
+        """The (C, z, y, x) voxels of `box` (whole stack when None); outside the stack reads as 0."""
+        m = self.meta(stack_id)
+        if box is None:
+            box = tuple((0, n) for n in m.shape[1:])
+        region = self.chunk_region(stack_id, box)
+        vox = _chunks.reassemble(_chunks.decode(region), region.grid)
+        sl = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, region.origin_zyx))
+        return np.ascontiguousarray(vox[(slice(None), *sl)])
+
+    def close(self) -> None:
+        for files in self._files.values():
+            files.close()
+        self._files.clear()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_files"] = {}
+        return state
+
+
+def open_store(path: str | Path) -> Store:
+    return Store(path)

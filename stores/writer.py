@@ -1,0 +1,160 @@
+"""Write one stack into a store, slab by slab, atomically; keep the root's stack list current."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.codecs.numcodecs import LZ4
+
+from .errors import StoreError
+
+# We choose numcodecs' LZ4 on purpose (DALI's GPU inflate reads it); zarr's portability warning is noise.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
+from .layout import (CODECS, DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX,
+                     FORMAT_VERSION, IMAGE, LEVEL0, PERCENTILES, STAGING, STATS, STATS_CELL_ZYX,
+                     StackMeta, atomic_write_json, ome_multiscales, root_group_json)
+
+
+def init_store(path: str | Path) -> Path:
+    """Create an empty store, or check that an existing one has our format version."""
+    path = Path(path)
+    root = path / "zarr.json"
+    if root.exists():
+        info = json.loads(root.read_text()).get("attributes", {}).get("stacktrain", {})
+        if info.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{path}: existing store has format_version {info.get('format_version')!r}, "
+                             f"this stacktrain writes {FORMAT_VERSION}; use a new --out or --overwrite")
+    else:
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path}: exists and is not a stacktrain store; choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(root, root_group_json([]))
+    (path / STAGING).mkdir(exist_ok=True)
+    return path
+
+
+def existing_meta(path: str | Path, stack_id: str) -> StackMeta | None:
+    """The metadata of a completely written stack, or None (absent or never finished)."""
+    f = Path(path) / stack_id / "zarr.json"
+    if not f.exists():
+        return None
+    return StackMeta.from_dict(json.loads(f.read_text())["attributes"]["stacktrain"])
+
+
+def register(path: str | Path, metas: Iterable[StackMeta]) -> None:
+    """Rewrite the root stack list (atomically) in the given order."""
+    entries = [{"stack_id": m.stack_id, "label": m.label, "group": m.group} for m in metas]
+    atomic_write_json(Path(path) / "zarr.json", root_group_json(entries))
+
+
+def remove_stack(path: str | Path, stack_id: str) -> None:
+    target = Path(path) / stack_id
+    if target.exists():
+        trash = Path(path) / STAGING / f"{stack_id}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(trash)  # out of sight first, then delete
+        shutil.rmtree(trash)
+
+
+class _Stats:
+    """Streaming statistics: foreground fraction and mean per stats cell, histograms for percentiles."""
+
+    def __init__(self, shape, dtype, threshold: int):
+        c, z, y, x = shape
+        self.cell = STATS_CELL_ZYX
+        self.grid = tuple(-(-n // k) for n, k in zip((z, y, x), self.cell))
+        self.fg = np.zeros(self.grid, np.float32)
+        self.mean = np.zeros((c, *self.grid), np.float32)
+        self.hist = np.zeros((c, np.iinfo(dtype).max + 1), np.int64)
+        self.sum = np.zeros(c, np.float64)
+        self.sumsq = np.zeros(c, np.float64)
+        self.threshold = threshold
+
+    def add(self, z0: int, slab: np.ndarray) -> None:
+        c, dz, y, x = slab.shape
+        fg = (slab > self.threshold).any(axis=0)
+        kz, ky, kx = self.cell
+        for gz in range(z0 // kz, -(-(z0 + dz) // kz)):
+            zs = slice(gz * kz - z0, min((gz + 1) * kz - z0, dz))
+            for gy in range(self.grid[1]):
+                ys = slice(gy * ky, min((gy + 1) * ky, y))
+                for gx in range(self.grid[2]):
+                    xs = slice(gx * kx, min((gx + 1) * kx, x))
+                    self.fg[gz, gy, gx] = fg[zs, ys, xs].mean()
+                    self.mean[:, gz, gy, gx] = slab[:, zs, ys, xs].reshape(c, -1).mean(axis=1)
+        for ch in range(c):
+            flat = slab[ch].ravel()
+            self.hist[ch] += np.bincount(flat, minlength=self.hist.shape[1])
+            f = flat.astype(np.float64)
+            self.sum[ch] += f.sum()
+            self.sumsq[ch] += (f * f).sum()
+
+    def percentiles(self) -> dict[str, list[float]]:
+        out = {}
+        cdf = np.cumsum(self.hist, axis=1)
+        for p in PERCENTILES:
+            target = cdf[:, -1] * p / 100.0
+            out[f"p{p:g}"] = [float(np.searchsorted(cdf[ch], target[ch])) for ch in range(len(cdf))]
+        return out
+
+
+def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, source: str,
+                source_sha256: str, shape: tuple[int, int, int, int], dtype: str,
+                slabs: Iterable[tuple[int, np.ndarray]], spacing_zyx=None, codec: str = "lz4",
+                chunk_zyx=DEFAULT_CHUNK_ZYX, shard_zyx=DEFAULT_SHARD_ZYX,
+                foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD) -> StackMeta:
+    """Write a stack from `(z0, slab)` pairs (slab: (C, dz, Y, X), in z order) under a staging name
+    and rename it into place. Nothing is visible under `<store>/<stack_id>` until it is complete.
+    The root list is not touched: call `register` once the stack is in place.
+    """
+    if codec not in CODECS:
+        raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
+    if any(s % c for s, c in zip(shard_zyx, chunk_zyx)):
+        raise StoreError(f"shard {shard_zyx} must be a multiple of chunk {chunk_zyx}")
+    path = Path(path)
+    staging = path / STAGING / f"{stack_id}.{uuid.uuid4().hex[:8]}"
+    c = shape[0]
+    try:
+        stack_group = zarr.open_group(staging, mode="w", zarr_format=3)
+        image = stack_group.create_group(IMAGE)
+        compressors = [LZ4()] if codec == "lz4" else [ZstdCodec(level=3)]
+        arr = image.create_array(LEVEL0, shape=shape, dtype=dtype, chunks=(1, *chunk_zyx),
+                                 shards=(c, *shard_zyx), compressors=compressors, fill_value=0,
+                                 dimension_names=("c", "z", "y", "x"))
+        stats = _Stats(shape, dtype, foreground_threshold)
+        expected_z = 0
+        for z0, slab in slabs:
+            if z0 != expected_z or slab.shape[0] != c or slab.shape[2:] != tuple(shape[2:]):
+                raise StoreError(f"{source}: slab at z={z0} with shape {slab.shape} does not continue "
+                                 f"a stack of shape {shape}")
+            arr[:, z0:z0 + slab.shape[1]] = slab
+            stats.add(z0, slab)
+            expected_z = z0 + slab.shape[1]
+        if expected_z != shape[1]:
+            raise StoreError(f"{source}: got {expected_z} slices, expected {shape[1]}")
+        image.attrs.put({"ome": ome_multiscales(stack_id, spacing_zyx)})
+        stats_group = stack_group.create_group(STATS)
+        stats_group.create_array("foreground", data=stats.fg, chunks=stats.fg.shape)
+        stats_group.create_array("mean", data=stats.mean, chunks=stats.mean.shape)
+        meta = StackMeta(
+            stack_id=stack_id, label=label, group=group, shape=tuple(shape), dtype=str(np.dtype(dtype)),
+            codec=codec, chunk_zyx=tuple(chunk_zyx), shard_zyx=tuple(shard_zyx),
+            spacing_zyx=tuple(spacing_zyx) if spacing_zyx else None, source=str(source),
+            source_sha256=source_sha256, percentiles=stats.percentiles(),
+            channel_sum=stats.sum.tolist(), channel_sumsq=stats.sumsq.tolist(),
+            foreground_threshold=foreground_threshold, format_version=FORMAT_VERSION)
+        # Complete: the rename below is what makes it visible.
+        stack_group.attrs.put({"stacktrain": meta.to_dict()})
+        remove_stack(path, stack_id)
+        staging.rename(path / stack_id)
+        return meta
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
