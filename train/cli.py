@@ -15,7 +15,7 @@ from rich.console import Console
 from stores.errors import StackTrainError
 
 # Modules that define `register(subparsers)`, in the order of the data flow.
-COMMAND_MODULES = ["stores.cli", "train.commands", "benchmarks.cli"]
+COMMAND_MODULES = ["stores.cli", "train.split", "train.commands", "benchmarks.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,184 @@
+"""GPU check: DALI's GPU pipeline against its CPU mode on a generated store, plus patches/s.
+
+    python -m benchmarks.gpu_check --out gpu-check-out
+
+On a CUDA machine, in one run: writes a small tissue-like LZ4 store, reads one eval epoch (no
+augmentation) and one train epoch (flips + jitter, chosen by the shared source) with loader "dali"
+and with loader "dali-cpu", asserts the images agree within the tolerance of the cast (and the side
+outputs exactly), then times epochs of each. Writes `gpu_check.json` under --out. Exit 1 on any
+mismatch; without CUDA or DALI it prints "skipped: ..." and exits 0.
+`--candidate torch` runs the same comparison on any machine (how this script is tested on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TOLERANCE = {"fp16": 1e-3, "bf16": 8e-3, "fp32": 1e-5}  # relative+absolute, one rounding of each dtype
+
+
+def skip_reason(kinds: list[str]) -> str | None:
+    """Why this machine cannot run the check, or None."""
+    from pipelines.loaders import dali_available
+    if any(k.startswith("dali") for k in kinds) and not dali_available():
+        return "NVIDIA DALI does not import"
+    if "dali" in kinds and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def tissue_like(shape_czyx, seed: int) -> np.ndarray:
+    """Smooth structure + noise + an empty corner, uint8: compresses like real tissue."""
+    rng = np.random.default_rng(seed)
+    c, z, y, x = shape_czyx
+    zz, yy, xx = np.meshgrid(np.linspace(0, 3, z), np.linspace(0, 5, y), np.linspace(0, 5, x), indexing="ij",
+                             sparse=True)
+    out = np.empty(shape_czyx, np.uint8)
+    for ch in range(c):
+        smooth = 0.5 + 0.25 * np.sin(zz + ch) * np.cos(yy * (1 + ch / 3)) + 0.2 * np.sin(xx * 1.7 + ch)
+        out[ch] = np.clip((smooth + rng.normal(0, 0.05, (z, y, x))) * 204, 0, 255).astype(np.uint8)
+    out[:, :, : y // 3, : x // 3] = 0
+    return out
+
+
+def build_store(path: Path, n_stacks: int, shape_czyx) -> None:
+    from stores import writer
+    writer.init_store(path)
+    metas = []
+    for i in range(n_stacks):
+        arr = tissue_like(shape_czyx, seed=i)
+        metas.append(writer.write_stack(
+            path, stack_id=f"gen{i}", label="MALADE" if i % 2 else "SAIN", group=f"g{i}",
+            source="generated", source_sha256=hashlib.sha256(arr.tobytes()).hexdigest(), shape=arr.shape,
+            dtype="uint8", slabs=((z0, arr[:, z0:z0 + 32]) for z0 in range(0, arr.shape[1], 32)), codec="lz4"))
+    writer.register(path, metas)
+
+
+def make_loader(store, kind: str, args, *, train: bool):
+    from pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
+    from pipelines.loaders import build_loader
+    aug = dict(flip=(True, True, True), jitter=8) if train else dict(flip=(False, False, False), jitter=0)
+    return build_loader(store, store.stack_ids, train=train,
+                        patch=PatchConfig(size=tuple(args.patch), stride=tuple(args.stride), edge="fit"),
+                        prep=PreprocessConfig(normalize=args.normalize, **aug),
+                        cfg=LoaderConfig(loader=kind, batch_size=args.batch_size, workers=args.workers,
+                                         prefetch=args.prefetch, dtype=args.dtype, seed=args.seed),
+                        device_id=0 if kind == "dali" else None)
+
+
+def check_equal(store, args, *, train: bool) -> dict:
+    """One epoch from each loader, batch by batch in lockstep: images within the cast's tolerance,
+    side outputs exact."""
+    from pipelines import graph
+    graph.CHECK_INFLATE = True  # let nvCOMP validate output sizes (it syncs; fine for a check)
+    ref_loader = make_loader(store, args.reference, args, train=train)
+    cand_loader = make_loader(store, args.candidate, args, train=train)
+    tol = TOLERANCE[args.dtype]
+    patches = off = batches = 0
+    max_diff, side_equal, counts_equal = 0.0, True, len(ref_loader) == len(cand_loader)
+    try:
+        for ref, cand in zip(ref_loader.epoch(3), cand_loader.epoch(3), strict=counts_equal):
+            batches += 1
+            a, b = ref.images.float().cpu(), cand.images.float().cpu()
+            if a.shape != b.shape:
+                counts_equal = False
+                break
+            diff = (b - a).abs()
+            max_diff = max(max_diff, float(diff.max()))
+            off += int((diff > tol + tol * a.abs()).sum())
+            patches += len(a)
+            side_equal &= all(torch.equal(getattr(ref, k).cpu(), getattr(cand, k).cpu())
+                              for k in ("labels", "stack_index", "position"))
+    finally:
+        ref_loader.close()
+        cand_loader.close()
+        graph.CHECK_INFLATE = False
+    return {"patches": patches, "batches": batches, "max_abs_diff": max_diff, "elements_off": off,
+            "tolerance": tol, "side_outputs_equal": side_equal, "shapes_and_counts_equal": counts_equal,
+            "ok": counts_equal and side_equal and off == 0 and patches > 0}
+
+
+def measure_throughput(store, kind: str, args) -> dict:
+    """Train epochs of one loader: one warm-up, then the median of --epochs timed epochs."""
+    loader = make_loader(store, kind, args, train=True)
+    sync = torch.cuda.synchronize if kind == "dali" else (lambda: None)
+    times, n = [], 0
+    try:
+        for epoch in range(args.epochs + 1):  # consecutive epochs: the pipeline is built once
+            sync()
+            start = time.perf_counter()
+            n = sum(len(b) for b in loader.epoch(epoch))
+            sync()
+            if epoch:  # epoch 0 builds the pipeline and warms the caches
+                times.append(time.perf_counter() - start)
+    finally:
+        loader.close()
+    median = statistics.median(times)
+    return {"patches_per_epoch": n, "epoch_s": times, "patches_per_s": n / median,
+            "gb_per_s_uint8": n * int(np.prod(args.patch)) * args.shape[0] / median / 1e9}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json")
+    p.add_argument("--stacks", type=int, default=2)
+    p.add_argument("--shape", type=int, nargs=4, default=[3, 64, 512, 512], metavar=("C", "Z", "Y", "X"))
+    p.add_argument("--patch", type=int, nargs=3, default=[32, 256, 256], metavar=("D", "H", "W"))
+    p.add_argument("--stride", type=int, nargs=3, default=[8, 64, 64], metavar=("D", "H", "W"))
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--dtype", choices=sorted(TOLERANCE), default="fp16")
+    p.add_argument("--normalize", choices=["scale", "meanstd", "percentile"], default="percentile")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per loader")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference", default="dali-cpu")
+    p.add_argument("--candidate", default="dali", help="the loader checked against --reference")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    reason = skip_reason([args.reference, args.candidate])
+    if reason:
+        print(f"skipped: {reason}; run this on a CUDA machine with DALI installed")
+        return 0
+    from stores.layout import atomic_write_json
+    from stores.reader import Store
+    report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        t0 = time.perf_counter()
+        build_store(Path(tmp) / "gen.zarr", args.stacks, tuple(args.shape))
+        report["store_write_s"] = time.perf_counter() - t0
+        store = Store(Path(tmp) / "gen.zarr")
+        report["eval_no_aug"] = check_equal(store, args, train=False)
+        report["train_aug"] = check_equal(store, args, train=True)
+        report["throughput"] = {kind: measure_throughput(store, kind, args)
+                                for kind in (args.candidate, args.reference)}
+    ok = report["eval_no_aug"]["ok"] and report["train_aug"]["ok"]
+    report["status"] = "ok" if ok else "mismatch"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "gpu_check.json", report)
+    for name in ("eval_no_aug", "train_aug"):
+        r = report[name]
+        print(f"{name}: {'OK' if r['ok'] else 'MISMATCH'} {r['patches']} patches, max |diff| "
+              f"{r['max_abs_diff']:.3g} (tolerance {r['tolerance']}), side outputs equal: {r['side_outputs_equal']}")
+    for kind, t in report["throughput"].items():
+        print(f"{kind}: {t['patches_per_s']:.1f} patches/s ({t['gb_per_s_uint8']:.2f} GB/s of uint8 patches)")
+    print(f"status: {report['status']} -> {args.out / 'gpu_check.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""`build_loader`: one entry point for the three loaders, which share one interface (`PatchLoader`).
+
+    loader = build_loader(store, train_ids, train=True, patch=..., prep=..., cfg=...)
+    for epoch in range(n):
+        for batch in loader.epoch(epoch):   # Batch: images NCDHW, labels, stack_index, position
+            ...
+
+"dali" decodes on the GPU, "dali-cpu" runs the same graph on the CPU, "torch" is the reference
+DataLoader; "auto" picks dali when CUDA and DALI are present, else dali-cpu, else torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from stores.layout import GPU_CODECS
+from stores.reader import Store
+
+from .config import LOADERS, LoaderConfig, PatchConfig, PreprocessConfig
+from .contract import DTYPES, Batch, BatchSpec, check_batch
+from .errors import PipelineError
+from .normalize import channel_mean_std, stack_norm_params
+from .patches import PatchIndex, build_index
+from .source import PatchSource
+
+__all__ = ["PatchLoader", "build_loader", "channel_mean_std", "resolve_loader"]
+
+
+class PatchLoader:
+    """What the trainer iterates. Subclasses provide `_batches(epoch)`; this class checks and finishes them."""
+
+    kind: str  # resolved loader: "dali" | "dali-cpu" | "torch"
+
+    def __init__(self, *, stack_ids: list[str], index: PatchIndex, spec: BatchSpec, source: PatchSource,
+                 cfg: LoaderConfig):
+        self.stack_ids = list(stack_ids)  # Batch.stack_index indexes into this
+        self.index = index  # all patches of these stacks, before rank sharding
+        self.spec = spec
+        self.source = source
+        self.cfg = cfg
+        self._n_batches = len(source.plan(0))  # raises now if a train epoch cannot fill one batch
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self._n_batches
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of `epoch`, deterministic from (cfg.seed, epoch); each is checked against `spec`."""
+        if epoch < 0:
+            raise PipelineError(f"epoch {epoch}: epochs count from 0")
+        for batch in self._batches(epoch):
+            images = batch.images
+            if images.dtype != self.spec.dtype:  # bf16: DALI has none, it delivers fp32
+                images = images.to(self.spec.dtype)
+            if self.cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last_3d)
+            batch.images = images
+            check_batch(batch, self.spec)
+            yield batch
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop worker processes; the loader cannot be used afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:  # not installed (macOS, no extra) or its libraries are missing
+        return False
+    return True
+
+
+def resolve_loader(name: str) -> str:
+    """The loader that `name` means on this machine; raise PipelineError for an impossible choice."""
+    if name not in LOADERS:
+        raise PipelineError(f"loader.loader = {name!r} is not a loader; choose one of {', '.join(LOADERS)}")
+    has_cuda, has_dali = torch.cuda.is_available(), dali_available()
+    if name == "auto":
+        return "dali" if has_cuda and has_dali else "dali-cpu" if has_dali else "torch"
+    if name in ("dali", "dali-cpu") and not has_dali:
+        raise PipelineError(f"loader.loader = {name!r} needs NVIDIA DALI, which does not import here; "
+                            "install the `dali` extra or use loader = \"torch\"")
+    if name == "dali" and not has_cuda:
+        raise PipelineError("loader.loader = \"dali\" decodes on the GPU, but torch sees no CUDA device; "
+                            "use loader = \"dali-cpu\" (same graph on the CPU), \"torch\" or \"auto\"")
+    return name
+
+
+def _check_stacks(store: Store, stack_ids: list[str], kind: str) -> tuple[int, str]:
+    """(channels, dtype) shared by every stack; DALI needs one dtype, every loader one channel count."""
+    metas = [store.meta(s) for s in stack_ids]
+    channels = {m.shape[0] for m in metas}
+    dtypes = {m.dtype for m in metas}
+    if len(channels) > 1:
+        raise PipelineError(f"{store.path}: stacks have different channel counts {sorted(channels)}; "
+                            "a batch needs one; convert them with the same channels or load them separately")
+    if len(dtypes) > 1 and kind != "torch":
+        raise PipelineError(f"{store.path}: stacks mix dtypes {sorted(dtypes)}; the DALI graph decodes one "
+                            "dtype; reconvert them to one dtype or use loader = \"torch\"")
+    if kind == "dali":
+        for sid, m in zip(stack_ids, metas):
+            if m.codec not in GPU_CODECS:  # the store's own error says: reconvert with lz4 or use CPU mode
+                store.chunk_region(sid, ((0, 1), (0, 1), (0, 1)), raw_lz4=True)
+    return channels.pop(), metas[0].dtype
+
+
+def _device(kind: str, device_id: int | None) -> torch.device:
+    if kind == "dali":
+        return torch.device("cuda", device_id if device_id is not None else int(os.environ.get("LOCAL_RANK", 0)))
+    if kind == "torch" and device_id is not None:
+        if not torch.cuda.is_available():
+            raise PipelineError(f"device_id = {device_id} but torch sees no CUDA device; pass device_id=None")
+        return torch.device("cuda", device_id)
+    return torch.device("cpu")
+
+
+def build_loader(store: Store, stack_ids: list[str], *, train: bool, patch: PatchConfig,
+                 prep: PreprocessConfig, cfg: LoaderConfig, rank: int = 0, world_size: int = 1,
+                 device_id: int | None = None,
+                 norm_stats: tuple[list[float], list[float]] | None = None) -> PatchLoader:
+    """A loader over the patches of `stack_ids`: shuffled and augmented when `train`, else every patch once.
+
+    `norm_stats` (from `channel_mean_std(store, train_ids)`) gives an eval loader the training
+    statistics for normalize = "meanstd". Images land on the GPU for "dali" (and for "torch" with a
+    `device_id`), otherwise on the CPU; `loader.spec` says which.
+    """
+    stack_ids = list(stack_ids)
+    if not store.stack_ids:
+        raise PipelineError(f"{store.path}: the store has no stacks; add some with `stacktrain convert`")
+    if not stack_ids:
+        raise PipelineError(f"{store.path}: no stacks were given to load (empty split?); "
+                            f"the store has {len(store.stack_ids)}")
+    if cfg.seed < 0:
+        raise PipelineError(f"loader.seed = {cfg.seed}; use a seed >= 0")
+    kind = resolve_loader(cfg.loader)
+    channels, store_dtype = _check_stacks(store, stack_ids, kind)
+    index = build_index(store, stack_ids, patch)
+    norm, clip = stack_norm_params(store, stack_ids, prep, train=train, norm_stats=norm_stats)
+    source = PatchSource(store, index, norm, train=train, raw_lz4=kind == "dali", batch_size=cfg.batch_size,
+                         seed=cfg.seed, rank=rank, world_size=world_size, balance=cfg.balance and train,
+                         flip=prep.flip, jitter=prep.jitter)
+    device = _device(kind, device_id)
+    spec = BatchSpec(channels, tuple(patch.size), DTYPES[cfg.dtype], device.type, cfg.batch_size)
+    common = dict(stack_ids=stack_ids, index=index, spec=spec, source=source, cfg=cfg)
+    if kind == "torch":
+        from .torch_loader import TorchLoader
+        return TorchLoader(device=device, clip=clip, **common)
+    from .dali_loader import DaliLoader
+    return DaliLoader(gpu=kind == "dali", device=device, store_dtype=store_dtype, clip=clip, **common)
