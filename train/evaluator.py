@@ -1,0 +1,183 @@
+"""Validation evaluator: collect patch logits, aggregate them per stack, compute metrics with sklearn.
+
+    ev = Evaluator(loader.stack_ids, aggregate="mean")
+    for batch in loader.epoch(e):
+        ev.add(batch.stack_index, batch.position, model(batch.images), batch.labels)
+    result = ev.finalize()          # EvalResult: patch_metrics, volume_metrics, samples, volumes, val_loss
+
+Per-patch probability = sigmoid(logit); per-stack probability = mean (or max, or mean of the top k)
+of its patch probabilities; a label is predicted MALADE (1) when its probability is >= 0.5.
+`add` keeps tensors where they are (no host sync per batch); everything moves to the CPU in finalize.
+Under DDP, gather `arrays()` from every rank and `add` them into one evaluator on rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy.special import expit
+from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
+                             roc_auc_score)
+
+from stores.errors import StackTrainError
+from stores.layout import CLASS_NAMES
+
+THRESHOLD = 0.5
+AGGREGATES = ("mean", "max", "topk")
+
+
+class EvalError(StackTrainError, ValueError):
+    """The validation predictions cannot be evaluated (empty, duplicated or inconsistent)."""
+
+
+def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
+    """accuracy; precision, recall, F1 per class (SAIN, MALADE); ROC-AUC; confusion matrix [0, 1].
+
+    A class never predicted (or never present) scores 0 rather than raising (zero_division=0);
+    ROC-AUC is None when the labels hold a single class.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    pred = (p >= THRESHOLD).astype(np.int64)
+    precision, recall, f1, _ = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
+    per_class = lambda v: {name: float(v[i]) for i, name in enumerate(CLASS_NAMES)}  # noqa: E731
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "precision": per_class(precision),
+        "recall": per_class(recall),
+        "f1": per_class(f1),
+        "roc_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+        "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
+    }
+
+
+def aggregate_probabilities(probabilities: np.ndarray, how: str = "mean", topk: int = 3) -> float:
+    """One stack's probability from its patch probabilities."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if how == "mean":
+        return float(p.mean())
+    if how == "max":
+        return float(p.max())
+    if how == "topk":
+        return float(np.sort(p)[::-1][:topk].mean())
+    raise ValueError(f"aggregate {how!r}; choose one of {', '.join(AGGREGATES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    val_loss: float
+    """Mean BCE-with-logits over validation patches (with the training pos_weight, if any)."""
+    patch_metrics: dict[str, Any]
+    volume_metrics: dict[str, Any]
+    samples: list[dict[str, Any]]
+    """{stack_id, position: [z, y, x], probability, label}, sorted by stack then position."""
+    volumes: list[dict[str, Any]]
+    """{stack_id, aggregated_probability, predicted_label, label, n_patches}, in stack order."""
+
+    def score(self, level: str) -> float:
+        """The selection score: validation F1 of MALADE at `level` ("patch" or "stack")."""
+        metrics = {"patch": self.patch_metrics, "stack": self.volume_metrics}[level]
+        return metrics["f1"]["MALADE"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _numpy(x: Any, dtype) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, possibly bf16 on a GPU
+        import torch
+        if x.is_floating_point():
+            x = x.to(torch.float32)
+        x = x.cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _keep(x: Any) -> Any:
+    """A tensor without its autograd graph (no copy, no sync), or a copy of anything else."""
+    return x.detach() if hasattr(x, "detach") else np.array(x)
+
+
+def _concat(parts: Sequence[Any], dtype, shape: tuple[int, ...]) -> np.ndarray:
+    if not parts:
+        return np.zeros((0, *shape[1:]), dtype)
+    return np.concatenate([_numpy(x, dtype).reshape(shape) for x in parts])
+
+
+class Evaluator:
+    """Aggregator of one validation pass; `add` per batch, `finalize` once."""
+
+    def __init__(self, stack_ids: Sequence[str], *, aggregate: str = "mean", topk: int = 3,
+                 pos_weight: float | None = None):
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
+        self.stack_ids = list(stack_ids)
+        self.aggregate, self.topk, self.pos_weight = aggregate, topk, pos_weight
+        self._parts: list[tuple[Any, Any, Any, Any]] = []
+
+    def add(self, stack_index, positions, logits, labels) -> None:
+        """One batch: stack_index (N,), positions (N, 3), logits (N,) or (N, 1), labels (N,)."""
+        self._parts.append(tuple(_keep(x) for x in (stack_index, positions, logits, labels)))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything added so far as CPU numpy arrays (what DDP ranks gather)."""
+        cols = list(zip(*self._parts)) or [[], [], [], []]
+        return {"stack_index": _concat(cols[0], np.int64, (-1,)),
+                "position": _concat(cols[1], np.int64, (-1, 3)),
+                "logit": _concat(cols[2], np.float32, (-1,)),
+                "label": _concat(cols[3], np.float32, (-1,))}
+
+    def finalize(self) -> EvalResult:
+        a = self.arrays()
+        n = len(a["logit"])
+        if not (len(a["stack_index"]) == len(a["position"]) == n == len(a["label"])):
+            raise EvalError(f"evaluator got {len(a['stack_index'])} stack indices, {len(a['position'])} "
+                            f"positions, {n} logits and {len(a['label'])} labels; they must match")
+        if n == 0:
+            raise EvalError("no validation patches: the validation part is empty (or every patch was "
+                            "filtered out); check data.val_part in the split file and patch.foreground_min")
+        bad = (a["stack_index"] < 0) | (a["stack_index"] >= len(self.stack_ids))
+        if bad.any():
+            raise EvalError(f"stack_index {int(a['stack_index'][bad][0])} is outside the evaluator's "
+                            f"{len(self.stack_ids)} stacks; build it with the loader's stack_ids")
+        labels = a["label"].astype(np.int64)
+        # Canonical order (stack, z, y, x): results do not depend on batch order, rank count or resume.
+        order = np.lexsort((a["position"][:, 2], a["position"][:, 1], a["position"][:, 0], a["stack_index"]))
+        sidx, pos, logit = a["stack_index"][order], a["position"][order], a["logit"][order]
+        labels = labels[order]
+        key = np.column_stack([sidx, pos])
+        dup = np.flatnonzero((key[1:] == key[:-1]).all(axis=1))
+        if dup.size:
+            i = dup[0]
+            raise EvalError(f"patch {self.stack_ids[sidx[i]]!r} at {pos[i].tolist()} was added "
+                            f"{int((key == key[i]).all(axis=1).sum())} times ({dup.size} duplicates in all); "
+                            "each patch must be counted once (drop DDP padding before evaluating)")
+        prob = expit(logit.astype(np.float64))
+        samples = [{"stack_id": self.stack_ids[s], "position": p.tolist(), "probability": float(q),
+                    "label": int(y)} for s, p, q, y in zip(sidx, pos, prob, labels)]
+        volumes = []
+        starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
+        for lo, hi in zip(starts, [*starts[1:], n]):
+            sid = self.stack_ids[sidx[lo]]
+            if len(set(labels[lo:hi].tolist())) != 1:
+                raise EvalError(f"stack {sid!r} has patches labelled both 0 and 1; labels are per stack")
+            agg = aggregate_probabilities(prob[lo:hi], self.aggregate, self.topk)
+            volumes.append({"stack_id": sid, "aggregated_probability": agg,
+                            "predicted_label": int(agg >= THRESHOLD), "label": int(labels[lo]),
+                            "n_patches": int(hi - lo)})
+        return EvalResult(
+            val_loss=_bce_with_logits(logit.astype(np.float64), labels, self.pos_weight),
+            patch_metrics=binary_metrics(labels, prob),
+            volume_metrics=binary_metrics(np.array([v["label"] for v in volumes]),
+                                          np.array([v["aggregated_probability"] for v in volumes])),
+            samples=samples, volumes=volumes)
+
+
+def _bce_with_logits(logit: np.ndarray, label: np.ndarray, pos_weight: float | None) -> float:
+    """Mean of torch's BCEWithLogitsLoss, in float64: -(w*y*log s(x) + (1-y)*log(1-s(x)))."""
+    import torch
+    x, y = torch.from_numpy(logit), torch.from_numpy(label.astype(np.float64))
+    w = None if pos_weight is None else torch.tensor(pos_weight, dtype=torch.float64)
+    return float(torch.nn.functional.binary_cross_entropy_with_logits(x, y, pos_weight=w))

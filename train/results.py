@@ -1,0 +1,219 @@
+"""`RUN_DIR/training_results.json`: its schema, how an epoch entry is built, and its atomic rewrite.
+
+The file is rewritten whole after every epoch (temp file + fsync + rename), so a reader, or a run
+killed with -9, never sees it partial. Timing fields (`TIMING_KEYS`) are the only ones that differ
+between two runs of the same config on the CPU; `strip_timing` removes them for comparisons.
+`RESULTS_SCHEMA` is the JSON Schema of the file (generated from the pydantic models below).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from stores.errors import StackTrainError
+
+SCHEMA_VERSION = 1
+RESULTS_NAME = "training_results.json"
+TIMING_KEYS = frozenset({"throughput", "wall_s", "started_at", "updated_at"})
+STOP_REASONS = ("early_stopping", "max_epochs")
+PACKAGES = ("torch", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "zarr", "numcodecs", "monai",
+            "numpy", "scikit-learn")
+
+
+class ResultsError(StackTrainError, ValueError):
+    """A results file is missing, unreadable or not shaped as RESULTS_SCHEMA says."""
+
+
+# -- the schema ------------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PerClass(_Strict):
+    SAIN: float
+    MALADE: float
+
+
+class Metrics(_Strict):
+    """Binary metrics at one level (patch or stack); predicted label = probability >= 0.5."""
+    accuracy: float
+    precision: PerClass
+    recall: PerClass
+    f1: PerClass
+    roc_auc: float | None = Field(description="None when the true labels hold one class only")
+    confusion_matrix: list[list[int]] = Field(description="rows true [SAIN, MALADE], columns predicted")
+
+
+class Sample(_Strict):
+    stack_id: str
+    position: list[int] = Field(min_length=3, max_length=3, description="patch origin z, y, x in voxels")
+    probability: float = Field(ge=0, le=1, description="sigmoid of the patch logit")
+    label: Literal[0, 1] = Field(description="true label: 0 SAIN, 1 MALADE")
+
+
+class Volume(_Strict):
+    stack_id: str
+    aggregated_probability: float = Field(ge=0, le=1, description="mean (max, top-k mean) of its samples")
+    predicted_label: Literal[0, 1] = Field(description="1 iff aggregated_probability >= 0.5")
+    label: Literal[0, 1]
+    n_patches: int = Field(ge=1)
+
+
+class Throughput(BaseModel):
+    """Timing of the epoch's training part; more keys (e.g. peak_memory_gib) may be added."""
+    model_config = ConfigDict(extra="allow")
+    train_patches_per_s: float
+    data_wait_pct: float = Field(description="share of the epoch spent waiting for the loader")
+
+
+class Epoch(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    epoch: int = Field(ge=0)
+    train_loss: float
+    val_loss: float = Field(description="mean BCE over validation patches")
+    lr: float
+    wall_s: float = Field(description="seconds for the whole epoch (train + validation)")
+    throughput: Throughput
+    patch_metrics: Metrics
+    volume_metrics: Metrics
+    samples: list[Sample]
+    volumes: list[Volume]
+
+
+class Results(_Strict):
+    schema_version: Literal[1]
+    config: dict[str, Any] = Field(description="the resolved TrainConfig (train/config.py)")
+    environment: dict[str, Any] = Field(description="package versions, python, device")
+    started_at: str
+    updated_at: str
+    best_epoch: int | None = Field(description="epoch of best.pt (highest validation F1 of MALADE)")
+    stop_reason: str | None = Field(description="None while running, else one of " + ", ".join(STOP_REASONS))
+    epochs: list[Epoch]
+
+
+RESULTS_SCHEMA: dict[str, Any] = Results.model_json_schema()
+
+
+def validate_results(results: dict[str, Any], where: str = RESULTS_NAME) -> None:
+    """Raise ResultsError listing every place where `results` departs from RESULTS_SCHEMA."""
+    try:
+        Results.model_validate(results)
+    except pydantic.ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:10])
+        raise ResultsError(f"{where}: does not match the results schema ({e.error_count()} problems): "
+                           f"{problems}") from None
+
+
+# -- building ----------------------------------------------------------------------------------------
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def environment_info(device: Any = None, world_size: int = 1) -> dict[str, Any]:
+    """Versions of python and the packages that shape the numbers, and the device's name."""
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import torch
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        extra = {"cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    else:
+        name, extra = platform.processor() or platform.machine(), {"cpu_count": os.cpu_count()}
+    return {"versions": versions, "device": dev.type, "device_name": name, "world_size": world_size,
+            "platform": platform.platform(), **extra}
+
+
+def new_results(config: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+    now = _now()
+    return {"schema_version": SCHEMA_VERSION, "config": config, "environment": environment,
+            "started_at": now, "updated_at": now, "best_epoch": None, "stop_reason": None, "epochs": []}
+
+
+def epoch_entry(*, epoch: int, train_loss: float, lr: float, evaluation: Any, throughput: dict[str, Any],
+                wall_s: float, **extra: Any) -> dict[str, Any]:
+    """One `epochs` entry from an evaluator.EvalResult; `extra` keys are kept (the schema allows them)."""
+    ev = evaluation.to_dict()
+    return {"epoch": epoch, "train_loss": float(train_loss), "val_loss": ev["val_loss"], "lr": float(lr),
+            "wall_s": float(wall_s), "throughput": dict(throughput),
+            "patch_metrics": ev["patch_metrics"], "volume_metrics": ev["volume_metrics"],
+            "samples": ev["samples"], "volumes": ev["volumes"], **extra}
+
+
+def record_epoch(results: dict[str, Any], entry: dict[str, Any], *, best_epoch: int | None,
+                 stop_reason: str | None = None) -> dict[str, Any]:
+    """Append an epoch entry and update best_epoch / stop_reason / updated_at (in place)."""
+    if stop_reason is not None and stop_reason not in STOP_REASONS:
+        raise ValueError(f"stop_reason {stop_reason!r}; use one of {STOP_REASONS}")
+    results["epochs"].append(entry)
+    results.update(best_epoch=best_epoch, stop_reason=stop_reason, updated_at=_now())
+    return results
+
+
+# -- files -------------------------------------------------------------------------------------------
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call `write(f)` on a temp file beside `path`, fsync it, and rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_results(path: str | Path, results: dict[str, Any]) -> None:
+    """Validate and atomically (re)write the results file; no NaN/inf (they are not JSON)."""
+    validate_results(results, str(path))
+    text = json.dumps(results, indent=1, allow_nan=False).encode()
+    atomic_write(path, lambda f: f.write(text))
+
+
+def load_results(path: str | Path, *, upto_epoch: int | None = None) -> dict[str, Any]:
+    """Read a results file; with `upto_epoch`, drop later epochs (resume from a checkpoint)."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no results file; is this a run directory?") from None
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{path}: not valid JSON ({e})") from None
+    validate_results(results, str(path))
+    if upto_epoch is not None:
+        results["epochs"] = [e for e in results["epochs"] if e["epoch"] <= upto_epoch]
+        results["stop_reason"] = None
+    return results
+
+
+def strip_timing(results: Any) -> Any:
+    """A deep copy without the timing keys (TIMING_KEYS), at any depth: for run-to-run equality."""
+    if isinstance(results, dict):
+        return {k: strip_timing(v) for k, v in results.items() if k not in TIMING_KEYS}
+    if isinstance(results, list):
+        return [strip_timing(v) for v in results]
+    return copy.deepcopy(results)

@@ -1,0 +1,196 @@
+"""Train/val/test splits by stack, grouped by patient, stratified by label, seeded; `stacktrain split`.
+
+The split file (JSON):
+
+    {"format_version": 1, "store": "...", "params": {"folds", "val_fraction", "test_fraction", "seed"},
+     "folds": [{"train": [ids], "val": [ids], "test": [ids]}, ...], "sha256": "..."}
+
+`sha256` is the hash of the canonical JSON of `folds` (sorted keys, no spaces): `split_hash`.
+A group (patient) never spans two parts: StratifiedGroupKFold assigns whole groups and balances
+labels as far as the groups allow. Fractions are met to the nearest 1/k of the groups: a part of
+fraction f is one fold of round(1/f) folds. The test part, if any, is the same in every fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from stores.errors import InputError, StackTrainError
+from stores.layout import atomic_write_json
+from stores.reader import Store
+
+FORMAT_VERSION = 1
+PARTS = ("train", "val", "test")
+
+
+class SplitError(StackTrainError, ValueError):
+    """A split file is unreadable, or leaks a stack or patient between parts."""
+
+
+def split_hash(folds: list[dict[str, list[str]]]) -> str:
+    return hashlib.sha256(json.dumps(folds, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _open(store: Store | str | Path) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def _one_fold(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int, what: str, where: str):
+    """Indices (rest, part) where `part` is one of round(1/fraction) group folds, stratified."""
+    k = max(2, round(1 / fraction))
+    return next(_kfold(y, groups, k, seed, what, where))
+
+
+def _kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str, where: str):
+    n_groups = len(set(groups.tolist()))
+    if n_groups < k:
+        raise InputError(f"{where}: {what} needs {k} groups (patients) to split, the store has {n_groups} "
+                         f"among {len(y)} stacks; lower --folds or raise the fractions")
+    with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": we check below
+        warnings.simplefilter("ignore", UserWarning)
+        yield from StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+
+
+def make_splits(store: Store | str | Path, *, folds: int | None = None, val_fraction: float = 0.2,
+                test_fraction: float = 0.0, seed: int = 0) -> dict[str, Any]:
+    """Split the store's stacks into train/val(/test) by patient group; K folds when `folds` is given."""
+    store = _open(store)
+    where = str(store.path)
+    if folds is not None and folds < 2:
+        raise InputError(f"--folds {folds}: give 2 or more folds (or leave it out for one split)")
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise InputError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction}: each must be "
+                         "in [0, 1) (val > 0) and their sum below 1")
+    metas = store.stacks
+    if len(metas) < 2:
+        raise InputError(f"{where}: {len(metas)} stack(s); a split needs at least 2")
+    ids = np.array([m.stack_id for m in metas])
+    y = np.array([m.label_index for m in metas])
+    groups = np.array([m.group for m in metas])
+    rest, test = np.arange(len(ids)), np.array([], dtype=int)
+    if test_fraction > 0:
+        rest, test = _one_fold(y, groups, test_fraction, seed, "the test part", where)
+    if folds is None:
+        rel = val_fraction / (1 - test_fraction)  # of what is left after the test part
+        pairs = [_one_fold(y[rest], groups[rest], rel, seed, "the val part", where)]
+    else:
+        pairs = list(_kfold(y[rest], groups[rest], folds, seed, f"{folds} folds", where))
+    out = [{"train": sorted(ids[rest[tr]].tolist()), "val": sorted(ids[rest[va]].tolist()),
+            "test": sorted(ids[test].tolist())} for tr, va in pairs]
+    split = {"format_version": FORMAT_VERSION, "store": where,
+             "params": {"folds": folds, "val_fraction": val_fraction, "test_fraction": test_fraction,
+                        "seed": seed},
+             "folds": out, "sha256": split_hash(out)}
+    check_split(split, store)
+    return split
+
+
+def check_split(split: dict[str, Any], store: Store | str | Path, where: str = "split") -> None:
+    """Refuse unknown stacks, and any stack or group (patient) found in two parts of a fold."""
+    store = _open(store)
+    metas = {m.stack_id: m for m in store.stacks}
+    folds = split.get("folds")
+    if not isinstance(folds, list) or not folds:
+        raise SplitError(f"{where}: no 'folds' list; make the file with `stacktrain split`")
+    for i, fold in enumerate(folds):
+        unknown = sorted({sid for ids in fold.values() for sid in ids} - set(metas))
+        if unknown:
+            raise SplitError(f"{where}: fold {i} names stacks not in {store.path}: "
+                             f"{', '.join(unknown[:10])}; was the split made for another store?")
+        seen: dict[str, str] = {}
+        for part, ids in fold.items():
+            for sid in ids:
+                if sid in seen:
+                    raise SplitError(f"{where}: fold {i}: stack {sid!r} is in both {seen[sid]!r} and "
+                                     f"{part!r}; a stack belongs to one part")
+                seen[sid] = part
+        group_parts: dict[str, set[str]] = {}
+        for sid, part in seen.items():
+            group_parts.setdefault(metas[sid].group, set()).add(part)
+        leaks = {g: parts for g, parts in group_parts.items() if len(parts) > 1}
+        if leaks:
+            g, parts = sorted(leaks.items())[0]
+            stacks = sorted(s for s, p in seen.items() if metas[s].group == g)
+            raise SplitError(f"{where}: fold {i}: group (patient) {g!r} is in parts "
+                             f"{', '.join(sorted(parts))} (stacks {', '.join(stacks)}); {len(leaks)} "
+                             "group(s) leak in all. A patient must stay in one part: regenerate with "
+                             "`stacktrain split`")
+    if "sha256" in split and split["sha256"] != split_hash(folds):
+        raise SplitError(f"{where}: the parts do not match the recorded sha256 (the file was edited); "
+                         "regenerate it with `stacktrain split` or remove the sha256 entry")
+
+
+def write_split(split: dict[str, Any], path: str | Path) -> None:
+    atomic_write_json(Path(path), split)
+
+
+def load_split(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SplitError(f"{path}: split file not found; make it with "
+                         f"`stacktrain split STORE --out {path}`") from None
+    except json.JSONDecodeError as e:
+        raise SplitError(f"{path}: not valid JSON ({e}); regenerate it with `stacktrain split`") from None
+    if not isinstance(split, dict):
+        raise SplitError(f"{path}: not a split file; make it with `stacktrain split`")
+    return split
+
+
+def split_parts(split: dict[str, Any], fold: int = 0, where: str = "split") -> dict[str, list[str]]:
+    """The part -> stack ids of one fold."""
+    folds = split.get("folds") or []
+    if not 0 <= fold < len(folds):
+        raise SplitError(f"{where}: fold {fold} requested (data.fold) but the file has {len(folds)} fold(s), "
+                         f"numbered 0..{len(folds) - 1}")
+    return {part: list(ids) for part, ids in folds[fold].items()}
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def _run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    store = Store(args.store)
+    split = make_splits(store, folds=args.folds, val_fraction=args.val_fraction,
+                        test_fraction=args.test_fraction, seed=args.seed)
+    write_split(split, args.out)
+    table = Table(title=f"split of {store.path} (seed {args.seed})")
+    for col in ("fold", "part", "stacks", "groups", "SAIN", "MALADE"):
+        table.add_column(col, justify="left" if col in ("fold", "part") else "right")
+    metas = {m.stack_id: m for m in store.stacks}
+    for i, fold in enumerate(split["folds"]):
+        for part in PARTS:
+            ids = fold.get(part, [])
+            if not ids and part == "test":
+                continue
+            labels = Counter(metas[s].label for s in ids)
+            table.add_row(str(i), part, str(len(ids)), str(len({metas[s].group for s in ids})),
+                          str(labels["SAIN"]), str(labels["MALADE"]))
+    console = Console()
+    console.print(table)
+    console.print(f"wrote {args.out} (sha256 {split['sha256'][:12]})")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "split", help="split a store's stacks into train/val(/test) by patient, stratified",
+        description="Split by stack, grouped by patient (`group`), stratified by label and seeded.")
+    p.add_argument("store", help="the store (STORE.zarr)")
+    p.add_argument("--out", required=True, help="split file to write (JSON)")
+    p.add_argument("--folds", type=int, default=None, help="write K folds (cross-validation)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of stacks in val (default 0.2)")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="share held out as test (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run)
