@@ -1,0 +1,393 @@
+"""`stacktrain convert`: the stacks a manifest lists -> one stacktrain store, streamed slab by slab.
+
+Two kinds of failure, handled differently:
+- manifest problems (missing file, duplicate or unsafe stack_id, unknown label) abort the whole run
+  before anything is written (stores/manifest.py);
+- data problems of one stack (NaN, dtype, channel count, too small, unreadable or truncated) fail that
+  stack only: it is reported, nothing is written for it, the other stacks are converted, and the run
+  ends with ConversionFailed (exit 2) listing every failed stack.
+A rerun skips stacks already converted from the same source bytes with the same settings.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import json
+import math
+import multiprocessing
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from . import writer
+from .errors import InputError, StackTrainError, StoreError
+from .layout import (CODECS, DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX, STAGING,
+                     STATS_CELL_ZYX, StackMeta)
+from .manifest import ManifestRow, read_manifest
+from .sources import RawSource, open_source, source_sha256
+
+SCALES = ("none", "minmax", "clip")
+KEPT_DTYPES = ("uint8", "uint16")
+CHANNELS = 3
+DEFAULT_MIN_PATCH_ZYX = (32, 256, 256)
+LOCK_NAME = "convert.lock"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConvertOptions:
+    """How `convert` turns raw stacks into stored ones (the CLI options of `stacktrain convert`)."""
+
+    codec: str = "lz4"
+    """lz4: numcodecs LZ4, inflatable on the GPU by DALI; zstd: core Zarr codec, portable, CPU only."""
+    workers: int = 1
+    """Stacks converted in parallel, one spawned process each (1 converts in this process). Scripts that
+    call convert with workers > 1 need the usual `if __name__ == "__main__":` guard."""
+    overwrite: bool = False
+    """Reconvert stacks already in the store instead of skipping (or refusing) them."""
+    axes: str | None = None
+    """Source axis order for manifest rows without an `axes` cell, e.g. 'zyxc'; None infers it."""
+    replicate_channels: bool = False
+    """Copy a single-channel source to the 3 stored channels (otherwise it is an error)."""
+    scale: str = "none"
+    """For dtypes other than uint8/uint16: minmax (per stack to 0..255) or clip (to 0..255) -> uint8."""
+    pad: bool = False
+    """Zero-pad stacks smaller than min_patch_zyx (at the end of each axis) instead of rejecting them."""
+    chunk_zyx: tuple[int, int, int] = DEFAULT_CHUNK_ZYX
+    """Chunk shape (one channel per chunk)."""
+    shard_zyx: tuple[int, int, int] = DEFAULT_SHARD_ZYX
+    """Shard shape (all channels); a multiple of the chunk shape."""
+    min_patch_zyx: tuple[int, int, int] = DEFAULT_MIN_PATCH_ZYX
+    """Smallest stack accepted: one training patch."""
+    foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD
+    """A voxel counts as foreground in the patch statistics when any channel is above this."""
+
+    def check(self) -> None:
+        """Raise InputError naming the first bad option."""
+        if self.codec not in CODECS:
+            raise InputError(f"--codec {self.codec!r}: choose one of {', '.join(CODECS)}")
+        if self.scale not in SCALES:
+            raise InputError(f"--scale {self.scale!r}: choose one of {', '.join(SCALES)}")
+        if self.workers < 1:
+            raise InputError(f"--workers {self.workers}: give at least 1")
+        if self.foreground_threshold < 0:
+            raise InputError(f"--foreground-threshold {self.foreground_threshold}: give 0 or more")
+        for name, zyx in (("chunk", self.chunk_zyx), ("shard", self.shard_zyx), ("min-patch", self.min_patch_zyx)):
+            if len(zyx) != 3 or any(int(n) != n or n < 1 for n in zyx):
+                raise InputError(f"--{name} {zyx}: give three positive integers Z Y X")
+        if any(s % c for s, c in zip(self.shard_zyx, self.chunk_zyx)):
+            raise InputError(f"--shard {self.shard_zyx} must be a multiple of --chunk {self.chunk_zyx} "
+                             "along every axis")
+
+    @property
+    def slab_depth(self) -> int:
+        """Slices written at once: whole shards and whole statistics cells, so no write is partial."""
+        return math.lcm(self.shard_zyx[0], STATS_CELL_ZYX[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class StackOutcome:
+    stack_id: str
+    status: str  # converted | skipped | failed
+    meta: StackMeta | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertReport:
+    store: Path
+    outcomes: list[StackOutcome]  # in manifest order
+    seconds: float
+    bytes_read: int  # source bytes on disk of the stacks converted in this run
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    def summary(self) -> str:
+        rate = f"{self.bytes_read / 1e6:.1f} MB of sources, {self.bytes_read / 1e6 / max(self.seconds, 1e-9):.1f} MB/s"
+        return (f"{self.count('converted')} converted, {self.count('skipped')} skipped (unchanged), "
+                f"{self.count('failed')} failed of {len(self.outcomes)} stacks in {self.seconds:.1f} s ({rate})")
+
+
+class ConversionFailed(InputError):
+    """Some stacks could not be converted; the others are in the store. `.report` has the details."""
+
+    def __init__(self, message: str, report: ConvertReport):
+        super().__init__(message)
+        self.report = report
+
+
+class Progress:
+    """What `convert` reports as it goes. Silent; stores.cli.RichProgress draws a bar from it."""
+
+    def start(self, sizes: list[int]) -> None:
+        """Before the first stack: the source bytes on disk of every manifest row."""
+
+    def fraction(self, index: int, fraction: float) -> None:
+        """Stack `index` (manifest order) has written this fraction of its slices."""
+
+    def finish(self, index: int, outcome: StackOutcome) -> None:
+        """Stack `index` is converted, skipped or failed (`outcome.error` says why)."""
+
+    def stop(self) -> None:
+        """After the last stack, also when the run is interrupted."""
+
+
+# -- one stack ---------------------------------------------------------------------------------------
+
+def _changes(present: StackMeta, row: ManifestRow, sha: str, opts: ConvertOptions) -> list[str]:
+    """How the stored stack differs from what this run would write (empty: it can be skipped)."""
+    pairs = [("source sha256", present.source_sha256, sha), ("label", present.label, row.label),
+             ("group", present.group, row.group), ("codec", present.codec, opts.codec),
+             ("chunk", tuple(present.chunk_zyx), tuple(opts.chunk_zyx)),
+             ("shard", tuple(present.shard_zyx), tuple(opts.shard_zyx)),
+             ("foreground threshold", present.foreground_threshold, opts.foreground_threshold)]
+    return [f"{name} is {old!r} in the store but {new!r} now" for name, old, new in pairs if old != new]
+
+
+def plan_stack(src: RawSource, row: ManifestRow, opts: ConvertOptions) -> tuple[tuple[int, int, int, int], str]:
+    """The stored (C, Z, Y, X) shape and dtype of a source, or InputError saying what to change."""
+    c, z, y, x = src.shape
+    dtype = np.dtype(src.dtype)
+    if c == 1 and not opts.replicate_channels:
+        raise InputError(f"{row.where}: has 1 channel, stacks need {CHANNELS}; pass --replicate-channels "
+                         f"to copy it to {CHANNELS} channels (or give the right --axes if c was misread)")
+    if c not in (1, CHANNELS):
+        raise InputError(f"{row.where}: has {c} channels (shape c,z,y,x = {src.shape}), stacks need "
+                         f"{CHANNELS}; check the source, or give its axis order in the manifest's axes column")
+    if dtype.name not in KEPT_DTYPES:
+        if dtype.kind not in "biuf":
+            raise InputError(f"{row.where}: dtype {dtype.name} cannot be stored; convert it to uint8 or uint16")
+        if opts.scale == "none":
+            raise InputError(f"{row.where}: dtype {dtype.name} is not stored as is (only uint8 and uint16 are); "
+                             "pass --scale minmax (per stack to 0..255) or --scale clip (to 0..255) "
+                             "to store it as uint8")
+        dtype = np.dtype(np.uint8)
+    small = [f"{ax}={n} < {m}" for ax, n, m in zip("zyx", (z, y, x), opts.min_patch_zyx) if n < m]
+    if small and not opts.pad:
+        mz, my, mx = opts.min_patch_zyx
+        raise InputError(f"{row.where}: too small for one {mz}x{my}x{mx} patch ({', '.join(small)}); "
+                         "pass --pad to zero-pad it, or lower --min-patch Z Y X")
+    out = (CHANNELS, *(max(n, m) for n, m in zip((z, y, x), opts.min_patch_zyx)))
+    return out, dtype.name
+
+
+def _check_finite(slab: np.ndarray, z0: int, row: ManifestRow) -> None:
+    if slab.dtype.kind == "f" and not np.isfinite(slab).all():
+        bad = int(np.flatnonzero(~np.isfinite(slab).all(axis=(0, 2, 3)))[0])
+        raise InputError(f"{row.where}: has NaN or infinite values (first in slice z={z0 + bad}); "
+                         "replace them in the source (scaling does not fix them)")
+
+
+def _scaler(src: RawSource, row: ManifestRow, opts: ConvertOptions, depth: int) -> Callable | None:
+    """The slab -> uint8 function for --scale, or None when the dtype is stored as is."""
+    if np.dtype(src.dtype).name in KEPT_DTYPES:
+        return None
+    if opts.scale == "clip":
+        return lambda s: np.rint(np.clip(s, 0, 255, dtype=np.float32)).astype(np.uint8)
+    lo, hi = math.inf, -math.inf  # minmax needs the stack's range first: one extra streaming pass
+    for z0, slab in src.slabs(depth):
+        _check_finite(slab, z0, row)
+        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+    gain = 255.0 / (hi - lo) if hi > lo else 0.0
+    return lambda s: np.rint((s.astype(np.float32) - np.float32(lo)) * np.float32(gain)).astype(np.uint8)
+
+
+def _rebuffer(pieces: Iterator[np.ndarray], depth: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Regroup (C, dz, Y, X) pieces into slabs of exactly `depth` slices (the last may be shorter)."""
+    held, n, z0 = [], 0, 0
+    for piece in pieces:
+        while piece.shape[1]:
+            take = min(depth - n, piece.shape[1])
+            held.append(piece[:, :take])
+            piece, n = piece[:, take:], n + take
+            if n == depth:
+                yield z0, np.concatenate(held, axis=1)
+                held, n, z0 = [], 0, z0 + depth
+    if n:
+        yield z0, np.concatenate(held, axis=1)
+
+
+def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_shape, out_dtype: str,
+                 on_progress: Callable[[float], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """The source as stored: checked, scaled, channels replicated, zero-padded, in whole slabs."""
+    depth = opts.slab_depth
+    scale = _scaler(src, row, opts, depth)
+    _, z, y, x = src.shape
+    _, oz, oy, ox = out_shape
+
+    def pieces() -> Iterator[np.ndarray]:
+        seen = 0
+        for z0, slab in src.slabs(depth):
+            if z0 != seen or slab.shape[0] != src.shape[0] or slab.shape[2:] != (y, x):
+                raise InputError(f"{row.where}: the reader returned slices z={z0} of shape {slab.shape} "
+                                 f"after {seen} slices of a (c,z,y,x) = {src.shape} stack; the file is damaged")
+            _check_finite(slab, z0, row)
+            slab = scale(slab) if scale else slab
+            if slab.shape[0] == 1:
+                slab = np.repeat(slab, CHANNELS, axis=0)
+            if (oy, ox) != (y, x):
+                slab = np.pad(slab, ((0, 0), (0, 0), (0, oy - y), (0, ox - x)))
+            seen += slab.shape[1]
+            if on_progress:
+                on_progress(seen / z)
+            yield slab.astype(out_dtype, copy=False)
+        if seen != z:
+            raise InputError(f"{row.where}: truncated: {seen} of {z} slices could be read; re-export the source")
+        if oz > z:
+            yield np.zeros((CHANNELS, oz - z, oy, ox), out_dtype)
+
+    return _rebuffer(pieces(), depth)
+
+
+def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
+                  on_progress: Callable[[float], None] | None = None) -> StackOutcome:
+    """Convert one manifest row into `store` (not registered in the root list: the caller does that)."""
+    t0 = time.perf_counter()
+    try:
+        sha = source_sha256(row.path)
+        present = None if opts.overwrite else writer.existing_meta(store, row.stack_id)
+        if present is not None:
+            if changes := _changes(present, row, sha, opts):
+                raise InputError(f"{row.where}: already in {store} but {'; '.join(changes)}; "
+                                 "pass --overwrite to reconvert it")
+            return StackOutcome(row.stack_id, "skipped", meta=present)
+        src = open_source(row.path, axes=row.axes)
+        shape, dtype = plan_stack(src, row, opts)
+        meta = writer.write_stack(
+            store, stack_id=row.stack_id, label=row.label, group=row.group, source=str(row.path),
+            source_sha256=sha, shape=shape, dtype=dtype,
+            slabs=stored_slabs(src, row, opts, shape, dtype, on_progress), spacing_zyx=src.spacing_zyx,
+            codec=opts.codec, chunk_zyx=opts.chunk_zyx, shard_zyx=opts.shard_zyx,
+            foreground_threshold=opts.foreground_threshold)
+    except (StackTrainError, OSError, ValueError) as e:
+        text = str(e)
+        if text.startswith(row.where):
+            message = text
+        elif str(row.path) in text:  # the reader named the file already
+            message = f"stack {row.stack_id!r} (manifest line {row.line}): {text}"
+        else:
+            message = f"{row.where}: {text}"
+        return StackOutcome(row.stack_id, "failed", error=message, seconds=time.perf_counter() - t0)
+    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0)
+
+
+# -- worker processes ------------------------------------------------------------------------------
+
+_PROGRESS_QUEUE = None
+
+
+def _init_worker(queue) -> None:
+    global _PROGRESS_QUEUE
+    _PROGRESS_QUEUE = queue
+
+
+def _queue_progress(index: int, fraction: float) -> None:
+    _PROGRESS_QUEUE.put((index, fraction))
+
+
+def _convert_in_worker(index: int, row: ManifestRow, store: Path, opts: ConvertOptions) -> StackOutcome:
+    return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
+
+
+def _run(rows, store, opts, progress: "Progress") -> Iterator[tuple[int, StackOutcome]]:
+    """(manifest index, outcome) as stacks finish; in this process or in `opts.workers` processes."""
+    if opts.workers == 1 or len(rows) == 1:
+        for i, row in enumerate(rows):
+            yield i, convert_stack(row, store, opts, functools.partial(progress.fraction, i))
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs rich's refresh thread
+    queue = ctx.Queue()
+    pool = cf.ProcessPoolExecutor(min(opts.workers, len(rows)), mp_context=ctx,
+                                  initializer=_init_worker, initargs=(queue,))
+    try:
+        futures = {pool.submit(_convert_in_worker, i, row, store, opts): i for i, row in enumerate(rows)}
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
+            while not queue.empty():
+                progress.fraction(*queue.get())
+            for future in done:
+                yield futures[future], future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the store -------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _exclusive(store: Path) -> Iterator[None]:
+    """One convert per store at a time; then clear what a killed earlier run left in .staging/."""
+    staging = store / STAGING
+    with open(staging / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{store}: another `stacktrain convert` is writing this store; "
+                             "wait for it to finish or choose another --out") from None
+        for leftover in staging.iterdir():
+            if leftover.name != LOCK_NAME:
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        yield
+
+
+class _RootList:
+    """The root stack list: stacks from other manifests first, then this manifest's, in its order."""
+
+    def __init__(self, store: Path, rows: list[ManifestRow]):
+        root = json.loads((store / "zarr.json").read_text())
+        prior = [e["stack_id"] for e in root["attributes"]["stacktrain"]["stacks"]]
+        ours = [r.stack_id for r in rows]
+        self.store = store
+        self.order = [s for s in prior if s not in ours] + ours
+        self.metas = {s: m for s in prior if (m := writer.existing_meta(store, s)) is not None}
+
+    def add(self, meta: StackMeta) -> None:
+        self.metas[meta.stack_id] = meta
+        writer.register(self.store, [self.metas[s] for s in self.order if s in self.metas])
+
+
+def _disk_size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = ConvertOptions(), *,
+            progress: Progress | None = None) -> ConvertReport:
+    """Convert every stack of `manifest` into the store `out`; raise ConversionFailed if any failed.
+    `progress` hears about every slab and stack (stores.cli.RichProgress draws the bar); default silent."""
+    options.check()
+    rows = read_manifest(manifest, default_axes=options.axes)
+    store = writer.init_store(out)
+    progress = progress or Progress()
+    t0 = time.perf_counter()
+    outcomes: list[StackOutcome | None] = [None] * len(rows)
+    sizes = [_disk_size(r.path) for r in rows]
+    with _exclusive(store):
+        root_list = _RootList(store, rows)
+        progress.start(sizes)
+        try:
+            for i, outcome in _run(rows, store, options, progress):
+                outcomes[i] = outcome
+                if outcome.meta is not None:
+                    root_list.add(outcome.meta)
+                progress.finish(i, outcome)
+        finally:
+            progress.stop()
+    read = sum(s for s, o in zip(sizes, outcomes) if o.status == "converted")
+    report = ConvertReport(store, outcomes, time.perf_counter() - t0, read)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        names = ", ".join(o.stack_id for o in failed[:10]) + (" ..." if len(failed) > 10 else "")
+        raise ConversionFailed(f"{len(failed)} of {len(rows)} stacks failed and were not written ({names}); "
+                               f"{report.summary()}. Fix those sources and rerun: the converted stacks are "
+                               "kept and skipped", report)
+    return report

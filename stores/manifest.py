@@ -1,0 +1,103 @@
+"""Read a conversion manifest (labels.csv) and check every row before anything is written.
+
+The manifest is a CSV with the columns `path, stack_id, label, group` and an optional `axes`; paths
+are relative to the CSV's folder. Problems here are the user's bookkeeping, not the data's, so they
+abort the whole run up front: every problem of every row is reported in one error.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+from .errors import InputError
+from .layout import LABELS, check_stack_id
+
+REQUIRED_COLUMNS = ("path", "stack_id", "label", "group")
+AXIS_LETTERS = frozenset("czyx")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ManifestRow:
+    """One stack to convert, as the manifest names it."""
+
+    line: int  # line number in the CSV (the header is line 1), for error messages
+    path: Path  # resolved source path
+    stack_id: str
+    label: str
+    group: str
+    axes: str | None  # source axis order, e.g. "zyxc"; None lets the reader infer it
+
+    @property
+    def where(self) -> str:
+        """How messages name this row: 'stack_id (file, manifest line N)'."""
+        return f"stack {self.stack_id!r} ({self.path}, manifest line {self.line})"
+
+
+def check_axes(axes: str) -> str | None:
+    """Why `axes` is not a valid axis order over c, z, y, x, or None when it is."""
+    letters = set(axes)
+    if not letters <= AXIS_LETTERS or len(letters) != len(axes) or not {"z", "y", "x"} <= letters:
+        return (f"axes {axes!r} is not an axis order: use each of z, y, x once and optionally c, "
+                "e.g. 'zyx', 'zyxc' or 'czyx'")
+    return None
+
+
+def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> list[ManifestRow]:
+    """Parse and validate the manifest; raise one InputError listing every bad row.
+
+    `default_axes` (the --axes option) applies to rows whose `axes` cell is empty or absent.
+    """
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise InputError(f"{csv_path}: manifest not found; give the labels.csv written by "
+                         "`stacktrain synth` or one with the columns path, stack_id, label, group")
+    if default_axes is not None and (why := check_axes(default_axes)):
+        raise InputError(f"--axes: {why}")
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, skipinitialspace=True)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+            if missing:
+                raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header must "
+                                 f"have {', '.join(REQUIRED_COLUMNS)} (and optionally axes)")
+            records = [(reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in rec.items()})
+                       for rec in reader]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{csv_path}: not a readable CSV ({e}); save it as UTF-8 CSV") from None
+    if not records:
+        raise InputError(f"{csv_path}: the manifest has no rows; add one row per stack")
+
+    rows, problems, first_line = [], [], {}
+    for line, rec in records:
+        sid, label, group, raw_path = rec["stack_id"], rec["label"], rec["group"], rec["path"]
+        axes = rec.get("axes") or default_axes
+        here = f"line {line}"
+        if why := check_stack_id(sid):
+            problems.append(f"{here}: {why}")
+        elif sid in first_line:
+            problems.append(f"{here}: duplicate stack_id {sid!r} (first on line {first_line[sid]}); "
+                            "every stack needs its own id")
+        else:
+            first_line[sid] = line
+        if label not in LABELS:
+            problems.append(f"{here}: unknown label {label!r}; use one of {', '.join(LABELS)}")
+        if not group:
+            problems.append(f"{here}: empty group; give the patient id (stacks of one patient share it)")
+        path = (csv_path.parent / raw_path).resolve() if raw_path else None
+        if path is None:
+            problems.append(f"{here}: empty path")
+        elif not path.exists():
+            problems.append(f"{here}: file {raw_path!r} not found (looked for {path}); "
+                            "paths are relative to the manifest's folder")
+        if axes and (why := check_axes(axes)):
+            problems.append(f"{here}: {why}")
+        if path is not None:
+            rows.append(ManifestRow(line=line, path=path, stack_id=sid, label=label, group=group,
+                                    axes=axes or None))
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise InputError(f"{csv_path}: {len(problems)} problem(s), nothing was converted: {shown}")
+    return rows
