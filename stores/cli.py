@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR")
     p.add_argument("--stacks", type=int, default=None, help="number of stacks (default 12)")
     p.add_argument("--shape", type=int, nargs=3, metavar=ZYX, default=None,
-                   help="stack size in voxels (default 48 96 96)")
+                   help="stack size in voxels (default 32 256 256, the smallest that converts without --pad)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0); same seed, same bytes")
     p.set_defaults(func=synth_command)
 

@@ -31,6 +31,8 @@ FORMATS = ("tiff", "ome-tiff", "png", "nifti", "npy", "dicom", "dicom-series")
 REGION_ZYX = (16, 32, 32)  # the demo's patch: lesions are placed per region of this size
 SPACING_ZYX_UM = (2.0, 0.5, 0.5)
 SLAB = 8
+# The smallest stack `convert` takes without --pad: one 32x256x256 patch (tests pass smaller shapes).
+DEFAULT_SHAPE_ZYX = (32, 256, 256)
 BASE = np.array([120.0, 135.0, 110.0], np.float32)  # channel means inside tissue: room for lesions
 # (kind, radii zyx range, channel gains, speckle): lesions differ from confounders in size, shape,
 # channel signature and texture, so a tiny 3-D CNN can learn them.
@@ -213,7 +215,7 @@ class SynthStack:
         return 3 * int(np.prod(self.shape_zyx)) * self.dtype.itemsize
 
 
-def plan(stacks: int = 12, shape_zyx=(48, 96, 96), seed: int = 0) -> list[SynthStack]:
+def plan(stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0) -> list[SynthStack]:
     """The stacks `synth` writes: patients of 1-3 stacks, labels per patient, about half MALADE."""
     if stacks < 1:
         raise InputError(f"--stacks must be at least 1, got {stacks}")
@@ -239,7 +241,7 @@ def plan(stacks: int = 12, shape_zyx=(48, 96, 96), seed: int = 0) -> list[SynthS
     return out
 
 
-def synth(out_dir: str | Path, *, stacks: int = 12, shape_zyx=(48, 96, 96), seed: int = 0,
+def synth(out_dir: str | Path, *, stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0,
           progress: bool = True) -> Path:
     """Write the stacks of `plan(...)` under `out_dir` and `out_dir/labels.csv`; return the csv path."""
     out_dir = Path(out_dir)

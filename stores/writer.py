@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import uuid
 import warnings
@@ -105,6 +106,25 @@ class _Stats:
         return out
 
 
+def _regroup(slabs: Iterable[tuple[int, np.ndarray]], depth: int):
+    """Re-cut `(z0, slab)` pairs of any depth into slabs of exactly `depth` slices (the last may be
+    shorter), so that callers may stream slabs of any depth."""
+    pending: list[np.ndarray] = []
+    start = have = 0
+    for z0, slab in slabs:
+        if not pending:
+            start = z0
+        pending.append(slab)
+        have += slab.shape[1]
+        while have >= depth:
+            joined = np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
+            yield start, joined[:, :depth]
+            rest = joined[:, depth:]
+            pending, start, have = ([rest] if rest.shape[1] else []), start + depth, rest.shape[1]
+    if pending:
+        yield start, np.concatenate(pending, axis=1)
+
+
 def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, source: str,
                 source_sha256: str, shape: tuple[int, int, int, int], dtype: str,
                 slabs: Iterable[tuple[int, np.ndarray]], spacing_zyx=None, codec: str = "lz4",
@@ -130,7 +150,8 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
                                  dimension_names=("c", "z", "y", "x"))
         stats = _Stats(shape, dtype, foreground_threshold)
         expected_z = 0
-        for z0, slab in slabs:
+        # whole shards for zarr, whole statistics cells for _Stats
+        for z0, slab in _regroup(slabs, math.lcm(shard_zyx[0], STATS_CELL_ZYX[0])):
             if z0 != expected_z or slab.shape[0] != c or slab.shape[2:] != tuple(shape[2:]):
                 raise StoreError(f"{source}: slab at z={z0} with shape {slab.shape} does not continue "
                                  f"a stack of shape {shape}")

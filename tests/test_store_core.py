@@ -95,3 +95,14 @@ def test_unknown_format_version_is_refused(small_store):
 def test_missing_store_names_path(tmp_path):
     with pytest.raises(StoreError, match="nope.zarr: store not found"):
         Store(tmp_path / "nope.zarr")
+
+
+def test_slabs_of_any_depth_give_the_same_store(tmp_path):
+    """write_stack re-cuts odd slab depths, so statistics cells never straddle slabs."""
+    arr = tissue((3, 37, 64, 64), seed=5)
+    a = write_array(tmp_path / "a.zarr", "s", arr, slab=5)
+    b = write_array(tmp_path / "b.zarr", "s", arr, slab=16)
+    for k in ("foreground", "mean"):
+        np.testing.assert_array_equal(Store(tmp_path / "a.zarr").stats("s")[k], Store(tmp_path / "b.zarr").stats("s")[k])
+    assert a.percentiles == b.percentiles
+    np.testing.assert_array_equal(Store(tmp_path / "a.zarr").read("s"), arr)

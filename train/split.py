@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from stores.errors import InputError, StackTrainError
 from stores.layout import atomic_write_json
@@ -57,6 +56,8 @@ def _kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str, wher
                          f"among {len(y)} stacks; lower --folds or raise the fractions")
     with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": we check below
         warnings.simplefilter("ignore", UserWarning)
+        from sklearn.model_selection import StratifiedGroupKFold  # slow import: only when splitting
+
         yield from StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
 
 
