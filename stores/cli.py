@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--shape", type=int, nargs=3, metavar=ZYX, default=None,
                    help="stack size in voxels (default 32 256 256, the smallest that converts without --pad)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default 0); same seed, same bytes")
+    p.add_argument("--dtype", choices=("uint8", "uint16"), default=None, help="voxel type of every stack (default uint8)")
     p.set_defaults(func=synth_command)
 
     p = subparsers.add_parser(
@@ -84,7 +85,8 @@ def synth_command(args: argparse.Namespace) -> int:
     from .sources import open_source
     from .synth import synth
 
-    kwargs = {k: v for k, v in (("stacks", args.stacks), ("shape_zyx", args.shape), ("seed", args.seed))
+    kwargs = {k: v for k, v in (("stacks", args.stacks), ("shape_zyx", args.shape), ("seed", args.seed),
+                                          ("dtype", args.dtype))
               if v is not None}
     labels = synth(args.out_dir, **kwargs)
     table = Table("stack_id", "label", "group", "format", "shape (c,z,y,x)")

@@ -95,11 +95,11 @@ def make_blob(rng, kind, center, radii, gains, speckle) -> Blob:
 class SynthStack:
     """One synthetic stack: its label, group and format, and its voxels generated on demand per slab."""
 
-    def __init__(self, *, index: int, seed: int, shape_zyx, label: str, group: str):
+    def __init__(self, *, index: int, seed: int, shape_zyx, label: str, group: str, dtype: str = "uint8"):
         self.index, self.seed, self.shape_zyx = index, seed, tuple(shape_zyx)
         self.stack_id, self.label, self.group = f"stack{index:03d}", label, group
         self.format = FORMATS[index % len(FORMATS)]
-        self.dtype = np.dtype(np.uint16 if index == 1 else np.uint8)  # one uint16 stack (an OME-TIFF)
+        self.dtype = np.dtype(dtype)  # one dtype per dataset: the DALI graph decodes one dtype
 
     @functools.cached_property
     def model(self) -> SimpleNamespace:
@@ -215,8 +215,10 @@ class SynthStack:
         return 3 * int(np.prod(self.shape_zyx)) * self.dtype.itemsize
 
 
-def plan(stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0) -> list[SynthStack]:
+def plan(stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0, dtype: str = "uint8") -> list[SynthStack]:
     """The stacks `synth` writes: patients of 1-3 stacks, labels per patient, about half MALADE."""
+    if dtype not in ("uint8", "uint16"):
+        raise InputError(f"--dtype must be uint8 or uint16, got {dtype!r}")
     if stacks < 1:
         raise InputError(f"--stacks must be at least 1, got {stacks}")
     if len(shape_zyx) != 3 or min(shape_zyx) < 8:
@@ -236,16 +238,16 @@ def plan(stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0) -> list[S
     for p, size in enumerate(sizes):
         for _ in range(size):
             out.append(SynthStack(index=index, seed=seed, shape_zyx=tuple(int(v) for v in shape_zyx),
-                                  label=patient_label[p], group=f"patient{p:03d}"))
+                                  label=patient_label[p], group=f"patient{p:03d}", dtype=dtype))
             index += 1
     return out
 
 
 def synth(out_dir: str | Path, *, stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0,
-          progress: bool = True) -> Path:
+          dtype: str = "uint8", progress: bool = True) -> Path:
     """Write the stacks of `plan(...)` under `out_dir` and `out_dir/labels.csv`; return the csv path."""
     out_dir = Path(out_dir)
-    items = plan(stacks, shape_zyx, seed)
+    items = plan(stacks, shape_zyx, seed, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)

@@ -59,7 +59,13 @@ def test_every_format_written_and_read_back_exactly(raw):
             assert src.spacing_zyx == pytest.approx((2.0, 0.5, 0.5))
     assert formats == {"tiff", "slices", "nifti", "npy", "dicom"}
     assert {s.format for s in items.values()} == set(FORMATS)
-    assert {s.dtype for s in items.values()} == {np.dtype(np.uint8), np.dtype(np.uint16)}
+    assert {s.dtype for s in items.values()} == {np.dtype(np.uint8)}
+
+
+def test_uint16_stacks_hold_the_uint8_texture_scaled():
+    a, b = plan(2, SHAPE, 0), plan(2, SHAPE, 0, dtype="uint16")
+    assert all(s.dtype == np.uint16 for s in b)
+    np.testing.assert_array_equal(b[1].volume(), a[1].volume().astype(np.uint16) * 257)
 
 
 def test_labels_and_patient_groups():
