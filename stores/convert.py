@@ -200,24 +200,10 @@ def _scaler(src: RawSource, row: ManifestRow, opts: ConvertOptions, depth: int) 
     return lambda s: np.rint((s.astype(np.float32) - np.float32(lo)) * np.float32(gain)).astype(np.uint8)
 
 
-def _rebuffer(pieces: Iterator[np.ndarray], depth: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Regroup (C, dz, Y, X) pieces into slabs of exactly `depth` slices (the last may be shorter)."""
-    held, n, z0 = [], 0, 0
-    for piece in pieces:
-        while piece.shape[1]:
-            take = min(depth - n, piece.shape[1])
-            held.append(piece[:, :take])
-            piece, n = piece[:, take:], n + take
-            if n == depth:
-                yield z0, np.concatenate(held, axis=1)
-                held, n, z0 = [], 0, z0 + depth
-    if n:
-        yield z0, np.concatenate(held, axis=1)
-
-
 def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_shape, out_dtype: str,
                  on_progress: Callable[[float], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """The source as stored: checked, scaled, channels replicated, zero-padded, in whole slabs."""
+    """The source as stored, as (z0, slab) pairs: checked, scaled, channels replicated, zero-padded.
+    (The writer re-cuts them into whole shards.)"""
     depth = opts.slab_depth
     scale = _scaler(src, row, opts, depth)
     _, z, y, x = src.shape
@@ -235,16 +221,16 @@ def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_sha
                 slab = np.repeat(slab, CHANNELS, axis=0)
             if (oy, ox) != (y, x):
                 slab = np.pad(slab, ((0, 0), (0, 0), (0, oy - y), (0, ox - x)))
+            yield seen, slab.astype(out_dtype, copy=False)
             seen += slab.shape[1]
             if on_progress:
                 on_progress(seen / z)
-            yield slab.astype(out_dtype, copy=False)
         if seen != z:
             raise InputError(f"{row.where}: truncated: {seen} of {z} slices could be read; re-export the source")
         if oz > z:
-            yield np.zeros((CHANNELS, oz - z, oy, ox), out_dtype)
+            yield z, np.zeros((CHANNELS, oz - z, oy, ox), out_dtype)
 
-    return _rebuffer(pieces(), depth)
+    return pieces()
 
 
 def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
