@@ -16,7 +16,8 @@ import pydicom
 from pydicom.pixels import iter_pixels
 
 from .errors import InputError
-from .sources import FrameReader, _all_or_none, _um, is_dicom_file, natural_key
+from .readers import FrameReader, _all_or_none, _um, natural_key
+from .sources import is_dicom_file
 
 GEOMETRY = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PixelRepresentation")
 
