@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from stores.errors import StackTrainError
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except StackTrainError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("[yellow]interrupted[/]")

@@ -27,7 +27,7 @@ from stores.errors import StackTrainError
 SCHEMA_VERSION = 1
 RESULTS_NAME = "training_results.json"
 TIMING_KEYS = frozenset({"throughput", "wall_s", "started_at", "updated_at"})
-STOP_REASONS = ("early_stopping", "max_epochs")
+STOP_REASONS = ("early_stopping", "max_epochs", "pruned")  # pruned: an Optuna study stopped it
 PACKAGES = ("torch", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "zarr", "numcodecs", "monai",
             "numpy", "scikit-learn")
 

@@ -1,0 +1,179 @@
+"""The training loop: `train(cfg, run_dir=...)` -> RUN_DIR/training_results.json.
+
+Per epoch: train on the train part (BCEWithLogits, Adam, mixed precision), evaluate every validation
+patch (predictions gathered across DDP ranks, aggregated per stack), early-stop on validation F1 of
+MALADE at `train.select_level`, then, on rank 0 only, rewrite the results file, best.pt (when
+improved) and last.pt, in that order: a kill -9 at any point leaves a results file that holds
+every epoch of last.pt or one more, and `resume` redoes the epoch after last.pt.
+Optional pieces are plain objects: Runtime (device, DDP), Precision, Monitor (bar, log, TensorBoard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from train import checkpoint as ckpts
+from train.config import ConfigError, TrainConfig, config_to_dict, save_config
+from train.data import make_loader, open_data, resolve_norm
+from train.early_stopping import EarlyStopping
+from train.evaluator import EvalResult, Evaluator
+from train.models import build_model
+from train.monitor import Monitor
+from train.precision import Precision
+from train.results import (RESULTS_NAME, environment_info, epoch_entry, load_results, new_results,
+                           record_epoch, write_results)
+from train.runtime import Runtime, cpu_threads, deterministic_algorithms, seed_everything, setup_runtime
+
+CONFIG_NAME = "config.toml"
+EVAL_FIELDS = ("stack_index", "position", "logit", "label")
+
+
+def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
+          on_epoch: Callable[[int, dict], bool] | None = None) -> Path:
+    """Train as `cfg` says into `run_dir` (continuing from its last.pt when `resume`).
+
+    `on_epoch(epoch, entry)` runs on rank 0 after each epoch's results are written; True stops the
+    run with stop_reason "pruned". Returns the path of the results file.
+    """
+    run_dir, level = Path(run_dir), cfg.train.select_level
+    results_path = run_dir / RESULTS_NAME
+    rt = setup_runtime(cfg.train.device)
+    with contextlib.ExitStack() as stack:
+        stack.callback(rt.close)
+        stack.enter_context(deterministic_algorithms(rt.device.type == "cpu"))
+        stack.enter_context(cpu_threads(rt, cfg.loader.workers))
+        store, train_ids, val_ids = open_data(cfg)
+        cfg = resolve_norm(cfg, store, train_ids)
+        _check_run_dir(run_dir, resume)
+        seed_everything(cfg.train.seed)
+        model, net, train_net = _build_model(cfg, rt)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        prec = Precision.create(cfg.train.precision, rt.device)
+        pos_weight = None if cfg.optim.pos_weight is None else torch.tensor(cfg.optim.pos_weight, device=rt.device)
+        criterion = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        stopper = EarlyStopping(cfg.train.patience, cfg.train.min_delta)
+        config = config_to_dict(cfg)
+        results, start = new_results(config, environment_info(rt.device, rt.world_size)), 0
+        if resume:
+            ckpt = ckpts.load_checkpoint(run_dir / ckpts.LAST, model_name=cfg.model.name, model_tiny=cfg.model.tiny)
+            start = ckpts.restore(ckpt, model=model, optimizer=optimizer, scaler=prec.scaler,
+                                  early_stopping=stopper) + 1
+            results = {**load_results(results_path, upto_epoch=start - 1), "config": config}
+            if stopper.should_stop or start >= cfg.train.epochs:
+                return results_path  # it had finished: its results file already says why
+        train_loader = stack.enter_context(make_loader(cfg, store, train_ids, train=True, rt=rt))
+        val_loader = stack.enter_context(make_loader(cfg, store, val_ids, train=False, rt=rt))
+        if rt.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / CONFIG_NAME)
+        monitor = Monitor(run_dir, enabled=rt.is_main, epochs=cfg.train.epochs,
+                          log_interval=cfg.train.log_interval, device=rt.device)
+        stack.callback(monitor.close)
+        monitor.print(f"training {cfg.model.name}{' (tiny)' if cfg.model.tiny else ''} on {rt.device} "
+                      f"x{rt.world_size} ({prec.name}, loader {train_loader.kind}): {len(train_ids)} train "
+                      f"stacks, {len(train_loader)} batches/epoch/rank, {len(val_ids)} val stacks -> {run_dir}"
+                      + (f" (resumed after epoch {start - 1})" if start else ""))
+        for epoch in range(start, cfg.train.epochs):
+            t0 = time.perf_counter()
+            train_loss, throughput = train_epoch(train_net, train_loader, epoch, optimizer=optimizer,
+                                                 criterion=criterion, prec=prec, rt=rt, monitor=monitor)
+            evaluation = evaluate(net, val_loader, cfg, prec=prec, rt=rt, monitor=monitor, epoch=epoch)
+            improved = stopper.step(evaluation.score(level), epoch)
+            last = epoch + 1 == cfg.train.epochs
+            stop_reason = "early_stopping" if stopper.should_stop else "max_epochs" if last else None
+            entry = epoch_entry(epoch=epoch, train_loss=rt.mean(train_loss), lr=optimizer.param_groups[0]["lr"],
+                                evaluation=evaluation, throughput=throughput, wall_s=time.perf_counter() - t0)
+            pruned = False
+            if rt.is_main:
+                record_epoch(results, entry, best_epoch=stopper.best_epoch, stop_reason=stop_reason)
+                write_results(results_path, results)
+                state = dict(model=model, optimizer=optimizer, scaler=prec.scaler, epoch=epoch,
+                             early_stopping=stopper, config=config, model_name=cfg.model.name,
+                             model_tiny=cfg.model.tiny)
+                if improved:
+                    ckpts.save_checkpoint(run_dir / ckpts.BEST, **state)
+                ckpts.save_checkpoint(run_dir / ckpts.LAST, **state)
+                monitor.epoch_line(entry, improved=improved, level=level)
+                if on_epoch is not None and on_epoch(epoch, entry) and stop_reason is None:
+                    pruned = True
+                    results["stop_reason"] = "pruned"
+                    write_results(results_path, results)
+            if rt.broadcast(pruned) or stop_reason is not None:
+                break
+        monitor.print(f"stopped: {results['stop_reason']}; best epoch {results['best_epoch']} (val F1 MALADE "
+                      f"at {level} level {stopper.best_score or 0.0:.4f}); results: {results_path}")
+    return results_path
+
+
+def train_epoch(net: nn.Module, loader, epoch: int, *, optimizer, criterion, prec: Precision, rt: Runtime,
+                monitor: Monitor) -> tuple[float, dict]:
+    """One pass over this rank's training batches: (mean loss, throughput stats)."""
+    net.train()
+    loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no sync per step
+    meter = monitor.meter("train", epoch, len(loader), loader.cfg.batch_size)
+    for batch in meter.iterate(loader.epoch(epoch)):
+        with prec.autocast():
+            logits = net(_images(batch, rt, prec))[:, 0]
+        loss = criterion(logits.float(), batch.labels.to(rt.device, non_blocking=True))
+        prec.backward_step(loss, optimizer)
+        loss_sum += loss.detach()
+        meter.step(loss_sum)
+    train_loss = loss_sum.item() / max(meter.steps, 1)  # waits for the device: the timing below is true
+    return train_loss, meter.finish(rt.world_size)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: Runtime, monitor: Monitor,
+             epoch: int = 0) -> EvalResult:
+    """Every validation patch once; predictions of all ranks gathered before aggregation."""
+    net.eval()
+    options = dict(aggregate=cfg.train.aggregate, topk=cfg.train.topk, pos_weight=cfg.optim.pos_weight)
+    local = Evaluator(loader.stack_ids, **options)
+    meter = monitor.meter("val", epoch, len(loader), loader.cfg.batch_size)
+    for batch in meter.iterate(loader.epoch(epoch)):
+        with prec.autocast():
+            logits = net(_images(batch, rt, prec))
+        local.add(batch.stack_index, batch.position, logits.float(), batch.labels)
+        meter.step()
+    meter.finish()
+    merged = Evaluator(loader.stack_ids, **options)
+    for arrays in rt.gather(local.arrays()):
+        merged.add(*(arrays[k] for k in EVAL_FIELDS))
+    return merged.finalize()
+
+
+def _images(batch, rt: Runtime, prec: Precision) -> torch.Tensor:
+    images = batch.images.to(rt.device, non_blocking=True)
+    return images.float() if prec.name == "fp32" else images  # e.g. a bf16 loader on the CPU
+
+
+def _build_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(model: what checkpoints hold; net: model compiled or not, for validation; train_net: what
+    trains, the model under DDP when distributed, compiled or not)."""
+    model = build_model(cfg.model.name, tiny=cfg.model.tiny, options=cfg.model.options)
+    cuda = rt.device.type == "cuda"
+    if rt.distributed and cuda:  # normalise over the global batch: N GPUs train like one
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fmt = torch.channels_last_3d if cuda and cfg.train.channels_last else torch.contiguous_format
+    model = model.to(rt.device, memory_format=fmt)
+    if cuda:
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    maybe_compile = torch.compile if cfg.train.compile else (lambda m: m)
+    net = maybe_compile(model)
+    if not rt.distributed:
+        return model, net, net
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None)
+    return model, net, maybe_compile(ddp)  # compile the DDP wrapper, as torch advises
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    if not resume and (run_dir / RESULTS_NAME).exists():
+        raise ConfigError(f"{run_dir}: already holds a run ({RESULTS_NAME}); continue it with --resume "
+                          f"{run_dir}, or choose another --run-dir / train.run_name")

@@ -1,0 +1,149 @@
+"""`stacktrain predict CHECKPOINT STORE.zarr --out DIR [--stacks ...]`: a trained model over whole stacks.
+
+Every patch of the chosen stacks goes through the eval loader (the checkpoint's patch size and
+normalisation) and the model; patch probabilities are aggregated per stack as in training.
+
+    DIR/patches.csv        stack_id, z, y, x, probability, label
+    DIR/stacks.csv         stack_id, aggregated_probability, predicted_label, predicted_class, label, n_patches
+    DIR/predictions.json   the same plus checkpoint, store, aggregation and metrics against the stored labels
+    DIR/heatmaps/<id>.png  a mid-slice of the stack next to its patch probabilities (max over z)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from stores.layout import CLASS_NAMES
+from stores.reader import Store
+from train import checkpoint as ckpts
+from train.config import config_from_dict
+from train.evaluator import THRESHOLD
+from train.results import atomic_write
+
+PATCH_FIELDS = ("stack_id", "z", "y", "x", "probability", "label")
+STACK_FIELDS = ("stack_id", "aggregated_probability", "predicted_label", "predicted_class", "label", "n_patches")
+
+
+def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stacks: list[str] | None = None,
+            loader: str = "auto", device: str = "auto", batch_size: int | None = None,
+            console: Console | None = None) -> dict[str, Any]:
+    """Predict every patch of `stacks` (all of the store's by default); write DIR's files; return the JSON."""
+    from train.loop import evaluate
+    from train.models import build_model
+    from train.monitor import Monitor
+    from train.precision import Precision
+    from train.runtime import Runtime, pick_device
+
+    console = console or Console()
+    ckpt = ckpts.load_checkpoint(checkpoint)
+    cfg = config_from_dict(ckpt["config"], where=f"{checkpoint} (its config)")
+    st = Store(store)
+    ids = list(stacks) if stacks else st.stack_ids
+    for sid in ids:
+        st.meta(sid)  # an unknown id: StoreError listing some of the store's
+    rt = Runtime(device=pick_device(device))
+    cpu = rt.device.type == "cpu"
+    loader_cfg = dataclasses.replace(cfg.loader, loader=loader, batch_size=batch_size or cfg.loader.batch_size,
+                                     dtype="fp32" if cpu else cfg.loader.dtype, channels_last=not cpu and
+                                     cfg.loader.channels_last)
+    model = build_model(ckpt["model_name"], tiny=ckpt["model_tiny"], options=cfg.model.options)
+    ckpts.restore(ckpt, model=model, rng=False)
+    model = model.to(rt.device).eval()
+    prec = Precision.create("auto", rt.device)
+    monitor = Monitor(None, enabled=True, epochs=1, log_interval=cfg.train.log_interval, device=rt.device,
+                      console=console)
+    from train.data import make_loader
+    try:
+        with make_loader(cfg, st, ids, train=False, rt=rt, loader_cfg=loader_cfg) as patches:
+            result = evaluate(model, patches, cfg, prec=prec, rt=rt, monitor=monitor)
+    finally:
+        monitor.close()
+
+    out = Path(out)
+    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    volumes = [{**v, "predicted_class": CLASS_NAMES[v["predicted_label"]]} for v in result.volumes]
+    report = {"checkpoint": str(checkpoint), "epoch": int(ckpt["epoch"]), "model": ckpt["model_name"],
+              "store": str(st.path), "aggregate": cfg.train.aggregate, "threshold": THRESHOLD,
+              "patch_size": list(cfg.patch.size), "patch_metrics": result.patch_metrics,
+              "volume_metrics": result.volume_metrics, "stacks": volumes, "patches": result.samples}
+    _write_csv(out / "patches.csv", PATCH_FIELDS,
+               [[s["stack_id"], *s["position"], s["probability"], s["label"]] for s in result.samples])
+    _write_csv(out / "stacks.csv", STACK_FIELDS, [[v[k] for k in STACK_FIELDS] for v in volumes])
+    text = json.dumps(report, indent=1).encode()
+    atomic_write(out / "predictions.json", lambda f: f.write(text))
+    by_stack: dict[str, list[dict]] = {}
+    for s in result.samples:
+        by_stack.setdefault(s["stack_id"], []).append(s)
+    for v in volumes:
+        heatmap(out / "heatmaps" / f"{v['stack_id']}.png", st, v, by_stack[v["stack_id"]], cfg.patch.size)
+
+    table = Table("stack", "label", "probability", "predicted", "patches", title=f"predictions of {checkpoint}")
+    for v in volumes:
+        table.add_row(v["stack_id"], CLASS_NAMES[v["label"]], f"{v['aggregated_probability']:.3f}",
+                      v["predicted_class"], str(v["n_patches"]))
+    console.print(table)
+    console.print(f"wrote {out}/patches.csv, stacks.csv, predictions.json and {len(volumes)} heatmaps in "
+                  f"{out}/heatmaps", highlight=False, soft_wrap=True)
+    return report
+
+
+def _write_csv(path: Path, header, rows) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    data = buf.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def probability_map(samples: list[dict], patch_size, shape_yx) -> np.ndarray:
+    """(Y, X) map of the highest probability of the patches covering each pixel (max over z and over
+    overlapping patches); NaN where no patch reaches."""
+    out = np.full(shape_yx, np.nan)
+    _, h, w = patch_size
+    for s in samples:
+        _, y, x = s["position"]
+        region = out[y:y + h, x:x + w]
+        np.fmax(region, s["probability"], out=region)
+    return out
+
+
+def _display_slice(store: Store, stack_id: str) -> tuple[np.ndarray, int]:
+    """The middle z-slice as an image matplotlib shows: (Y, X, 3) RGB or (Y, X) grey, in [0, 1]."""
+    meta = store.meta(stack_id)
+    c, z, y, x = meta.shape
+    mid = z // 2
+    plane = store.read(stack_id, ((mid, mid + 1), (0, y), (0, x)))[:, 0].astype(np.float32)
+    plane /= float(np.iinfo(meta.dtype).max)
+    return (np.moveaxis(plane[:3], 0, -1) if c >= 3 else plane[0]), mid
+
+
+def heatmap(path: Path, store: Store, volume: dict, samples: list[dict], patch_size) -> None:
+    """One PNG: the stack's mid-slice and its patch probability map side by side (same pixel grid)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
+
+    sid = volume["stack_id"]
+    image, mid = _display_slice(store, sid)
+    probs = probability_map(samples, patch_size, image.shape[:2])
+    aspect = image.shape[0] / image.shape[1]
+    fig = Figure(figsize=(10, 4.6 * aspect + 0.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.imshow(image, cmap=None if image.ndim == 3 else "gray", interpolation="nearest")
+    left.set_title(f"{sid} ({CLASS_NAMES[volume['label']]}), slice z={mid}")
+    shown = right.imshow(probs, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+    right.set_title(f"P(MALADE) per patch, max over z\nstack: {volume['aggregated_probability']:.2f} -> "
+                    f"{volume['predicted_class']}")
+    fig.colorbar(shown, ax=right, shrink=0.8)
+    for ax in (left, right):
+        ax.set_xlabel("x")
+        ax.set_ylabel("y")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
