@@ -16,7 +16,7 @@ from rich.markup import escape
 from stores.errors import StackTrainError
 
 # Modules that define `register(subparsers)`, in the order of the data flow.
-COMMAND_MODULES = ["stores.cli", "train.split", "train.commands", "benchmarks.cli"]
+COMMAND_MODULES = ["stores.cli", "train.split", "train.commands", "train.study", "train.report", "benchmarks.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
