@@ -25,13 +25,14 @@ SEED = 0
 
 
 def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+    return "-" if value is None else f"{value:.2f}"  # two decimals: the table fits 80 columns
 
 
 def metrics_table(results: dict[str, Any]) -> Table:
     """Per epoch: losses, then patch- and stack-level accuracy, F1 per class and ROC-AUC."""
     level = results["config"]["train"]["select_level"]
-    table = Table(title="validation metrics per epoch", box=box.SIMPLE_HEAD,
+    table = Table(title="validation metrics per epoch (epochs count from 0, as in the JSON)", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), collapse_padding=True,
                   caption=f"S = SAIN, M = MALADE; * = best epoch (F1 M at {level} level)")
     table.add_column("epoch", justify="right")
     for name in ("train\nloss", "val\nloss"):

@@ -46,7 +46,7 @@ class Meter:
         self.loss: float | None = None
         self.task = None
         if monitor.progress is not None:
-            self.task = monitor.progress.add_task(kind, total=n_batches, epoch=f"{epoch + 1}/{monitor.epochs}",
+            self.task = monitor.progress.add_task(kind, total=n_batches, epoch=f"{epoch} ({epoch + 1}/{monitor.epochs})",
                                                   kind=kind, rate="-", loss="-")
 
     def iterate(self, batches: Iterable) -> Iterator:
@@ -119,7 +119,7 @@ class Monitor:
         """The epoch's log line (loss | lr | patches/s | data-wait % | peak memory | F1) and curves."""
         e, th = entry["epoch"], entry["throughput"]
         patch_f1, stack_f1 = entry["patch_metrics"]["f1"]["MALADE"], entry["volume_metrics"]["f1"]["MALADE"]
-        self.print(f"epoch {e + 1}/{self.epochs} | loss {entry['train_loss']:.4f} | val_loss "
+        self.print(f"epoch {e} ({e + 1}/{self.epochs}) | loss {entry['train_loss']:.4f} | val_loss "
                    f"{entry['val_loss']:.4f} | lr {entry['lr']:.2e} | {th['train_patches_per_s']:,.1f} patches/s"
                    f" | data-wait {th['data_wait_pct']:.1f}% | peak {th['peak_memory_gib']:.2f} GiB | "
                    f"F1(MALADE) patch {patch_f1:.3f} stack {stack_f1:.3f} | {entry['wall_s']:.1f} s"
