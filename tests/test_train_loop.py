@@ -111,7 +111,7 @@ def test_on_epoch_can_prune_and_the_log_line_says_it_all(data, tmp_path, capsys)
     results = json.loads(path.read_text())
     assert results["stop_reason"] == "pruned" and len(results["epochs"]) == 1
     assert seen == [(0, 0, results["epochs"][0]["volume_metrics"]["f1"]["MALADE"])]
-    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch 1/3"))
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch 0 (1/3)"))
     for part in ("| loss ", "| lr ", "patches/s", "| data-wait ", "% |", "| peak ", "GiB"):
         assert part in line
 
