@@ -45,7 +45,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(data, tmp_path):
     try:
         for line in proc.stderr:  # blocks until the child logs: no polling, no sleeps
             seen.append(line)
-            if line.startswith("epoch 1/2 |"):  # logged once epoch 0's results and last.pt are written
+            if line.startswith("epoch 0 (1/2) |"):  # logged once epoch 0's results and last.pt are written
                 proc.send_signal(signal.SIGKILL)  # it is now in epoch 1
                 break
         else:
