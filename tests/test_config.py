@@ -31,7 +31,7 @@ def test_presets_load_and_say_what_they_promise():
     assert seed.train.precision == "bf16" and seed.loader.dtype == "bf16"
     demo = load_config(PRESETS / "demo.toml")
     assert demo.model.tiny and demo.loader.loader == "dali-cpu" and demo.train.precision == "fp32"
-    assert demo.train.device == "cpu" and max(demo.patch.size) <= 32 and demo.train.epochs <= 10
+    assert demo.train.device == "cpu" and max(demo.patch.size) <= 32 and demo.train.epochs <= 20
 
 
 def test_overrides_parse_toml_literals_and_fall_back_to_strings():
