@@ -1,13 +1,20 @@
-"""GPU check: DALI's GPU pipeline against its CPU mode on a generated store, plus patches/s.
+"""GPU check: one prepared run for a CUDA machine. DALI's GPU pipeline against its CPU mode, then the
+benchmarks at true size, all written as JSON under --out.
 
     python -m benchmarks.gpu_check --out gpu-check-out
 
-On a CUDA machine, in one run: writes a small tissue-like LZ4 store, reads one eval epoch (no
-augmentation) and one train epoch (flips + jitter, chosen by the shared source) with loader "dali"
-and with loader "dali-cpu", asserts the images agree within the tolerance of the cast (and the side
-outputs exactly), then times epochs of each. Writes `gpu_check.json` under --out. Exit 1 on any
-mismatch; without CUDA or DALI it prints "skipped: ..." and exits 0.
-`--candidate torch` runs the same comparison on any machine (how this script is tested on CPU).
+In one run (< 8 minutes on one H200; needs only torch, numpy, zarr, numcodecs + lz4 and DALI):
+1. equality: writes a small tissue-like LZ4 store, reads one eval epoch (no augmentation) and one
+   train epoch (flips + jitter, chosen by the shared source) with loader "dali" and with "dali-cpu",
+   asserts the images agree within the tolerance of the cast (side outputs exactly), times epochs of
+   each -> gpu_check.json;
+2. `bench loader` with dali (and dali-cpu, torch) against its ceilings -> bench_loader.json;
+3. `bench model` at true size: resnet3d50, 3x32x256x256, batch 64, bf16 -> bench_model.json;
+4. `bench train`: the same model fed by the dali loader, data-wait % -> bench_train.json.
+Exit 1 on a mismatch. Without CUDA it prints "skipped: ..." and exits 0; with CUDA but without DALI it
+skips 1 and the DALI loaders, runs the model and torch-loader parts, and says DALI was missing.
+Without MONAI the model is benchmarks/resnet3d.py's torch-only ResNet3D-50 (same FLOPs).
+`--candidate torch` runs the comparison on any machine (how this script is tested on CPU).
 """
 
 from __future__ import annotations
@@ -28,12 +35,12 @@ TOLERANCE = {"fp16": 1e-3, "bf16": 8e-3, "fp32": 1e-5}  # relative+absolute, one
 
 
 def skip_reason(kinds: list[str]) -> str | None:
-    """Why this machine cannot run the check, or None."""
+    """Why this machine cannot run the check at all, or None. CUDA without DALI still runs the benches."""
     from pipelines.loaders import dali_available
-    if any(k.startswith("dali") for k in kinds) and not dali_available():
-        return "NVIDIA DALI does not import"
     if "dali" in kinds and not torch.cuda.is_available():
         return "no CUDA device"
+    if any(k.startswith("dali") for k in kinds) and not dali_available() and not torch.cuda.is_available():
+        return "NVIDIA DALI does not import"
     return None
 
 
@@ -144,7 +151,71 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", default="dali-cpu")
     p.add_argument("--candidate", default="dali", help="the loader checked against --reference")
+    b = p.add_argument_group("benchmarks at true size")
+    b.add_argument("--benches", default="loader,model,train", help="comma-separated, or 'none' (check only)")
+    b.add_argument("--bench-segments", type=int, default=3, help="timed segments per measurement")
+    b.add_argument("--bench-shape", type=int, nargs=3, default=[64, 512, 512], metavar=("Z", "Y", "X"),
+                   help="stacks of the generated benchmark store")
+    b.add_argument("--model", default="resnet3d50")
+    b.add_argument("--model-batch", type=int, default=64)
+    b.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    b.add_argument("--tiny-models", action="store_true", help="the models' tiny flavors (tests)")
+    b.add_argument("--train-steps", type=int, default=4, help="training steps per segment")
+    b.add_argument("--cache", type=Path, help="where the generated benchmark store is kept")
     return p.parse_args(argv)
+
+
+def run_benches(args, report: dict, *, has_dali: bool) -> None:
+    """The benchmarks at true size, each one isolated: a failure is recorded and the next one runs."""
+    from stores.layout import atomic_write_json
+    from .loader_bench import bench_loader
+    from .model_bench import bench_model
+    from .train_bench import bench_train
+    cuda = torch.cuda.is_available()
+    loaders = [k for k in ("dali", "dali-cpu", "torch") if k == "torch" or (has_dali and (k != "dali" or cuda))]
+    wanted = [] if args.benches == "none" else [b.strip() for b in args.benches.split(",") if b.strip()]
+    seg = dict(segments=args.bench_segments, warmup=1, seed=args.seed)
+    runs = {
+        "loader": lambda: bench_loader(cache=args.cache, shape_zyx=tuple(args.bench_shape), loaders=loaders,
+                                       patch=tuple(args.patch), batch=args.batch_size, workers=args.workers,
+                                       prefetch=args.prefetch, **seg),
+        "model": lambda: bench_model(models=[args.model], patch=tuple(args.patch), batch=args.model_batch,
+                                     precision=args.precision, tiny=args.tiny_models, **seg),
+        "train": lambda: bench_train(cache=args.cache, shape_zyx=tuple(args.bench_shape),
+                                     loader="dali" if has_dali and cuda else "torch", model=args.model,
+                                     tiny=args.tiny_models, patch=tuple(args.patch), stride=tuple(args.stride),
+                                     batch=args.model_batch, precision=args.precision, workers=args.workers,
+                                     steps_per_segment=args.train_steps, **seg),
+    }
+    report["benches"] = {}
+    for name in wanted:
+        t0 = time.perf_counter()
+        try:
+            result = runs[name]()
+        except Exception as e:  # noqa: BLE001 -- one failed bench must not lose the others' numbers
+            report["benches"][name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"bench {name}: FAILED {type(e).__name__}: {e}")
+            continue
+        report["benches"][name] = {"seconds": time.perf_counter() - t0, "json": f"bench_{name}.json"}
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out / f"bench_{name}.json", result)
+        print(summary(name, result))
+
+
+def summary(name: str, r: dict) -> str:
+    """One line per bench for the console (no rich here)."""
+    if name == "loader":
+        return "bench loader: " + ", ".join(
+            f"{k} {v['per_s']:.0f}/s" + (f" ({v['ratio_to_ceiling']:.2f}x {v['ceiling']})" if "ceiling" in v else "")
+            for k, v in r["results"].items())
+    if name == "model":
+        return "bench model: " + ", ".join(
+            f"{row['model']} {row.get('patches_per_s', 0):.1f} patches/s {row.get('achieved_tflops', 0):.1f} TFLOP/s "
+            f"({100 * row.get('fraction_of_peak', 0):.0f}% of {r['matmul_peak_tflops']:.0f}) "
+            f"peak {row.get('peak_memory_gib') or 0:.1f} GiB" if "error" not in row else f"{row['model']}: {row['error']}"
+            for row in r["results"])
+    return (f"bench train: data-wait {r['data_wait_pct']:.1f}%, loader headroom {r['loader_headroom']:.2f}x, "
+            f"real {r['results']['real']['per_s']:.1f} vs model alone {r['results']['model_alone']['per_s']:.1f} patches/s")
 
 
 def main(argv=None) -> int:
@@ -153,29 +224,39 @@ def main(argv=None) -> int:
     if reason:
         print(f"skipped: {reason}; run this on a CUDA machine with DALI installed")
         return 0
+    from pipelines.loaders import dali_available
     from stores.layout import atomic_write_json
     from stores.reader import Store
+    has_dali = dali_available()
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
-    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
-        t0 = time.perf_counter()
-        build_store(Path(tmp) / "gen.zarr", args.stacks, tuple(args.shape))
-        report["store_write_s"] = time.perf_counter() - t0
-        store = Store(Path(tmp) / "gen.zarr")
-        report["eval_no_aug"] = check_equal(store, args, train=False)
-        report["train_aug"] = check_equal(store, args, train=True)
-        report["throughput"] = {kind: measure_throughput(store, kind, args)
-                                for kind in (args.candidate, args.reference)}
-    ok = report["eval_no_aug"]["ok"] and report["train_aug"]["ok"]
-    report["status"] = "ok" if ok else "mismatch"
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "dali": "available" if has_dali else "missing: equality check and DALI loaders skipped"}
+    ok = True
+    if has_dali:
+        with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+            t0 = time.perf_counter()
+            build_store(Path(tmp) / "gen.zarr", args.stacks, tuple(args.shape))
+            report["store_write_s"] = time.perf_counter() - t0
+            store = Store(Path(tmp) / "gen.zarr")
+            report["eval_no_aug"] = check_equal(store, args, train=False)
+            report["train_aug"] = check_equal(store, args, train=True)
+            report["throughput"] = {kind: measure_throughput(store, kind, args)
+                                    for kind in (args.candidate, args.reference)}
+        ok = report["eval_no_aug"]["ok"] and report["train_aug"]["ok"]
+        for name in ("eval_no_aug", "train_aug"):
+            r = report[name]
+            print(f"{name}: {'OK' if r['ok'] else 'MISMATCH'} {r['patches']} patches, max |diff| "
+                  f"{r['max_abs_diff']:.3g} (tolerance {r['tolerance']}), side outputs equal: {r['side_outputs_equal']}")
+        for kind, t in report["throughput"].items():
+            print(f"{kind}: {t['patches_per_s']:.1f} patches/s ({t['gb_per_s_uint8']:.2f} GB/s of uint8 patches)")
+    else:
+        print("DALI is missing: the equality check and the DALI loaders are skipped; model and torch-loader "
+              "parts run")
+    run_benches(args, report, has_dali=has_dali)
+    failed = [n for n, b in report.get("benches", {}).items() if "error" in b]
+    report["status"] = "mismatch" if not ok else ("partial" if failed or not has_dali else "ok")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "gpu_check.json", report)
-    for name in ("eval_no_aug", "train_aug"):
-        r = report[name]
-        print(f"{name}: {'OK' if r['ok'] else 'MISMATCH'} {r['patches']} patches, max |diff| "
-              f"{r['max_abs_diff']:.3g} (tolerance {r['tolerance']}), side outputs equal: {r['side_outputs_equal']}")
-    for kind, t in report["throughput"].items():
-        print(f"{kind}: {t['patches_per_s']:.1f} patches/s ({t['gb_per_s_uint8']:.2f} GB/s of uint8 patches)")
     print(f"status: {report['status']} -> {args.out / 'gpu_check.json'}")
     return 0 if ok else 1
 

@@ -6,6 +6,12 @@ the chunks covering the patch's box (raw LZ4 bytes for the GPU, or decoded in th
 CPU modes), how to reassemble them, where the patch sits in the region, the flips, the
 normalization parameters and the side outputs. Every random choice comes from
 `default_rng((seed, epoch, slot))`, so all loaders agree on every sample.
+
+CPU modes: the worker also reassembles, crops and flips, in one strided numpy copy (flips folded
+into the reassembly), and hands over the finished uint8 patch as a single chunk per channel with a
+zero anchor and no flips left to do, so the graph's reassemble/crop/flip have nothing to rearrange.
+DALI's CPU operators did that work slowly in the main process (`stacktrain bench loader --profile`
+shows each operator's cost); the parallel workers do it once, in numpy.
 """
 
 from __future__ import annotations
@@ -98,14 +104,49 @@ class PatchSource:
         region = self.store.chunk_region(self.index.stack_ids[stack], box, raw_lz4=self.raw_lz4)
         if self.raw_lz4:
             head = (region.data, region.offsets, region.sizes, np.asarray(region.chunk_zyx, np.int32))
+            dims7 = store_chunks.reassemble_dims(region.grid, region.chunk_zyx)
+            dims4 = region.region_shape
+            anchor = np.array([0, *(s - o for s, o in zip(start, region.origin_zyx))], np.int32)
         else:
-            head = (store_chunks.decode(region),)
-        anchor = np.array([0, *(s - o for s, o in zip(start, region.origin_zyx))], np.int32)
+            patch = finished_patch(store_chunks.decode(region), region, start, self.index.size, flips)
+            head = (patch,)
+            dims7, dims4 = [patch.shape[0], 1, 1, 1, *patch.shape[1:]], patch.shape
+            anchor, flips = np.zeros(4, np.int32), np.zeros(3, np.int32)
         lo, mul = self.norm[stack]
-        return (*head,
-                np.asarray(store_chunks.reassemble_dims(region.grid, region.chunk_zyx), np.int32),
-                np.asarray(region.region_shape, np.int32),
-                anchor, flips, lo, mul,
+        return (*head, np.asarray(dims7, np.int32), np.asarray(dims4, np.int32), anchor, flips, lo, mul,
                 np.array(self.index.label[row], np.float32),
                 np.array(stack, np.int64),
                 start.astype(np.int64))
+
+
+def finished_patch(chunks: np.ndarray, region: store_chunks.ChunkRegion, start, size, flips) -> np.ndarray:
+    """The contiguous (C, D, H, W) patch at `start` from a region's decoded chunks, flipped as asked.
+
+    A flip along an axis reverses both the chunk order and the order inside each chunk along it, so
+    it costs nothing on top of the reassembly copy; the crop origin is mirrored to match. Both copies
+    land in recycled buffers (stores.chunks.POOL): fresh pages cost more than the copy on some VMs.
+    """
+    c, gz, gy, gx = region.grid
+    cz, cy, cx = region.chunk_zyx
+    tiles = chunks.reshape(c, gz, gy, gx, cz, cy, cx)
+    reverse = [slice(None)] * 7
+    for axis, flipped in enumerate(flips):
+        if flipped:
+            reverse[1 + axis] = reverse[4 + axis] = slice(None, None, -1)
+    vox = _pooled(region.region_shape, chunks.dtype)
+    np.copyto(vox.reshape(c, gz, cz, gy, cy, gx, cx), tiles[tuple(reverse)].transpose(store_chunks.REASSEMBLE_PERM))
+    crop = [slice(None)]
+    for axis, (s, n, o, extent) in enumerate(zip(start, size, region.origin_zyx, region.region_shape[1:])):
+        a = int(s) - o
+        a = extent - a - n if flips[axis] else a
+        crop.append(slice(a, a + n))
+    if all(sl.stop - sl.start == extent for sl, extent in zip(crop[1:], region.region_shape[1:])):
+        return vox  # the region is the patch (a patch-aligned box)
+    patch = _pooled((c, *size), chunks.dtype)
+    np.copyto(patch, vox[tuple(crop)])
+    return patch
+
+
+def _pooled(shape, dtype) -> np.ndarray:
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return store_chunks.POOL.take(n).view(dtype).reshape(shape)

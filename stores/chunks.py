@@ -12,16 +12,63 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
+import threading
 from pathlib import Path
 
 import lz4.block
 import numcodecs
+import numcodecs.blosc
+import numcodecs.lz4
+import numcodecs.zstd
 import numpy as np
 
 from .errors import StoreError
 
 ABSENT = np.uint64(2**64 - 1)
 LZ4_HEADER = 4  # numcodecs.LZ4 prefixes each raw LZ4 block with its uncompressed size (u32 LE)
+
+
+class BufferPool:
+    """Large uint8 buffers recycled once nothing references them any more.
+
+    A fresh multi-megabyte array costs a page fault per 4 KiB page when first written; on virtual
+    machines that is ~3 us a page, more than reading the patch's bytes (benchmarks/results). A pooled
+    buffer is handed out again only when its reference count shows that no array, view, memoryview or
+    tensor still uses it (CPython reference counting is exact), so a consumer that keeps a region, a
+    DALI worker still serializing a batch, or a torch tensor sharing the memory is never overwritten.
+    """
+
+    SMALL = 1 << 20  # below this, plain allocation is cheap enough
+
+    def __init__(self, max_bytes: int = 512 << 20):
+        self.max_bytes = max_bytes
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A 1-D uint8 array of `nbytes` (contents undefined)."""
+        if nbytes < self.SMALL:
+            return np.empty(nbytes, np.uint8)
+        with self._lock:
+            bufs = self._buffers
+            for i in range(len(bufs)):
+                # 2 references when free: the pool's list and getrefcount's own argument
+                if bufs[i].nbytes >= nbytes and sys.getrefcount(bufs[i]) == 2:
+                    return bufs[i][:nbytes]
+            total = sum(b.nbytes for b in bufs)
+            buf = np.empty(nbytes, np.uint8)
+            if total + nbytes <= self.max_bytes:
+                bufs.append(buf)
+            elif bufs:  # full: replace a free buffer that is too small, if any
+                for i in range(len(bufs)):
+                    if sys.getrefcount(bufs[i]) == 2 and total - bufs[i].nbytes + nbytes <= self.max_bytes:
+                        bufs[i] = buf
+                        break
+            return buf
+
+
+POOL = BufferPool()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +125,8 @@ def zero_chunk_bytes(codec: str, nbytes: int, raw_lz4: bool) -> bytes:
     zeros = np.zeros(nbytes, np.uint8)
     if codec == "lz4":
         return lz4.block.compress(zeros, store_size=False) if raw_lz4 else numcodecs.LZ4().encode(zeros)
+    if codec == "blosc-lz4":  # benchmarks/store_bench.py compares it; stores are written lz4 or zstd
+        return numcodecs.Blosc(cname="lz4").encode(zeros)
     return numcodecs.Zstd().encode(zeros)
 
 
@@ -150,41 +199,93 @@ def region_grid(box_zyx, chunk_zyx) -> tuple[tuple[int, int], ...]:
 
 
 def gather(files: ShardFiles, box_zyx, *, codec: str, dtype: str, raw_lz4: bool) -> ChunkRegion:
-    """Collect the stored bytes of every chunk covering `box_zyx` (all channels)."""
+    """Collect the stored bytes of every chunk covering `box_zyx` (all channels).
+
+    Chunks that lie next to each other in a shard file are read with one `preadv` straight into the
+    region's buffer (a patch-aligned box is one read per shard), and each chunk is located by its
+    offset in that buffer: nothing is copied twice. `raw_lz4` moves each offset past numcodecs'
+    4-byte size header instead of stripping it. Absent and outside chunks all point at one stored
+    zero chunk. (Per-chunk Python calls made this 5-10x slower than the reads: benchmarks/results.)
+    """
     ranges = region_grid(box_zyx, files.chunk_shape[1:])
-    n_c = files.shape[0]
-    blocks: list[bytes] = []
-    zero = None
-    for c in range(n_c):
-        for gz in range(*ranges[0]):
-            for gy in range(*ranges[1]):
-                for gx in range(*ranges[2]):
-                    data = files.chunk((c, gz, gy, gx))
-                    if data is None:
-                        zero = zero or zero_chunk_bytes(codec, files.chunk_nbytes, raw_lz4)
-                        blocks.append(zero)
-                    else:
-                        blocks.append(data[LZ4_HEADER:] if raw_lz4 else data)
-    sizes = np.fromiter((len(b) for b in blocks), dtype=np.int32, count=len(blocks))
-    offsets = np.zeros(len(blocks), np.int32)
-    np.cumsum(sizes[:-1], out=offsets[1:])
-    data = np.frombuffer(b"".join(blocks), dtype=np.uint8)
-    grid = (n_c, *(hi - lo for lo, hi in ranges))
+    grid = (files.shape[0], *(hi - lo for lo, hi in ranges))
+    cidx = np.indices(grid).reshape(4, -1).T + np.array([0, *(lo for lo, _ in ranges)])
+    n = len(cidx)
+    file_off = np.full(n, -1, np.int64)  # -1: read as the zero chunk
+    nbytes = np.zeros(n, np.int64)
+    inside = np.flatnonzero(((cidx >= 0) & (cidx < files.chunk_grid)).all(axis=1))
+    keys = cidx[inside] // files.inner
+    local = np.ravel_multi_index(tuple((cidx[inside] - keys * files.inner).T), files.inner)
+    shard_grid = tuple(-(-g // i) for g, i in zip(files.chunk_grid, files.inner))
+    shard_of = np.ravel_multi_index(tuple(keys.T), shard_grid)
+    runs: list[tuple[int, int, int]] = []  # (fd, file offset, length), in buffer order
+    run_of = np.full(n, -1, np.int64)
+    for shard in np.unique(shard_of).tolist():
+        mine = np.flatnonzero(shard_of == shard)
+        fd, index = files._shard(tuple(int(k) for k in np.unravel_index(shard, shard_grid)))
+        if fd is None:
+            continue
+        off, nb = index[local[mine]].T.astype(np.int64)  # ABSENT (2**64-1) wraps to -1
+        present = off >= 0
+        if not present.any():
+            continue
+        rows, off, nb = inside[mine][present], off[present], nb[present]
+        order = np.argsort(off, kind="stable")
+        rows, off, nb = rows[order], off[order], nb[order]
+        # A new read starts where the next chunk is not adjacent; small gaps are cheaper to read through.
+        gap = off[1:] - (off[:-1] + nb[:-1])
+        starts = np.flatnonzero(np.concatenate(([True], gap > _GAP_READ_THROUGH))).tolist()
+        for a, b in zip(starts, starts[1:] + [len(off)]):
+            run_of[rows[a:b]] = len(runs)
+            file_off[rows[a:b]] = off[a:b]
+            nbytes[rows[a:b]] = nb[a:b]
+            runs.append((fd, int(off[a]), int(off[b - 1] + nb[b - 1] - off[a])))
+    run_pos = np.cumsum([0] + [length for _, _, length in runs])
+    zero = zero_chunk_bytes(codec, files.chunk_nbytes, False) if (file_off < 0).any() else b""
+    data = POOL.take(int(run_pos[-1]) + len(zero))
+    for (fd, offset, length), pos in zip(runs, run_pos.tolist()):
+        if os.preadv(fd, [memoryview(data[pos:pos + length])], offset) != length:
+            raise StoreError(f"{files.array_dir}: a shard file is truncated; reconvert this stack")
+    data[len(data) - len(zero):] = np.frombuffer(zero, np.uint8)
+    absent = file_off < 0
+    found = np.flatnonzero(~absent)
+    offsets = np.full(n, run_pos[-1], np.int64)
+    offsets[found] = run_pos[run_of[found]] + file_off[found] - np.asarray([r[1] for r in runs], np.int64)[run_of[found]]
+    nbytes[absent] = len(zero)
+    header = LZ4_HEADER if raw_lz4 else 0
     origin = tuple(lo * c for (lo, _), c in zip(ranges, files.chunk_shape[1:]))
-    return ChunkRegion(data, offsets, sizes, grid, tuple(files.chunk_shape[1:]), origin, dtype, codec, raw_lz4)
+    return ChunkRegion(data, (offsets + header).astype(np.int32), (nbytes - header).astype(np.int32), grid,
+                       tuple(files.chunk_shape[1:]), origin, dtype, codec, raw_lz4)
+
+
+_GAP_READ_THROUGH = 16 << 10  # bytes: reading a gap this small costs less than another system call
+
+
+def chunk_decoder(codec: str):
+    """(source buffer, destination row) -> None, decoding straight into the destination."""
+    if codec == "lz4":
+        return numcodecs.lz4.decompress
+    if codec == "zstd":
+        return numcodecs.zstd.decompress
+    if codec == "blosc-lz4":
+        return numcodecs.blosc.decompress
+    raise StoreError(f"unknown codec {codec!r}; this stacktrain decodes lz4, zstd and blosc-lz4")
 
 
 def decode(region: ChunkRegion) -> np.ndarray:
     """Decode every chunk on the CPU -> (n, cz, cy, cx) in the region's dtype."""
     cz, cy, cx = region.chunk_zyx
-    out = np.empty((region.n_chunks, cz, cy, cx), dtype=region.dtype)
+    itemsize = np.dtype(region.dtype).itemsize
+    out = POOL.take(region.n_chunks * cz * cy * cx * itemsize).view(region.dtype).reshape(region.n_chunks, cz, cy, cx)
     flat = out.reshape(region.n_chunks, -1).view(np.uint8)
     nbytes = flat.shape[1]
-    codec = numcodecs.LZ4() if region.codec == "lz4" else numcodecs.Zstd()
-    for i, (o, s) in enumerate(zip(region.offsets, region.sizes)):
-        block = region.data[o:o + s]
-        if region.raw_lz4:
-            flat[i] = np.frombuffer(lz4.block.decompress(block, uncompressed_size=nbytes), np.uint8)
-        else:
-            codec.decode(block, out=flat[i])
+    source = memoryview(region.data)
+    pairs = zip(region.offsets.tolist(), region.sizes.tolist())
+    if region.raw_lz4:  # raw blocks carry no size header: the block decoder needs the size
+        for i, (o, s) in enumerate(pairs):
+            flat[i] = np.frombuffer(lz4.block.decompress(source[o:o + s], uncompressed_size=nbytes), np.uint8)
+        return out
+    decompress = chunk_decoder(region.codec)
+    for i, (o, s) in enumerate(pairs):
+        decompress(source[o:o + s], flat[i])
     return out

@@ -1,0 +1,194 @@
+"""`stacktrain bench loader`: patches/s of each loader against ceilings measured in the same run.
+
+Every measured thing reads the same patches: the train plan of epochs 0..warmup+segments-1 (seed,
+flips as in the default preprocessing, no jitter), one epoch per timed segment. Rates are the median
+over segments; GB/s counts the uint8 (store dtype) bytes of the patches delivered. Ratios: each loader
+to its ceiling ("dali" and the bytes-only source to (b), everything that decodes on the CPU to (c)),
+and to the naive zarr-python baseline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ceilings, data
+from .measure import Tick, available_cores, cuda_sync, measure, measure_interleaved, no_tick
+
+LOADERS = ("dali", "dali-cpu", "torch")
+CEILING_OF = {"dali": "bytes", "source-bytes": "bytes", "dali-cpu": "decode", "torch": "decode",
+              "naive-zarr": "decode"}
+CEILING_NAMES = {"ram": "(a) numpy crop from RAM", "bytes": "(b) compressed chunk bytes only",
+                 "decode": "(c) chunk bytes + CPU decode"}
+BARS = (("dali-cpu", "ceiling", 0.7), ("dali-cpu", "naive", 2.0), ("source-bytes", "ceiling", 0.7))
+CEILING_REPEAT = 4  # ceilings run 10-30x faster than loaders: each segment reads its epoch 4 times
+
+
+def default_loaders() -> tuple[list[str], dict[str, str]]:
+    """The loaders this machine can run, and why the others are left out."""
+    from pipelines.loaders import dali_available
+    skipped = {}
+    if not dali_available():
+        skipped["dali"] = skipped["dali-cpu"] = "NVIDIA DALI does not import"
+    elif not torch.cuda.is_available():
+        skipped["dali"] = "no CUDA device"
+    return [k for k in LOADERS if k not in skipped], skipped
+
+
+def _epoch_patches(source, epoch: int) -> list[tuple[int, tuple[int, int, int], tuple[int, ...]]]:
+    """(stack, crop origin, flips) of every patch of `epoch`, in delivery order."""
+    rows, slots = source.plan(epoch).rows, source.plan(epoch).slots
+    out = []
+    for row, slot in zip(rows.tolist(), slots.tolist()):
+        start, flips = source.augmentation(epoch, slot, row)
+        out.append((int(source.index.stack[row]), tuple(int(v) for v in start), tuple(int(f) for f in flips)))
+    return out
+
+
+def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, stacks: int = data.DEFAULT_STACKS,
+                 shape_zyx=data.DEFAULT_SHAPE_ZYX, loaders: list[str] | None = None, patch=(32, 256, 256),
+                 batch: int = 8, workers: int | None = None, prefetch: int = 2, dtype: str | None = None,
+                 segments: int = 5, warmup: int = 1, seed: int = 0, profile: bool = False, naive: bool = True,
+                 tick: Tick = no_tick) -> dict[str, Any]:
+    from pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
+    from pipelines.loaders import build_loader
+    from pipelines.normalize import stack_norm_params
+    from pipelines.patches import build_index
+    from pipelines.source import PatchSource
+    from stores.reader import Store
+
+    generated = store is None
+    path = data.generated_store(cache, stacks=stacks, shape_zyx=shape_zyx, seed=seed) if generated else Path(store)
+    st = Store(path)
+    ids = st.stack_ids
+    cuda = torch.cuda.is_available()
+    workers = workers or available_cores()
+    dtype = dtype or ("bf16" if cuda else "fp32")
+    default, skipped = default_loaders()
+    loaders = list(default if loaders is None else loaders)
+    patch_cfg, prep = PatchConfig(size=tuple(patch)), PreprocessConfig()
+    index = build_index(st, ids, patch_cfg)
+    norm, _ = stack_norm_params(st, ids, prep, train=True)
+    source = PatchSource(st, index, norm, train=True, raw_lz4=False, batch_size=batch, seed=seed,
+                         flip=prep.flip, jitter=prep.jitter)
+    n_epochs = warmup + segments
+    epochs = [_epoch_patches(source, e) for e in range(n_epochs)]
+    patch_nbytes = st.meta(ids[0]).shape[0] * int(np.prod(patch)) * np.dtype(st.meta(ids[0]).dtype).itemsize
+
+    # Byte ranges of every distinct patch, looked up once (untimed); patch numbers per epoch.
+    keys = sorted({(s, start) for epoch in epochs for s, start, _ in epoch})
+    number = {k: i for i, k in enumerate(keys)}
+    reads = [ceilings.patch_bytes(st, ids, s, tuple((a, a + n) for a, n in zip(start, patch))) for s, start in keys]
+    epoch_numbers = [[number[(s, start)] for s, start, _ in epoch] for epoch in epochs]
+    compressed_per_epoch = [sum(reads[i].nbytes for i in nums) for nums in epoch_numbers]
+
+    def counter():
+        state = iter(range(n_epochs))
+        return lambda: next(state)
+
+    gpu_source = PatchSource(st, index, norm, train=True, raw_lz4=True, batch_size=batch, seed=seed,
+                             flip=prep.flip, jitter=prep.jitter)
+    common = dict(cores=workers, store_path=path, stack_ids=ids)
+    pools = {kind: ceilings.CeilingPool(kind, patches=reads, **common) for kind in ("ram", "bytes", "decode")}
+    pools["source-bytes"] = ceilings.CeilingPool("source-bytes", source=gpu_source, **common)
+    try:
+        def segment_fn(kind):
+            epoch = counter()
+            if kind == "source-bytes":
+                return lambda: pools[kind].run([(e, i) for e in [epoch()] for i in range(len(gpu_source.plan(e)))]
+                                               * CEILING_REPEAT)
+            return lambda: pools[kind].run(ceilings.patch_tasks(epoch_numbers[epoch()] * CEILING_REPEAT, workers))
+        labels = {"ram": "ceiling (a) ram", "bytes": "ceiling (b) bytes", "decode": "ceiling (c) decode",
+                  "source-bytes": "gpu source (bytes only)"}
+        measured = measure_interleaved({labels[k]: segment_fn(k) for k in pools}, segments=segments,
+                                       warmup=warmup, tick=tick)
+        results: dict[str, dict[str, Any]] = {k: measured[labels[k]] for k in pools}
+    finally:
+        for pool in pools.values():
+            pool.close()
+    median_epoch_bytes = float(np.median(compressed_per_epoch[warmup:]))
+    results["bytes"]["compressed_gb_per_s"] = results["bytes"]["per_s"] * median_epoch_bytes / len(epochs[-1]) / 1e9
+
+    if naive:
+        results["naive-zarr"] = _bench_naive(st, ids, epochs, patch, norm, batch=batch, workers=workers,
+                                             prefetch=prefetch, dtype=dtype, segments=segments, warmup=warmup,
+                                             tick=tick)
+    sync = cuda_sync
+    for kind in loaders:
+        cfg = LoaderConfig(loader=kind, batch_size=batch, workers=workers, prefetch=prefetch, dtype=dtype, seed=seed)
+        device_id = 0 if kind == "dali" or (kind == "torch" and cuda) else None
+        loader = build_loader(st, ids, train=True, patch=patch_cfg, prep=prep, cfg=cfg, device_id=device_id)
+        try:
+            epoch = counter()
+            results[kind] = measure(lambda: sum(len(b) for b in loader.epoch(epoch())), label=f"loader {kind}",
+                                    segments=segments, warmup=warmup, sync=sync(), tick=tick)
+        finally:
+            loader.close()
+
+    for name, r in results.items():
+        r["gb_per_s"] = r["per_s"] * patch_nbytes / 1e9
+        if name in CEILING_OF:
+            ceiling = CEILING_OF[name]
+            r["ceiling"] = ceiling
+            r["ratio_to_ceiling"] = r["per_s"] / results[ceiling]["per_s"]
+            r["ratio_to_naive"] = r["per_s"] / results["naive-zarr"]["per_s"] if naive else None
+    out = {
+        "bench": "loader",
+        "store": data.store_description(path) | {"generated": generated},
+        "config": {"loaders": loaders, "skipped": skipped, "patch": list(patch), "batch": batch, "workers": workers,
+                   "prefetch": prefetch, "dtype": dtype, "segments": segments, "warmup": warmup, "seed": seed,
+                   "patches_per_segment": len(epochs[-1]), "patch_bytes": patch_nbytes,
+                   "cores_available": available_cores()},
+        "results": results,
+        "sanity": sanity(results),
+        "bars": bars(results, default_size=generated and tuple(patch) == (32, 256, 256) and not cuda),
+    }
+    if profile and "dali-cpu" not in skipped:
+        from .profile_loader import profile_dali_cpu
+        out["profile"] = profile_dali_cpu(st, ids, patch=tuple(patch), batch=batch, dtype=dtype, seed=seed)
+    return out
+
+
+def _bench_naive(st, ids, epochs, patch, norm, *, batch, workers, prefetch, dtype, segments, warmup, tick):
+    from .naive import ZarrPatchDataset, naive_loader
+    items = [item for epoch in epochs for item in epoch]
+    bounds = np.cumsum([0] + [len(e) for e in epochs])
+    dataset = ZarrPatchDataset([str(st.array_path(s)) for s in ids], items, patch, norm, dtype)
+    cuda = torch.cuda.is_available()
+    loader = naive_loader(dataset, batch_size=batch, workers=workers, prefetch=prefetch, pin_memory=cuda)
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    state = iter(range(len(epochs)))
+
+    def segment() -> int:
+        e = next(state)
+        loader.batch_sampler.range = (int(bounds[e]), int(bounds[e + 1]))
+        return sum(len(b.to(device, non_blocking=True)) for b in loader)
+
+    try:
+        return measure(segment, label="naive zarr-python", segments=segments, warmup=warmup, sync=cuda_sync(),
+                       tick=tick)
+    finally:
+        del loader  # persistent workers stop with their iterator
+
+
+def sanity(results: dict) -> dict[str, bool]:
+    """Checks any honest set of ceilings passes: (c) does (b)'s reads plus decoding, so it cannot be
+    faster per patch; a copy within RAM moves bytes at least as fast as reading them from files."""
+    return {"bytes_ge_decode_per_patch": results["bytes"]["per_s"] >= results["decode"]["per_s"],
+            "ram_ge_bytes_per_byte_moved": results["ram"]["gb_per_s"] >= results["bytes"]["compressed_gb_per_s"]}
+
+
+def bars(results: dict, *, default_size: bool) -> list[dict[str, Any]]:
+    """The issue's bars, evaluated on whatever this run measured (they are set for the CPU default)."""
+    out = []
+    for name, against, target in BARS:
+        value = results.get(name, {}).get("ratio_to_ceiling" if against == "ceiling" else "ratio_to_naive")
+        if value is None:
+            continue
+        what = CEILING_NAMES[CEILING_OF[name]] if against == "ceiling" else "naive zarr-python baseline"
+        out.append({"loader": name, "against": what, "target": target, "value": value, "met": value >= target,
+                    "applies": default_size})
+    return out
