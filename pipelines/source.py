@@ -16,6 +16,12 @@ shows each operator's cost); the parallel workers do it once, in numpy.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+
 import numpy as np
 
 from stores import chunks as store_chunks
@@ -24,6 +30,24 @@ from stores.reader import Store
 from .normalize import NormParams
 from .patches import PatchIndex
 from .plans import EpochPlan, eval_plan, train_plan
+
+_GUARDED_PID = None
+
+
+def exit_with_parent() -> None:
+    """In a worker process, ask Linux to end it when its parent dies (PR_SET_PDEATHSIG): a trainer
+    killed with -9 must not leave DALI workers behind holding its pipes. Once per process."""
+    global _GUARDED_PID
+    pid = os.getpid()
+    if _GUARDED_PID == pid:
+        return
+    _GUARDED_PID = pid
+    if sys.platform != "linux" or multiprocessing.parent_process() is None:
+        return  # the main process itself, or not Linux: nothing to do
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call above
+        os._exit(1)
+
 
 # Output order of the source (DALI's external_source takes them positionally).
 RAW_FIELDS = ("data", "offsets", "sizes", "chunk_shape")  # GPU mode: inflate on the device
@@ -72,6 +96,7 @@ class PatchSource:
 
     def __call__(self, info) -> tuple[list[np.ndarray], ...]:
         """DALI batch-mode callback: the batch `info.iteration` of epoch `epoch_offset + epoch_idx`."""
+        exit_with_parent()
         epoch = self.epoch_offset + info.epoch_idx
         rows, slots = self.plan(epoch).batch(info.iteration)
         if len(rows) == 0:

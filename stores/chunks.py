@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections import OrderedDict
 import sys
 import threading
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 from .errors import StoreError
 
 ABSENT = np.uint64(2**64 - 1)
+MAX_OPEN_SHARDS = 16  # per stack; the Store keeps at most MAX_OPEN_STACKS stacks open
 LZ4_HEADER = 4  # numcodecs.LZ4 prefixes each raw LZ4 block with its uncompressed size (u32 LE)
 
 
@@ -142,12 +144,12 @@ class ShardFiles:
         self.n_inner = int(np.prod(self.inner))
         self.chunk_grid = tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape))
         self.chunk_nbytes = int(np.prod(self.chunk_shape)) * itemsize
-        self._fds: dict[tuple, int | None] = {}
+        self._fds: OrderedDict[tuple, int | None] = OrderedDict()  # least recently used first
         self._indexes: dict[tuple, np.ndarray | None] = {}
 
     def __getstate__(self):  # file descriptors do not travel to worker processes
         state = dict(self.__dict__)
-        state["_fds"], state["_indexes"] = {}, {}
+        state["_fds"], state["_indexes"] = OrderedDict(), {}
         return state
 
     def close(self) -> None:
@@ -157,8 +159,19 @@ class ShardFiles:
         self._fds.clear()
         self._indexes.clear()
 
+    def trim(self) -> None:
+        """Close the least recently used shard files beyond MAX_OPEN_SHARDS (between reads, never
+        during one: a region's descriptors are all collected before they are read)."""
+        while len(self._fds) > MAX_OPEN_SHARDS:
+            old_key, old_fd = self._fds.popitem(last=False)
+            self._indexes.pop(old_key, None)
+            if old_fd is not None:
+                os.close(old_fd)
+
     def _shard(self, key: tuple) -> tuple[int | None, np.ndarray | None]:
-        if key not in self._fds:
+        if key in self._fds:
+            self._fds.move_to_end(key)
+        else:
             path = self.array_dir.joinpath("c", *map(str, key))
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -207,6 +220,7 @@ def gather(files: ShardFiles, box_zyx, *, codec: str, dtype: str, raw_lz4: bool)
     4-byte size header instead of stripping it. Absent and outside chunks all point at one stored
     zero chunk. (Per-chunk Python calls made this 5-10x slower than the reads: benchmarks/results.)
     """
+    files.trim()
     ranges = region_grid(box_zyx, files.chunk_shape[1:])
     grid = (files.shape[0], *(hi - lo for lo, hi in ranges))
     cidx = np.indices(grid).reshape(4, -1).T + np.array([0, *(lo for lo, _ in ranges)])

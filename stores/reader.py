@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from . import chunks as _chunks
 from .errors import StoreError
 from .layout import FORMAT_VERSION, GPU_CODECS, IMAGE, LEVEL0, STATS, StackMeta
 
+MAX_OPEN_STACKS = 32
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # ((z0, z1), (y0, y1), (x0, x1))
 
 
@@ -45,7 +47,7 @@ class Store:
             sid = entry["stack_id"]
             attrs = _read_json(self.path / sid / "zarr.json", f"{sid}/zarr.json")
             self._metas[sid] = StackMeta.from_dict(attrs["attributes"]["stacktrain"])
-        self._files: dict[str, _chunks.ShardFiles] = {}
+        self._files: OrderedDict[str, _chunks.ShardFiles] = OrderedDict()  # least recently used first
 
     # -- listing -------------------------------------------------------------------------------
     @property
@@ -82,7 +84,11 @@ class Store:
     # -- chunks --------------------------------------------------------------------------------
     def _shards(self, stack_id: str) -> _chunks.ShardFiles:
         files = self._files.get(stack_id)
-        if files is None:
+        if files is not None:
+            self._files.move_to_end(stack_id)
+        else:
+            if len(self._files) >= MAX_OPEN_STACKS:  # bound open files: at most 32 x 16 shards
+                self._files.popitem(last=False)[1].close()
             m = self.meta(stack_id)
             c = m.shape[0]
             files = _chunks.ShardFiles(self.array_path(stack_id), m.shape, (1, *m.chunk_zyx),
@@ -121,7 +127,7 @@ class Store:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"] = {}
+        state["_files"] = OrderedDict()
         return state
 
 

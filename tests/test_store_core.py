@@ -106,3 +106,18 @@ def test_slabs_of_any_depth_give_the_same_store(tmp_path):
         np.testing.assert_array_equal(Store(tmp_path / "a.zarr").stats("s")[k], Store(tmp_path / "b.zarr").stats("s")[k])
     assert a.percentiles == b.percentiles
     np.testing.assert_array_equal(Store(tmp_path / "a.zarr").read("s"), arr)
+
+
+def test_open_shard_files_stay_bounded(tmp_path, monkeypatch):
+    """Reading many shards keeps at most MAX_OPEN_SHARDS open, and regions spanning more still read right."""
+    monkeypatch.setattr(chunks, "MAX_OPEN_SHARDS", 2)
+    arr = tissue((3, 32, 96, 96), seed=6)
+    write_array(tmp_path / "s.zarr", "a", arr, chunk_zyx=(8, 16, 16), shard_zyx=(8, 16, 16))
+    store = Store(tmp_path / "s.zarr")
+    for z in range(0, 32, 8):
+        box = ((z, z + 8), (0, 96), (0, 96))  # 36 shards in one region
+        np.testing.assert_array_equal(store.read("a", box), arr[:, z:z + 8])
+    store.read("a", ((0, 8), (0, 16), (0, 16)))
+    assert len(store._shards("a")._fds) <= 36
+    store._shards("a").trim()
+    assert len(store._shards("a")._fds) == 2
