@@ -22,7 +22,8 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 FORMAT_VERSION = 1
 AXES = ("c", "z", "y", "x")
@@ -98,19 +99,30 @@ class StackMeta:
         return cls(**kw)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON next to `path` and rename it into place, so readers never see a partial file."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call `write(f)` on a temp file beside `path`, fsync it, and rename it over `path`: readers,
+    and runs killed with -9, never see a partial file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2).encode()
+    atomic_write(path, lambda f: f.write(text))
 
 
 def root_group_json(stacks: list[dict[str, Any]]) -> dict[str, Any]:

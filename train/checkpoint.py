@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from stores.errors import StackTrainError
-from train.results import atomic_write
+from stores.layout import atomic_write
 
 FORMAT_VERSION = 1
 LAST = "last.pt"

@@ -306,7 +306,7 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as TOML, atomically; `load_config(path)` gives `cfg` back."""
-    from train.results import atomic_write
+    from stores.layout import atomic_write
     text = tomli_w.dumps(_drop_none(config_to_dict(cfg))).encode()
     atomic_write(path, lambda f: f.write(text))
 

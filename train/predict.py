@@ -27,7 +27,7 @@ from stores.reader import Store
 from train import checkpoint as ckpts
 from train.config import config_from_dict
 from train.evaluator import THRESHOLD
-from train.results import atomic_write
+from stores.layout import atomic_write
 
 PATCH_FIELDS = ("stack_id", "z", "y", "x", "probability", "label")
 STACK_FIELDS = ("stack_id", "aggregated_probability", "predicted_label", "predicted_class", "label", "n_patches")

@@ -24,7 +24,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from train.results import RESULTS_NAME, atomic_write, load_results
+from stores.layout import atomic_write
+from train.results import RESULTS_NAME, load_results
 from train.stats import (LEVELS, METRIC_NAMES, METRICS, FoldPredictions, bootstrap, fold_predictions,
                          json_metrics, paired_bootstrap, percentile_ci)
 from train.study import RUN_RECORD, read_manifest

@@ -14,15 +14,14 @@ import importlib.metadata
 import json
 import os
 import platform
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from stores.errors import StackTrainError
+from stores.layout import atomic_write
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "training_results.json"
@@ -167,26 +166,6 @@ def record_epoch(results: dict[str, Any], entry: dict[str, Any], *, best_epoch: 
 
 
 # -- files -------------------------------------------------------------------------------------------
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call `write(f)` on a temp file beside `path`, fsync it, and rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_results(path: str | Path, results: dict[str, Any]) -> None:
     """Validate and atomically (re)write the results file; no NaN/inf (they are not JSON)."""
     validate_results(results, str(path))
