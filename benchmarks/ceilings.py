@@ -41,7 +41,7 @@ class PatchBytes:
 
 def patch_bytes(store, stack_ids, stack: int, box) -> PatchBytes:
     """Look up the byte ranges of every stored chunk covering `box` (absent chunks have none)."""
-    from stores.chunks import ABSENT, region_grid
+    from stacktrain.stores.chunks import ABSENT, region_grid
     sid = stack_ids[stack]
     files = store._shards(sid)
     cz, cy, cx = files.chunk_shape[1:]
@@ -79,7 +79,7 @@ _STATE = types.SimpleNamespace()
 
 
 def _init_worker(kind: str, store_path: str, stack_ids: list[str], patches, source) -> None:
-    from stores.reader import Store
+    from stacktrain.stores.reader import Store
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     st = _STATE
     st.kind, st.patches, st.source, st.fds = kind, patches, source, {}
@@ -129,7 +129,7 @@ def _work(task) -> int:
         elif st.kind == "bytes":
             _read(p)
         else:
-            from stores.chunks import chunk_decoder
+            from stacktrain.stores.chunks import chunk_decoder
             view, decompress = _read(p), chunk_decoder(st.codec)
             for k, (pos, size) in enumerate(p.chunks):
                 decompress(view[pos:pos + size], st.decoded[k])

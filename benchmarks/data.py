@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from stacktrain.testing import tissue, write_store
+
 DEFAULT_STACKS = 4
 DEFAULT_SHAPE_ZYX = (64, 512, 512)  # 8 patch-aligned 32x256x256 patches per stack
-GENERATOR_VERSION = 1  # bump when the texture changes: cached stores are keyed by it
+GENERATOR_VERSION = 2  # bump when the texture changes: cached stores are keyed by it
 
 
 def default_cache() -> Path:
@@ -41,26 +43,12 @@ def generator_name() -> str:
 def tissue_volume(index: int, shape_zyx, seed: int = 0) -> np.ndarray:
     """One (3, Z, Y, X) uint8 tissue-like stack, deterministic in (index, shape, seed)."""
     if _synth_available():
-        from stores.synth import SynthStack
+        from stacktrain.stores.synth import SynthStack
         # synth makes stack 1 uint16 (its one OME-TIFF case); the benchmarks want uint8 throughout.
         stack = SynthStack(index=index if index == 0 else index + 1, seed=seed, shape_zyx=tuple(shape_zyx),
                            label="MALADE" if index % 2 else "SAIN", group=f"bench{index}")
         return stack.volume()
-    return _numpy_tissue(index, shape_zyx, seed)
-
-
-def _numpy_tissue(index: int, shape_zyx, seed: int) -> np.ndarray:
-    """Smooth structure + noise + an empty background region, uint8 (compresses like synth's)."""
-    rng = np.random.default_rng((seed, index))
-    z, y, x = shape_zyx
-    zz, yy, xx = np.meshgrid(np.linspace(0, 3, z), np.linspace(0, 5, y), np.linspace(0, 5, x), indexing="ij",
-                             sparse=True)
-    out = np.empty((3, z, y, x), np.uint8)
-    for ch in range(3):
-        smooth = 0.5 + 0.25 * np.sin(zz + ch + index) * np.cos(yy * (1 + ch / 3)) + 0.2 * np.sin(xx * 1.7 + ch)
-        out[ch] = np.clip((smooth + rng.normal(0, 0.04, (z, y, x))) * 204, 1, 255).astype(np.uint8)
-    out[:, :, : y // 3, : x // 3] = 0
-    return out
+    return tissue((3, *shape_zyx), seed=seed + 1000 * index)
 
 
 def generated_store(cache: Path | None = None, *, stacks: int = DEFAULT_STACKS, shape_zyx=DEFAULT_SHAPE_ZYX,
@@ -70,7 +58,7 @@ def generated_store(cache: Path | None = None, *, stacks: int = DEFAULT_STACKS, 
     Written under a unique staging name and renamed into place, so concurrent runs (pytest -n 2)
     never see a partial store; the loser of a race keeps the winner's copy.
     """
-    from stores import layout, writer
+    from stacktrain.stores import layout
 
     cache = Path(cache or default_cache())
     chunk_zyx = tuple(chunk_zyx or layout.DEFAULT_CHUNK_ZYX)
@@ -83,17 +71,9 @@ def generated_store(cache: Path | None = None, *, stacks: int = DEFAULT_STACKS, 
     cache.mkdir(parents=True, exist_ok=True)
     staging = cache / f".{name}.{uuid.uuid4().hex[:8]}"
     try:
-        writer.init_store(staging)
-        metas = []
-        for i in range(stacks):
-            vol = tissue_volume(i, shape_zyx, seed)
-            depth = shard_zyx[0]
-            metas.append(writer.write_stack(
-                staging, stack_id=f"gen{i:02d}", label="MALADE" if i % 2 else "SAIN", group=f"g{i:02d}",
-                source=f"generated:{generator_name()}:{i}", source_sha256=hashlib.sha256(vol.tobytes()).hexdigest(),
-                shape=vol.shape, dtype="uint8", codec=codec, chunk_zyx=chunk_zyx, shard_zyx=shard_zyx,
-                slabs=((z0, vol[:, z0:z0 + depth]) for z0 in range(0, vol.shape[1], depth))))
-        writer.register(staging, metas)
+        write_store(staging, {f"gen{i:02d}": (tissue_volume(i, shape_zyx, seed), "MALADE" if i % 2 else "SAIN",
+                                              f"g{i:02d}") for i in range(stacks)},
+                    codec=codec, chunk_zyx=chunk_zyx, shard_zyx=shard_zyx)
         try:
             os.rename(staging, path)
         except OSError:  # another run finished first: use its store
@@ -106,7 +86,7 @@ def generated_store(cache: Path | None = None, *, stacks: int = DEFAULT_STACKS, 
 
 def store_description(path: Path) -> dict:
     """Stacks, shape, codec and on-disk size of a store, for the results."""
-    from stores.reader import Store
+    from stacktrain.stores.reader import Store
     store = Store(path)
     metas = store.stacks
     raw = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in metas)

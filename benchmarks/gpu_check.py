@@ -20,7 +20,6 @@ Without MONAI the model is benchmarks/resnet3d.py's torch-only ResNet3D-50 (same
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ TOLERANCE = {"fp16": 1e-3, "bf16": 8e-3, "fp32": 1e-5}  # relative+absolute, one
 
 def skip_reason(kinds: list[str]) -> str | None:
     """Why this machine cannot run the check at all, or None. CUDA without DALI still runs the benches."""
-    from pipelines.loaders import dali_available
+    from stacktrain.pipelines.loaders import dali_available
     if "dali" in kinds and not torch.cuda.is_available():
         return "no CUDA device"
     if any(k.startswith("dali") for k in kinds) and not dali_available() and not torch.cuda.is_available():
@@ -44,36 +43,9 @@ def skip_reason(kinds: list[str]) -> str | None:
     return None
 
 
-def tissue_like(shape_czyx, seed: int) -> np.ndarray:
-    """Smooth structure + noise + an empty corner, uint8: compresses like real tissue."""
-    rng = np.random.default_rng(seed)
-    c, z, y, x = shape_czyx
-    zz, yy, xx = np.meshgrid(np.linspace(0, 3, z), np.linspace(0, 5, y), np.linspace(0, 5, x), indexing="ij",
-                             sparse=True)
-    out = np.empty(shape_czyx, np.uint8)
-    for ch in range(c):
-        smooth = 0.5 + 0.25 * np.sin(zz + ch) * np.cos(yy * (1 + ch / 3)) + 0.2 * np.sin(xx * 1.7 + ch)
-        out[ch] = np.clip((smooth + rng.normal(0, 0.05, (z, y, x))) * 204, 0, 255).astype(np.uint8)
-    out[:, :, : y // 3, : x // 3] = 0
-    return out
-
-
-def build_store(path: Path, n_stacks: int, shape_czyx) -> None:
-    from stores import writer
-    writer.init_store(path)
-    metas = []
-    for i in range(n_stacks):
-        arr = tissue_like(shape_czyx, seed=i)
-        metas.append(writer.write_stack(
-            path, stack_id=f"gen{i}", label="MALADE" if i % 2 else "SAIN", group=f"g{i}",
-            source="generated", source_sha256=hashlib.sha256(arr.tobytes()).hexdigest(), shape=arr.shape,
-            dtype="uint8", slabs=((z0, arr[:, z0:z0 + 32]) for z0 in range(0, arr.shape[1], 32)), codec="lz4"))
-    writer.register(path, metas)
-
-
 def make_loader(store, kind: str, args, *, train: bool):
-    from pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
-    from pipelines.loaders import build_loader
+    from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
+    from stacktrain.pipelines.loaders import build_loader
     aug = dict(flip=(True, True, True), jitter=8) if train else dict(flip=(False, False, False), jitter=0)
     return build_loader(store, store.stack_ids, train=train,
                         patch=PatchConfig(size=tuple(args.patch), stride=tuple(args.stride), edge="fit"),
@@ -86,7 +58,7 @@ def make_loader(store, kind: str, args, *, train: bool):
 def check_equal(store, args, *, train: bool) -> dict:
     """One epoch from each loader, batch by batch in lockstep: images within the cast's tolerance,
     side outputs exact."""
-    from pipelines import graph
+    from stacktrain.pipelines import graph
     graph.CHECK_INFLATE = True  # let nvCOMP validate output sizes (it syncs; fine for a check)
     ref_loader = make_loader(store, args.reference, args, train=train)
     cand_loader = make_loader(store, args.candidate, args, train=train)
@@ -167,7 +139,8 @@ def parse_args(argv):
 
 def run_benches(args, report: dict, *, has_dali: bool) -> None:
     """The benchmarks at true size, each one isolated: a failure is recorded and the next one runs."""
-    from stores.layout import atomic_write_json
+    from stacktrain.io import atomic_write_json
+
     from .loader_bench import bench_loader
     from .model_bench import bench_model
     from .train_bench import bench_train
@@ -224,9 +197,10 @@ def main(argv=None) -> int:
     if reason:
         print(f"skipped: {reason}; run this on a CUDA machine with DALI installed")
         return 0
-    from pipelines.loaders import dali_available
-    from stores.layout import atomic_write_json
-    from stores.reader import Store
+    from stacktrain.io import atomic_write_json
+    from stacktrain.pipelines.loaders import dali_available
+    from stacktrain.stores.reader import Store
+    from stacktrain.testing import tissue, write_store
     has_dali = dali_available()
     report = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -235,7 +209,8 @@ def main(argv=None) -> int:
     if has_dali:
         with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
             t0 = time.perf_counter()
-            build_store(Path(tmp) / "gen.zarr", args.stacks, tuple(args.shape))
+            write_store(Path(tmp) / "gen.zarr", {f"gen{i}": (tissue(tuple(args.shape), seed=i), "MALADE" if i % 2 else "SAIN",
+                                                          f"g{i}") for i in range(args.stacks)})
             report["store_write_s"] = time.perf_counter() - t0
             store = Store(Path(tmp) / "gen.zarr")
             report["eval_no_aug"] = check_equal(store, args, train=False)

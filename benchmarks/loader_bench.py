@@ -29,7 +29,7 @@ CEILING_REPEAT = 4  # ceilings run 10-30x faster than loaders: each segment read
 
 def default_loaders() -> tuple[list[str], dict[str, str]]:
     """The loaders this machine can run, and why the others are left out."""
-    from pipelines.loaders import dali_available
+    from stacktrain.pipelines.loaders import dali_available
     skipped = {}
     if not dali_available():
         skipped["dali"] = skipped["dali-cpu"] = "NVIDIA DALI does not import"
@@ -53,12 +53,12 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
                  batch: int = 8, workers: int | None = None, prefetch: int = 2, dtype: str | None = None,
                  segments: int = 5, warmup: int = 1, seed: int = 0, profile: bool = False, naive: bool = True,
                  tick: Tick = no_tick) -> dict[str, Any]:
-    from pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
-    from pipelines.loaders import build_loader
-    from pipelines.normalize import stack_norm_params
-    from pipelines.patches import build_index
-    from pipelines.source import PatchSource
-    from stores.reader import Store
+    from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
+    from stacktrain.pipelines.loaders import build_loader
+    from stacktrain.pipelines.normalize import stack_norm_params
+    from stacktrain.pipelines.patches import build_index
+    from stacktrain.pipelines.source import PatchSource
+    from stacktrain.stores.reader import Store
 
     generated = store is None
     path = data.generated_store(cache, stacks=stacks, shape_zyx=shape_zyx, seed=seed) if generated else Path(store)
@@ -171,7 +171,7 @@ def _bench_naive(st, ids, epochs, patch, norm, *, batch, workers, prefetch, dtyp
         return measure(segment, label="naive zarr-python", segments=segments, warmup=warmup, sync=cuda_sync(),
                        tick=tick)
     finally:
-        del loader  # persistent workers stop with their iterator
+        loader = None  # noqa: F841 (persistent workers stop with their iterator)
 
 
 def sanity(results: dict) -> dict[str, bool]:

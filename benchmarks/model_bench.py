@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from stores.errors import InputError
+from stacktrain.errors import InputError
 
 from .measure import Tick, cuda_sync, measure, no_tick
 
@@ -37,7 +37,7 @@ def model_api() -> SimpleNamespace:
         return SimpleNamespace(models=["resnet3d50"], check=check, source="benchmarks.resnet3d (MONAI missing)",
                                build=lambda name, tiny=False, options=None: resnet3d.ResNet3D50(),
                                card=lambda name, patch, tiny=False, options=None, batch=64: resnet3d.card(patch, batch))
-    from train import models
+    from stacktrain.train import models
     return SimpleNamespace(models=list(models.MODELS), check=models.check_model, source="train.models (MONAI)",
                            build=lambda name, tiny=False, options=None: models.build_model(name, tiny=tiny, options=options),
                            card=models.model_card)

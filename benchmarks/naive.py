@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipelines.contract import DTYPES
+from stacktrain.pipelines.contract import DTYPES
 
 
 class ZarrPatchDataset(Dataset):

@@ -18,7 +18,6 @@ import warnings
 from typing import Any
 
 
-
 def _cpu_ms(fn, repeat: int) -> float:
     fn()  # warm
     start = time.process_time()
@@ -29,8 +28,8 @@ def _cpu_ms(fn, repeat: int) -> float:
 
 def worker_side(source, epoch: int, batches: int) -> dict[str, Any]:
     """Per-patch CPU cost of what DALI's parallel workers run, split by function, plus cProfile's top."""
-    from pipelines.source import finished_patch
-    from stores import chunks
+    from stacktrain.pipelines.source import finished_patch
+    from stacktrain.stores import chunks
     keys = []
     for i in range(batches):
         rows, slots = source.plan(epoch).batch(i)
@@ -71,9 +70,11 @@ def _top(profiler: cProfile.Profile, patches: int, n: int = 8) -> list[dict[str,
 
 def dali_side(source, epoch: int, *, patch_cdhw, dtype: str, clip: bool, repeat: int = 3) -> dict[str, float]:
     """Cumulative CPU cost of the DALI graph on one thread, operator group by operator group."""
-    from nvidia.dali import fn, pipeline_def, types as dtypes
+    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import types as dtypes
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
-    from pipelines import graph
+
+    from stacktrain.pipelines import graph
 
     batch = source(types.SimpleNamespace(epoch_idx=epoch - source.epoch_offset, iteration=0))
     n = len(batch[0])
@@ -116,10 +117,10 @@ def dali_side(source, epoch: int, *, patch_cdhw, dtype: str, clip: bool, repeat:
 
 
 def profile_dali_cpu(store, stack_ids, *, patch, batch: int, dtype: str, seed: int) -> dict[str, Any]:
-    from pipelines.config import PatchConfig, PreprocessConfig
-    from pipelines.normalize import stack_norm_params
-    from pipelines.patches import build_index
-    from pipelines.source import PatchSource
+    from stacktrain.pipelines.config import PatchConfig, PreprocessConfig
+    from stacktrain.pipelines.normalize import stack_norm_params
+    from stacktrain.pipelines.patches import build_index
+    from stacktrain.pipelines.source import PatchSource
     prep = PreprocessConfig()
     index = build_index(store, stack_ids, PatchConfig(size=tuple(patch)))
     norm, clip = stack_norm_params(store, stack_ids, prep, train=True)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from stacktrain import ui
+from stacktrain.io import atomic_write_text
 
 from .measure import Tick, machine, no_tick
 
@@ -105,10 +106,9 @@ def train_tables(r: dict) -> list[Table]:
 TABLES = {"loader": loader_tables, "store": store_tables, "model": model_tables, "train": train_tables}
 
 
-def print_tables(result: dict) -> None:
-    from rich.console import Console
+def print_tables(result: dict, *, stderr: bool = False) -> None:
     from rich.table import Table as RichTable
-    console = Console()
+    console = ui.console(stderr=stderr)
     for title, headers, rows in TABLES[result["bench"]](result):
         table = RichTable(title=title, title_justify="left")
         for i, h in enumerate(headers):
@@ -135,19 +135,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, obj: Any) -> None:
-    from stores.layout import atomic_write_json
+    from stacktrain.io import atomic_write_json
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, obj)
@@ -165,7 +154,7 @@ def record(result: dict, results_dir: Path | None = None) -> Path:
     current["machine"] = info
     current["benches"][result["bench"]] = result
     write_json(path, current)
-    _atomic_text(path.with_suffix(".md"), markdown(current))
+    atomic_write_text(path.with_suffix(".md"), markdown(current))
     return path
 
 
@@ -175,10 +164,7 @@ def progress(enabled: bool, steps_per_label: int):
     if not enabled:
         yield no_tick
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TimeElapsedColumn())
-    with Progress(*columns) as bar:
+    with ui.count_bar("rate") as bar:
         tasks: dict[str, int] = {}
 
         def tick(label: str, rate: float | None) -> None:

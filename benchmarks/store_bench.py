@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from stacktrain.io import atomic_write
+
 from . import data
 from .measure import Tick, measure_interleaved, no_tick
 
@@ -51,10 +53,8 @@ def cached_volume(cache: Path, shape_zyx, seed: int) -> np.ndarray:
     path = cache / f"vol-{data.generator_name()}{data.GENERATOR_VERSION}-{'x'.join(map(str, shape_zyx))}-{seed}.npy"
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, data.tissue_volume(0, shape_zyx, seed))
-        os.replace(tmp, path)
+        volume = data.tissue_volume(0, shape_zyx, seed)
+        atomic_write(path, lambda f: np.save(f, volume))
     return np.load(path, mmap_mode="r")
 
 
@@ -99,7 +99,7 @@ def random_boxes(shape_zyx, patch, n: int, *, aligned: bool, seed: int) -> list[
 
 def read_patch(files, box, codec: str) -> np.ndarray:
     """The CPU read path of the loaders, on one ShardFiles: bytes, decode, reassemble, crop."""
-    from stores import chunks
+    from stacktrain.stores import chunks
     region = chunks.gather(files, box, codec=codec, dtype="uint8", raw_lz4=False)
     vox = chunks.reassemble(chunks.decode(region), region.grid)
     sl = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, region.origin_zyx))
@@ -110,7 +110,8 @@ def bench_store(*, cache: Path | None = None, shape_zyx=data.DEFAULT_SHAPE_ZYX, 
                 layouts=LAYOUTS, codecs=CODECS, patches: int = 8, segments: int = 5, warmup: int = 1,
                 seed: int = 0, tick: Tick = no_tick) -> dict[str, Any]:
     import numcodecs.blosc
-    from stores import chunks
+
+    from stacktrain.stores import chunks
 
     numcodecs.blosc.use_threads = False  # one core for every codec
     cache = Path(cache or data.default_cache())

@@ -44,9 +44,9 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
                 tiny: bool | None = None, patch=None, stride=None, batch: int | None = None,
                 precision: str | None = None, workers: int | None = None, prefetch: int = 2, segments: int = 5,
                 warmup: int = 1, steps_per_segment: int | None = None, seed: int = 0, tick: Tick = no_tick) -> dict[str, Any]:
-    from pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
-    from pipelines.loaders import build_loader, resolve_loader
-    from stores.reader import Store
+    from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
+    from stacktrain.pipelines.loaders import build_loader, resolve_loader
+    from stacktrain.stores.reader import Store
 
     cuda = torch.cuda.is_available()
     d = defaults(cuda)

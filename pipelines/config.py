@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-LOADERS = ("auto", "dali", "dali-cpu", "torch")
-EDGE_POLICIES = ("fit", "drop", "pad")
-NORMALIZATIONS = ("scale", "meanstd", "percentile")
+from stacktrain.choices import EdgePolicy, LoaderKind, Normalization, OutDtype
+from stacktrain.config import check_choices, require
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -19,17 +18,18 @@ class PatchConfig:
     """Patch depth, height, width in voxels (z, y, x)."""
     stride: tuple[int, int, int] | None = None
     """Grid step (z, y, x); None means the patch size (no overlap)."""
-    edge: str = "fit"
+    edge: EdgePolicy = "fit"
     """fit: shift the last patch back so the stack is covered; drop: leave the rest; pad: zero-pad."""
     foreground_min: float = 0.0
     """Skip patches whose stored foreground fraction is below this (0 keeps all; reads no voxels)."""
 
     def __post_init__(self):
+        check_choices(self, "patch")
         object.__setattr__(self, "size", tuple(self.size))
         if self.stride is not None:
             object.__setattr__(self, "stride", tuple(self.stride))
-        if self.edge not in EDGE_POLICIES:
-            raise ValueError(f"patch.edge = {self.edge!r}; choose one of {', '.join(EDGE_POLICIES)}")
+        require(all(n >= 1 for n in self.size), "patch.size", self.size, "every size must be at least 1")
+        require(all(n >= 1 for n in self.step), "patch.stride", self.stride, "every step must be at least 1")
 
     @property
     def step(self) -> tuple[int, int, int]:
@@ -38,7 +38,7 @@ class PatchConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PreprocessConfig:
-    normalize: str = "scale"
+    normalize: Normalization = "scale"
     """scale: divide by the dtype's max to [0, 1]; meanstd: per-channel (x - mean) / std;
     percentile: clip each stack to its stored [low, high] percentiles per channel, then to [0, 1]."""
     mean: tuple[float, ...] | None = None
@@ -55,15 +55,16 @@ class PreprocessConfig:
     """Random shift of the training crop by up to this many voxels per axis, inside the stack."""
 
     def __post_init__(self):
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"preprocess.normalize = {self.normalize!r}; choose one of "
-                             f"{', '.join(NORMALIZATIONS)}")
+        check_choices(self, "preprocess")
         object.__setattr__(self, "flip", tuple(self.flip))
+        require(self.jitter >= 0, "preprocess.jitter", self.jitter, "give 0 (off) or a positive shift in voxels")
+        require(self.percentile_low < self.percentile_high, "preprocess.percentile_low", self.percentile_low,
+                f"must be below preprocess.percentile_high ({self.percentile_high})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoaderConfig:
-    loader: str = "auto"
+    loader: LoaderKind = "auto"
     """dali (GPU decode), dali-cpu (same graph on the CPU), torch (reference DataLoader), auto (dali
     when a GPU and DALI are present, else dali-cpu, else torch)."""
     batch_size: int = 64
@@ -72,7 +73,7 @@ class LoaderConfig:
     """Worker processes reading chunk bytes (and decompressing them in CPU modes)."""
     prefetch: int = 2
     """Batches prepared ahead of the model."""
-    dtype: str = "bf16"
+    dtype: OutDtype = "bf16"
     """Image dtype delivered: bf16, fp16 or fp32 (fp32 is what CPU training uses)."""
     channels_last: bool = False
     """Deliver images in torch.channels_last_3d memory format."""
@@ -82,7 +83,7 @@ class LoaderConfig:
     """Seed of the per-epoch shuffle and augmentation; epoch e uses (seed, e)."""
 
     def __post_init__(self):
-        if self.loader not in LOADERS:
-            raise ValueError(f"loader.loader = {self.loader!r}; choose one of {', '.join(LOADERS)}")
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"loader.dtype = {self.dtype!r}; choose bf16, fp16 or fp32")
+        check_choices(self, "loader")
+        require(self.batch_size >= 1, "loader.batch_size", self.batch_size, "give at least 1")
+        require(self.workers >= 0, "loader.workers", self.workers, "give 0 (read in this process) or more")
+        require(self.prefetch >= 1, "loader.prefetch", self.prefetch, "give at least 1 batch")

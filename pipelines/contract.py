@@ -16,13 +16,11 @@ import dataclasses
 
 import torch
 
-from stores.errors import StackTrainError
+from stacktrain.errors import BatchContractError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class BatchContractError(StackTrainError, TypeError):
-    """A loader delivered something other than the documented batch."""
 
 
 @dataclasses.dataclass

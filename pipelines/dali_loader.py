@@ -15,9 +15,9 @@ import torch
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from .base import PatchLoader
 from .contract import Batch
 from .graph import OUTPUT_MAP, build_pipeline
-from .loaders import PatchLoader
 
 
 class DaliLoader(PatchLoader):

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 
-from nvidia.dali import fn, pipeline_def, types
 import nvidia.dali.math as dmath
+from nvidia.dali import fn, pipeline_def, types
 
-from stores.chunks import REASSEMBLE_PERM
+from stacktrain.stores.chunks import REASSEMBLE_PERM
 
 from .source import PatchSource
 

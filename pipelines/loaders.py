@@ -12,66 +12,22 @@ DataLoader; "auto" picks dali when CUDA and DALI are present, else dali-cpu, els
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import torch
 
-from stores.layout import GPU_CODECS
-from stores.reader import Store
+from stacktrain.choices import LoaderKind, options
+from stacktrain.errors import PipelineError
+from stacktrain.stores.layout import GPU_CODECS
+from stacktrain.stores.reader import Store
 
-from .config import LOADERS, LoaderConfig, PatchConfig, PreprocessConfig
-from .contract import DTYPES, Batch, BatchSpec, check_batch
-from .errors import PipelineError
+from .base import PatchLoader
+from .config import LoaderConfig, PatchConfig, PreprocessConfig
+from .contract import DTYPES, BatchSpec
 from .normalize import channel_mean_std, stack_norm_params
-from .patches import PatchIndex, build_index
+from .patches import build_index
 from .source import PatchSource
 
 __all__ = ["PatchLoader", "build_loader", "channel_mean_std", "resolve_loader"]
-
-
-class PatchLoader:
-    """What the trainer iterates. Subclasses provide `_batches(epoch)`; this class checks and finishes them."""
-
-    kind: str  # resolved loader: "dali" | "dali-cpu" | "torch"
-
-    def __init__(self, *, stack_ids: list[str], index: PatchIndex, spec: BatchSpec, source: PatchSource,
-                 cfg: LoaderConfig):
-        self.stack_ids = list(stack_ids)  # Batch.stack_index indexes into this
-        self.index = index  # all patches of these stacks, before rank sharding
-        self.spec = spec
-        self.source = source
-        self.cfg = cfg
-        self._n_batches = len(source.plan(0))  # raises now if a train epoch cannot fill one batch
-
-    def __len__(self) -> int:
-        """Batches per epoch for this rank."""
-        return self._n_batches
-
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of `epoch`, deterministic from (cfg.seed, epoch); each is checked against `spec`."""
-        if epoch < 0:
-            raise PipelineError(f"epoch {epoch}: epochs count from 0")
-        for batch in self._batches(epoch):
-            images = batch.images
-            if images.dtype != self.spec.dtype:  # bf16: DALI has none, it delivers fp32
-                images = images.to(self.spec.dtype)
-            if self.cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last_3d)
-            batch.images = images
-            check_batch(batch, self.spec)
-            yield batch
-
-    def _batches(self, epoch: int) -> Iterator[Batch]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Stop worker processes; the loader cannot be used afterwards."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def dali_available() -> bool:
@@ -84,8 +40,9 @@ def dali_available() -> bool:
 
 def resolve_loader(name: str) -> str:
     """The loader that `name` means on this machine; raise PipelineError for an impossible choice."""
-    if name not in LOADERS:
-        raise PipelineError(f"loader.loader = {name!r} is not a loader; choose one of {', '.join(LOADERS)}")
+    if name not in options(LoaderKind):
+        raise PipelineError(f"loader.loader = {name!r} is not a loader; choose one of "
+                            f"{', '.join(options(LoaderKind))}")
     has_cuda, has_dali = torch.cuda.is_available(), dali_available()
     if name == "auto":
         return "dali" if has_cuda and has_dali else "dali-cpu" if has_dali else "torch"

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from stores.layout import PERCENTILES
-from stores.reader import Store
+from stacktrain.errors import PipelineError
+from stacktrain.stores.layout import PERCENTILES
+from stacktrain.stores.reader import Store
 
 from .config import PreprocessConfig
-from .errors import PipelineError
 
 NormParams = tuple[np.ndarray, np.ndarray]  # lo, mul: float32 (C, 1, 1, 1)
 

@@ -12,10 +12,10 @@ import dataclasses
 
 import numpy as np
 
-from stores.reader import Store
+from stacktrain.errors import PipelineError
+from stacktrain.stores.reader import Store
 
 from .config import PatchConfig
-from .errors import PipelineError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from .errors import PipelineError
+from stacktrain.errors import PipelineError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,8 @@ import sys
 
 import numpy as np
 
-from stores import chunks as store_chunks
-from stores.reader import Store
+from stacktrain.stores import chunks as store_chunks
+from stacktrain.stores.reader import Store
 
 from .normalize import NormParams
 from .patches import PatchIndex

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stores.chunks import reassemble
+from stacktrain.stores.chunks import reassemble
 
+from .base import PatchLoader
 from .contract import DTYPES, Batch
-from .loaders import PatchLoader
 from .normalize import apply_numpy
 from .source import PatchSource
 

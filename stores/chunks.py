@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections import OrderedDict
 import sys
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import lz4.block
@@ -24,7 +24,7 @@ import numcodecs.lz4
 import numcodecs.zstd
 import numpy as np
 
-from .errors import StoreError
+from stacktrain.errors import StoreError
 
 ABSENT = np.uint64(2**64 - 1)
 MAX_OPEN_SHARDS = 16  # per stack; the Store keeps at most MAX_OPEN_STACKS stacks open

@@ -26,69 +26,20 @@ from pathlib import Path
 
 import numpy as np
 
+from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
+
 from . import writer
-from .errors import InputError, StackTrainError, StoreError
-from .layout import (CODECS, DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX, STAGING,
-                     STATS_CELL_ZYX, StackMeta)
+from .layout import (
+    STAGING,
+    StackMeta,
+)
 from .manifest import ManifestRow, read_manifest
+from .options import ConvertOptions
 from .sources import RawSource, open_source, source_sha256
 
-SCALES = ("none", "minmax", "clip")
 KEPT_DTYPES = ("uint8", "uint16")
 CHANNELS = 3
-DEFAULT_MIN_PATCH_ZYX = (32, 256, 256)
 LOCK_NAME = "convert.lock"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ConvertOptions:
-    """How `convert` turns raw stacks into stored ones (the CLI options of `stacktrain convert`)."""
-
-    codec: str = "lz4"
-    """lz4: numcodecs LZ4, inflatable on the GPU by DALI; zstd: core Zarr codec, portable, CPU only."""
-    workers: int = 1
-    """Stacks converted in parallel, one spawned process each (1 converts in this process). Scripts that
-    call convert with workers > 1 need the usual `if __name__ == "__main__":` guard."""
-    overwrite: bool = False
-    """Reconvert stacks already in the store instead of skipping (or refusing) them."""
-    axes: str | None = None
-    """Source axis order for manifest rows without an `axes` cell, e.g. 'zyxc'; None infers it."""
-    replicate_channels: bool = False
-    """Copy a single-channel source to the 3 stored channels (otherwise it is an error)."""
-    scale: str = "none"
-    """For dtypes other than uint8/uint16: minmax (per stack to 0..255) or clip (to 0..255) -> uint8."""
-    pad: bool = False
-    """Zero-pad stacks smaller than min_patch_zyx (at the end of each axis) instead of rejecting them."""
-    chunk_zyx: tuple[int, int, int] = DEFAULT_CHUNK_ZYX
-    """Chunk shape (one channel per chunk)."""
-    shard_zyx: tuple[int, int, int] = DEFAULT_SHARD_ZYX
-    """Shard shape (all channels); a multiple of the chunk shape."""
-    min_patch_zyx: tuple[int, int, int] = DEFAULT_MIN_PATCH_ZYX
-    """Smallest stack accepted: one training patch."""
-    foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD
-    """A voxel counts as foreground in the patch statistics when any channel is above this."""
-
-    def check(self) -> None:
-        """Raise InputError naming the first bad option."""
-        if self.codec not in CODECS:
-            raise InputError(f"--codec {self.codec!r}: choose one of {', '.join(CODECS)}")
-        if self.scale not in SCALES:
-            raise InputError(f"--scale {self.scale!r}: choose one of {', '.join(SCALES)}")
-        if self.workers < 1:
-            raise InputError(f"--workers {self.workers}: give at least 1")
-        if self.foreground_threshold < 0:
-            raise InputError(f"--foreground-threshold {self.foreground_threshold}: give 0 or more")
-        for name, zyx in (("chunk", self.chunk_zyx), ("shard", self.shard_zyx), ("min-patch", self.min_patch_zyx)):
-            if len(zyx) != 3 or any(int(n) != n or n < 1 for n in zyx):
-                raise InputError(f"--{name} {zyx}: give three positive integers Z Y X")
-        if any(s % c for s, c in zip(self.shard_zyx, self.chunk_zyx)):
-            raise InputError(f"--shard {self.shard_zyx} must be a multiple of --chunk {self.chunk_zyx} "
-                             "along every axis")
-
-    @property
-    def slab_depth(self) -> int:
-        """Slices written at once: whole shards and whole statistics cells, so no write is partial."""
-        return math.lcm(self.shard_zyx[0], STATS_CELL_ZYX[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +67,6 @@ class ConvertReport:
                 f"{self.count('failed')} failed of {len(self.outcomes)} stacks in {self.seconds:.1f} s ({rate})")
 
 
-class ConversionFailed(InputError):
-    """Some stacks could not be converted; the others are in the store. `.report` has the details."""
-
-    def __init__(self, message: str, report: ConvertReport):
-        super().__init__(message)
-        self.report = report
 
 
 class Progress:
@@ -283,7 +228,7 @@ def _convert_in_worker(index: int, row: ManifestRow, store: Path, opts: ConvertO
     return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
 
 
-def _run(rows, store, opts, progress: "Progress") -> Iterator[tuple[int, StackOutcome]]:
+def _run(rows, store, opts, progress: Progress) -> Iterator[tuple[int, StackOutcome]]:
     """(manifest index, outcome) as stacks finish; in this process or in `opts.workers` processes."""
     if opts.workers == 1 or len(rows) == 1:
         for i, row in enumerate(rows):
@@ -350,7 +295,6 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
             progress: Progress | None = None) -> ConvertReport:
     """Convert every stack of `manifest` into the store `out`; raise ConversionFailed if any failed.
     `progress` hears about every slab and stack (stores.cli.RichProgress draws the bar); default silent."""
-    options.check()
     rows = read_manifest(manifest, default_axes=options.axes)
     store = writer.init_store(out)
     progress = progress or Progress()

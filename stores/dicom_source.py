@@ -15,9 +15,9 @@ import numpy as np
 import pydicom
 from pydicom.pixels import iter_pixels
 
-from .errors import InputError
-from .readers import FrameReader, _all_or_none, _um, natural_key
-from .sources import is_dicom_file
+from stacktrain.errors import InputError
+
+from .readers import FrameReader, _all_or_none, _um, is_dicom_file, natural_key
 
 GEOMETRY = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PixelRepresentation")
 

@@ -17,13 +17,10 @@ STORE.zarr/
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
-import tempfile
-from pathlib import Path
-from collections.abc import Callable
-from typing import IO, Any
+from typing import Any
+
+from stacktrain.choices import Codec, options
 
 FORMAT_VERSION = 1
 AXES = ("c", "z", "y", "x")
@@ -41,7 +38,7 @@ DEFAULT_SHARD_ZYX = (32, 256, 256)
 STATS_CELL_ZYX = (8, 32, 32)
 DEFAULT_FOREGROUND_THRESHOLD = 0  # a voxel is foreground when any channel is above this value
 PERCENTILES = (0.5, 1.0, 99.0, 99.5)
-CODECS = ("lz4", "zstd")
+CODECS = options(Codec)
 GPU_CODECS = ("lz4",)
 LABELS = {"SAIN": 0, "MALADE": 1}
 CLASS_NAMES = ("SAIN", "MALADE")
@@ -92,37 +89,11 @@ class StackMeta:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "StackMeta":
+    def from_dict(cls, d: dict[str, Any]) -> StackMeta:
         tuples = {"shape", "chunk_zyx", "shard_zyx", "stats_cell_zyx", "spacing_zyx"}
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in fields}
         return cls(**kw)
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Call `write(f)` on a temp file beside `path`, fsync it, and rename it over `path`: readers,
-    and runs killed with -9, never see a partial file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2).encode()
-    atomic_write(path, lambda f: f.write(text))
 
 
 def root_group_json(stacks: list[dict[str, Any]]) -> dict[str, Any]:

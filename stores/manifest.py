@@ -11,7 +11,8 @@ import csv
 import dataclasses
 from pathlib import Path
 
-from .errors import InputError
+from stacktrain.errors import InputError
+
 from .layout import LABELS, check_stack_id
 
 REQUIRED_COLUMNS = ("path", "stack_id", "label", "group")

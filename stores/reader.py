@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from stacktrain.errors import StoreError
+
 from . import chunks as _chunks
-from .errors import StoreError
 from .layout import FORMAT_VERSION, GPU_CODECS, IMAGE, LEVEL0, STATS, StackMeta
 
 MAX_OPEN_STACKS = 32

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from stacktrain.errors import InputError
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
 # Physical units -> micrometers (OME and NIfTI spellings).
 UM_PER_UNIT = {"um": 1.0, "µm": 1.0, "\\u00B5m": 1.0, "micron": 1.0, "micrometer": 1.0, "nm": 1e-3,
                "nanometer": 1e-3, "mm": 1e3, "millimeter": 1e3, "cm": 1e4, "m": 1e6, "meter": 1e6}
@@ -351,3 +352,14 @@ class SliceFolderReader(FrameReader):
     def iter_frames(self, indices: range):
         for i in indices:
             yield read_slice(self.files[i], self.dtype)
+
+
+def is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False

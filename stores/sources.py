@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .readers import (SLICE_SUFFIXES, NiftiReader, NpyReader, NpzReader, SliceFolderReader,
-                      TiffReader)
+from stacktrain.errors import InputError
+
+from .readers import SLICE_SUFFIXES, NiftiReader, NpyReader, NpzReader, SliceFolderReader, TiffReader, is_dicom_file
 
 FORMATS = ("tiff", "slices", "nifti", "npy", "npz", "dicom")
-DICOM_SUFFIXES = (".dcm", ".dicom")
 AXES_HINT = "add an `axes` column to the manifest (or pass --axes), e.g. 'zyxc' or 'czyx'"
 
 
@@ -70,17 +69,6 @@ class RawSource:
                 yield z0, np.ascontiguousarray(slab, dtype=self.dtype)
         finally:
             blocks.close()
-
-
-def is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def detect_format(path: Path) -> str:

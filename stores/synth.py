@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import contextlib
 import functools
 import hashlib
 import io
@@ -25,7 +24,8 @@ from types import SimpleNamespace
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
+from stacktrain.errors import InputError
+from stacktrain.ui import byte_progress
 
 FORMATS = ("tiff", "ome-tiff", "png", "nifti", "npy", "dicom", "dicom-series")
 REGION_ZYX = (16, 32, 32)  # the demo's patch: lesions are placed per region of this size
@@ -253,7 +253,7 @@ def synth(out_dir: str | Path, *, stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     rows = []
-    with progress_bar(progress, sum(s.nbytes for s in items)) as advance:
+    with byte_progress(progress, "synth", sum(s.nbytes for s in items)) as advance:
         for item in items:
             name = write(item, staging)
             replace(staging / name, out_dir / name)
@@ -283,7 +283,7 @@ def _uid(item: SynthStack, role: str) -> str:
     return generate_uid(entropy_srcs=["stacktrain-synth", str(item.seed), item.stack_id, role])
 
 
-def _dicom(item: SynthStack, frames: np.ndarray, *, role: str, z: int | None) -> "pydicom.Dataset":
+def _dicom(item: SynthStack, frames: np.ndarray, *, role: str, z: int | None):
     """A Secondary Capture dataset (multi-frame when z is None) holding RGB frames (n, Y, X, 3)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
@@ -378,17 +378,3 @@ def replace(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
-@contextlib.contextmanager
-def progress_bar(enabled: bool, total_bytes: int):
-    """Yields advance(nbytes, description); a rich bar with MB/s and ETA when enabled."""
-    if not enabled:
-        yield lambda nbytes, description: None
-        return
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                               TransferSpeedColumn)
-
-    columns = (TextColumn("synth [bold]{task.description}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns) as bar:
-        task = bar.add_task("", total=total_bytes)
-        yield lambda nbytes, description: bar.update(task, advance=nbytes, description=description)

@@ -15,13 +15,28 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.codecs.numcodecs import LZ4
 
-from .errors import StoreError
+from stacktrain.errors import StoreError
+from stacktrain.io import atomic_write_json
+
+from .layout import (
+    CODECS,
+    DEFAULT_CHUNK_ZYX,
+    DEFAULT_FOREGROUND_THRESHOLD,
+    DEFAULT_SHARD_ZYX,
+    FORMAT_VERSION,
+    IMAGE,
+    LEVEL0,
+    PERCENTILES,
+    STAGING,
+    STATS,
+    STATS_CELL_ZYX,
+    StackMeta,
+    ome_multiscales,
+    root_group_json,
+)
 
 # We choose numcodecs' LZ4 on purpose (DALI's GPU inflate reads it); zarr's portability warning is noise.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
-from .layout import (CODECS, DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX,
-                     FORMAT_VERSION, IMAGE, LEVEL0, PERCENTILES, STAGING, STATS, STATS_CELL_ZYX,
-                     StackMeta, atomic_write_json, ome_multiscales, root_group_json)
 
 
 def init_store(path: str | Path) -> Path:

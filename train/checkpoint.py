@@ -20,16 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from stores.errors import StackTrainError
-from stores.layout import atomic_write
+from stacktrain.errors import CheckpointError
+from stacktrain.io import atomic_write
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"
 
 
-class CheckpointError(StackTrainError, ValueError):
-    """A checkpoint is missing, unreadable, or belongs to another model."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -18,30 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import tomllib
-import types
 import typing
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
-from stores.errors import StackTrainError
-
-SELECT_LEVELS = ("patch", "stack")
-AGGREGATES = ("mean", "max", "topk")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-class ConfigError(StackTrainError, ValueError):
-    """A config file, key or value is not valid; the message names it and lists what is."""
-
-
-def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{section}.{key} = {value!r}; choose one of {', '.join(choices)}")
+from stacktrain.choices import Aggregate, Device, Level, Precision
+from stacktrain.config import build, check_choices, is_text, parse_value, require, resolve_file, to_dict
+from stacktrain.errors import ConfigError
+from stacktrain.io import read_toml
+from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,8 +45,7 @@ class DataConfig:
     """Name of the split part evaluated every epoch (early stopping and best checkpoint)."""
 
     def __post_init__(self):
-        if self.fold < 0:
-            raise ValueError(f"data.fold = {self.fold}; folds are numbered from 0")
+        require(self.fold >= 0, "data.fold", self.fold, "folds are numbered from 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,7 +58,7 @@ class ModelConfig:
     """Extra keyword options of the builder, e.g. {stem_stride = 2} for the ResNets."""
 
     def __post_init__(self):
-        from train.models import check_model  # the registry is the one list of valid names
+        from stacktrain.train.models import check_model  # the registry is the one list of valid names
         check_model(self.name, self.options)
 
 
@@ -86,10 +72,10 @@ class OptimConfig:
     """BCEWithLogitsLoss pos_weight for MALADE patches; None weighs both classes equally."""
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr = {self.lr}; it must be > 0")
-        if self.pos_weight is not None and self.pos_weight <= 0:
-            raise ValueError(f"optim.pos_weight = {self.pos_weight}; it must be > 0 (or left out)")
+        require(self.lr > 0, "optim.lr", self.lr, "it must be > 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "it must be >= 0")
+        require(self.pos_weight is None or self.pos_weight > 0, "optim.pos_weight", self.pos_weight,
+                "it must be > 0 (or left out)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,15 +86,15 @@ class LoopConfig:
     """Stop after this many epochs without an improvement of the selection score."""
     min_delta: float = 1e-5
     """An epoch improves when its score exceeds the best by more than this."""
-    select_level: str = "patch"
+    select_level: Level = "patch"
     """Level (patch or stack) of the validation F1 of MALADE that drives early stopping and best.pt."""
-    aggregate: str = "mean"
+    aggregate: Aggregate = "mean"
     """Per-stack probability from its patches: mean, max or topk (mean of the `topk` highest)."""
     topk: int = 3
     """k of the topk aggregate (a stack with fewer patches uses all of them)."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """auto (bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU), bf16, fp16 or fp32."""
-    device: str = "auto"
+    device: Device = "auto"
     """auto (cuda when available), cpu or cuda."""
     compile: bool = False
     """Wrap the model in torch.compile."""
@@ -126,15 +112,10 @@ class LoopConfig:
     """Run directory name under out_dir; empty means `<model.name>-<YYYYmmdd-HHMMSS>`."""
 
     def __post_init__(self):
-        _choice("train", "select_level", self.select_level, SELECT_LEVELS)
-        _choice("train", "aggregate", self.aggregate, AGGREGATES)
-        _choice("train", "precision", self.precision, PRECISIONS)
-        _choice("train", "device", self.device, DEVICES)
+        check_choices(self, "train")
         for key in ("epochs", "patience", "topk", "log_interval"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key} = {getattr(self, key)}; it must be >= 1")
-        if self.min_delta < 0:
-            raise ValueError(f"train.min_delta = {self.min_delta}; it must be >= 0")
+            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "it must be >= 1")
+        require(self.min_delta >= 0, "train.min_delta", self.min_delta, "it must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,88 +139,13 @@ class TrainConfig:
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
 
 
-# -- type checking ---------------------------------------------------------------------------------
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (TOML types) and return it in the field's form."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() == "none" and type(None) in args):
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(_coerce(v, args[0], key) for v in value)
-            if len(value) == len(args):
-                return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    elif origin is dict or tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    else:
-        raise AssertionError(f"config field {key} has an unsupported annotation {tp!r}")
-    raise ConfigError(f"{key} = {value!r}: expected {_type_name(tp)}")
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_type_name(args[0])}"
-        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " (or left out)"
-    if origin is dict or tp is dict:
-        return "a table"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _build_section(name: str, cls: type, values: Any, where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: [{name}] must be a table, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"valid keys of [{name}]: {', '.join(valid)}")
-    kw = {k: _coerce(v, hints[k], f"{where}: {name}.{k}") for k, v in values.items()}
-    try:
-        return cls(**kw)
-    except ValueError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     """Build a TrainConfig from nested dicts (parsed TOML, a checkpoint's or results file's config)."""
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; "
                           f"valid sections: {', '.join(SECTIONS)}")
-    return TrainConfig(**{name: _build_section(name, SECTIONS[name], raw.get(name, {}), where)
-                          for name in SECTIONS})
-
-
-def _parse_value(text: str) -> Any:
-    """A TOML literal (1e-3, true, [16, 32, 32], "x"), or the text itself when it is not one."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+    return build(TrainConfig, raw, where)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -256,10 +162,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if key not in hints:
         raise ConfigError(f"override {override!r}: unknown key {section}.{key}; valid keys of "
                           f"[{section}]: {', '.join(f.name for f in dataclasses.fields(SECTIONS[section]))}")
-    value = _parse_value(text.strip())
-    tp = hints[key]
-    is_text = tp is str or (typing.get_origin(tp) is types.UnionType and str in typing.get_args(tp))
-    if is_text and not isinstance(value, str):
+    value = parse_value(text.strip())
+    if is_text(hints[key]) and not isinstance(value, str):
         value = text.strip()  # e.g. run_name=2024: a name, not a number
     table = raw.setdefault(section, {})
     if len(keys) > 2:  # model.options.key=value reaches into a dict field
@@ -273,16 +177,12 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML config (None: all defaults) and apply `section.key=value` overrides in order."""
-    where = str(path) if path is not None else "defaults"
+    """Read a TOML config or a packaged preset's name (None: all defaults) and apply `section.key=value` overrides in order."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found; presets are in train/presets/") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        path = resolve_file(path, "stacktrain.train", "config")
+        raw = read_toml(path, "config file")
+    where = str(path) if path is not None else "defaults"
     for override in overrides:
         apply_override(raw, override)
     return config_from_dict(raw, where)
@@ -291,13 +191,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 # -- writing ---------------------------------------------------------------------------------------
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """Nested plain dicts (tuples as lists, None kept): for JSON and checkpoints."""
-    def plain(v):
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(cfg))
+    return to_dict(cfg)
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -306,7 +200,7 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as TOML, atomically; `load_config(path)` gives `cfg` back."""
-    from stores.layout import atomic_write
+    from stacktrain.io import atomic_write
     text = tomli_w.dumps(_drop_none(config_to_dict(cfg))).encode()
     atomic_write(path, lambda f: f.write(text))
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipelines.loaders import PatchLoader, build_loader, channel_mean_std
-from stores.reader import Store
-from train.config import ConfigError, TrainConfig, require_data
-from train.runtime import Runtime
-from train.split import SplitError, check_split, load_split, split_parts
+from stacktrain.pipelines.loaders import PatchLoader, build_loader, channel_mean_std
+from stacktrain.stores.reader import Store
+from stacktrain.train.config import ConfigError, TrainConfig, require_data
+from stacktrain.train.runtime import Runtime
+from stacktrain.train.split import SplitError, check_split, load_split, split_parts
 
 
 def open_data(cfg: TrainConfig) -> tuple[Store, list[str], list[str]]:

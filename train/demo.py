@@ -61,10 +61,11 @@ def prepare_data(out: str | Path, *, stacks: int = DEMO_STACKS, shape_zyx=DEMO_S
                  console: Console | None = None) -> tuple[Path, Path]:
     """synth -> convert -> split under `out` (raw/, store.zarr, splits.json); returns (store, splits).
     Silent without a console. Reruns reuse the store: convert skips the unchanged stacks."""
-    from stores.cli import RichProgress
-    from stores.convert import ConvertOptions, convert
-    from stores.synth import synth
-    from train.split import make_splits, write_split
+    from stacktrain import ui
+    from stacktrain.stores.convert import convert
+    from stacktrain.stores.options import ConvertOptions
+    from stacktrain.stores.synth import synth
+    from stacktrain.train.split import make_splits, write_split
 
     out = Path(out)
     store, splits = out / "store.zarr", out / "splits.json"
@@ -74,7 +75,7 @@ def prepare_data(out: str | Path, *, stacks: int = DEMO_STACKS, shape_zyx=DEMO_S
     labels = synth(out / "raw", stacks=stacks, shape_zyx=shape_zyx, seed=seed, progress=bar)
     say("2/4 convert to a Zarr store (LZ4 chunks)")
     report = convert(labels, store, ConvertOptions(min_patch_zyx=tuple(patch_zyx)),
-                     progress=RichProgress(console, bar=bar) if console is not None else None)
+                     progress=ui.ConvertBar(console, bar=bar) if console is not None else None)
     say(f"3/4 split by patient (val fraction {val_fraction}, seed {seed})")
     split = make_splits(store, val_fraction=val_fraction, seed=seed)
     write_split(split, splits)
@@ -89,9 +90,9 @@ def run_demo(out: str | Path = "demo-out", *, epochs: int | None = None, stacks:
              shape_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX, overrides: list[str] = (),
              console: Console | None = None) -> dict[str, Any]:
     """Run the whole demo in `out`; return the results dict (the table is printed on `console`)."""
-    from train.config import load_config
-    from train.loop import train
-    from train.results import load_results
+    from stacktrain.train.config import load_config
+    from stacktrain.train.loop import train
+    from stacktrain.train.results import load_results
 
     console = console or Console()
     out = Path(out)

@@ -19,18 +19,15 @@ from typing import Any
 
 import numpy as np
 from scipy.special import expit
-from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support,
-                             roc_auc_score)
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-from stores.errors import StackTrainError
-from stores.layout import CLASS_NAMES
+from stacktrain.errors import EvalError
+from stacktrain.stores.layout import CLASS_NAMES
 
 THRESHOLD = 0.5
 AGGREGATES = ("mean", "max", "topk")
 
 
-class EvalError(StackTrainError, ValueError):
-    """The validation predictions cannot be evaluated (empty, duplicated or inconsistent)."""
 
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:

@@ -18,17 +18,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train import checkpoint as ckpts
-from train.config import ConfigError, TrainConfig, config_to_dict, save_config
-from train.data import make_loader, open_data, resolve_norm
-from train.early_stopping import EarlyStopping
-from train.evaluator import EvalResult, Evaluator
-from train.models import build_model
-from train.monitor import Monitor
-from train.precision import Precision
-from train.results import (RESULTS_NAME, environment_info, epoch_entry, load_results, new_results,
-                           record_epoch, write_results)
-from train.runtime import Runtime, cpu_threads, deterministic_algorithms, seed_everything, setup_runtime
+from stacktrain.train import checkpoint as ckpts
+from stacktrain.train.config import ConfigError, TrainConfig, config_to_dict, save_config
+from stacktrain.train.data import make_loader, open_data, resolve_norm
+from stacktrain.train.early_stopping import EarlyStopping
+from stacktrain.train.evaluator import EvalResult, Evaluator
+from stacktrain.train.models import build_model
+from stacktrain.train.monitor import Monitor
+from stacktrain.train.precision import Precision
+from stacktrain.train.results import (
+    RESULTS_NAME,
+    environment_info,
+    epoch_entry,
+    load_results,
+    new_results,
+    record_epoch,
+    write_results,
+)
+from stacktrain.train.runtime import Runtime, cpu_threads, deterministic_algorithms, seed_everything, setup_runtime
 
 CONFIG_NAME = "config.toml"
 EVAL_FIELDS = ("stack_index", "position", "logit", "label")

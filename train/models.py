@@ -28,14 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from stores.errors import StackTrainError
+from stacktrain.errors import ModelError
 
 RESNET_STEM_STRIDE = (1, 2, 2)
 TINY_WIDTHS = [4, 8, 16, 32]
 
 
-class ModelError(StackTrainError, ValueError):
-    """An unknown model name or builder option."""
 
 
 def _stride(stem_stride: int | list[int] | tuple[int, ...]) -> tuple[int, int, int]:

@@ -14,7 +14,6 @@ Only rank 0 shows or writes anything (`enabled`); the other ranks still time the
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
+from rich.progress import MofNCompleteColumn, TextColumn
+
+from stacktrain import ui
 
 GIB = 2 ** 30
 
@@ -38,7 +38,7 @@ def peak_memory_gib(device: torch.device) -> float:
 class Meter:
     """Timing of one pass over a loader; drives the progress bar's task."""
 
-    def __init__(self, monitor: "Monitor", kind: str, epoch: int, n_batches: int, patches_per_batch: int):
+    def __init__(self, monitor: Monitor, kind: str, epoch: int, n_batches: int, patches_per_batch: int):
         self.monitor, self.kind, self.epoch = monitor, kind, epoch
         self.n_batches, self.patches_per_batch = n_batches, patches_per_batch
         self.steps = self.patches = 0
@@ -92,16 +92,16 @@ class Monitor:
     def __init__(self, run_dir: Path | None, *, enabled: bool, epochs: int, log_interval: int,
                  device: torch.device, console: Console | None = None):
         self.enabled, self.epochs, self.log_interval, self.device = enabled, epochs, log_interval, device
-        self.console = console or Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+        self.console = console or ui.console(stderr=True)
         self.writer = self.progress = None
         if enabled and run_dir is not None:  # no run directory (predict): no curves
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         if enabled:
-            self.progress = Progress(
-                TextColumn("epoch {task.fields[epoch]} {task.fields[kind]}"), BarColumn(), MofNCompleteColumn(),
+            self.progress = ui.progress(
+                TextColumn("epoch {task.fields[epoch]} {task.fields[kind]}"), MofNCompleteColumn(),
                 TextColumn("{task.fields[rate]} patches/s"), TextColumn("loss {task.fields[loss]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
+                con=self.console, transient=True)
             self.progress.start()
 
     def meter(self, kind: str, epoch: int, n_batches: int, patches_per_batch: int) -> Meter:

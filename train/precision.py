@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from train.config import ConfigError, resolve_precision
+from stacktrain.train.config import ConfigError, resolve_precision
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,7 +25,7 @@ class Precision:
     scaler: torch.amp.GradScaler | None = None
 
     @classmethod
-    def create(cls, precision: str, device: torch.device) -> "Precision":
+    def create(cls, precision: str, device: torch.device) -> Precision:
         bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
         name = resolve_precision(precision, device.type, bf16_ok)
         if name != "fp32" and device.type != "cuda":

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from stores.errors import StackTrainError
-from stores.layout import atomic_write
+from stacktrain.errors import ResultsError
+from stacktrain.io import atomic_write
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "training_results.json"
@@ -31,8 +31,6 @@ PACKAGES = ("torch", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "zarr", "numc
             "numpy", "scikit-learn")
 
 
-class ResultsError(StackTrainError, ValueError):
-    """A results file is missing, unreadable or not shaped as RESULTS_SCHEMA says."""
 
 
 # -- the schema ------------------------------------------------------------------------------------
@@ -117,7 +115,7 @@ def validate_results(results: dict[str, Any], where: str = RESULTS_NAME) -> None
 
 # -- building ----------------------------------------------------------------------------------------
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def environment_info(device: Any = None, world_size: int = 1) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train.config import ConfigError
+from stacktrain.train.config import ConfigError
 
 DDP_TIMEOUT = _dt.timedelta(minutes=30)  # validation on rank 0 can be long on big stores
 

@@ -13,7 +13,6 @@ fraction f is one fold of round(1/f) folds. The test part, if any, is the same i
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import warnings
@@ -23,16 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from stores.errors import InputError, StackTrainError
-from stores.layout import atomic_write_json
-from stores.reader import Store
+from stacktrain.errors import InputError, SplitError
+from stacktrain.io import atomic_write_json
+from stacktrain.stores.reader import Store
 
 FORMAT_VERSION = 1
 PARTS = ("train", "val", "test")
 
 
-class SplitError(StackTrainError, ValueError):
-    """A split file is unreadable, or leaks a stack or patient between parts."""
 
 
 def split_hash(folds: list[dict[str, list[str]]]) -> str:
@@ -157,16 +154,12 @@ def split_parts(split: dict[str, Any], fold: int = 0, where: str = "split") -> d
     return {part: list(ids) for part, ids in folds[fold].items()}
 
 
-# -- CLI -------------------------------------------------------------------------------------------
-def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+def split_table(split: dict[str, Any], store: Store | str | Path):
+    """A rich table of a split: per fold and part, the stacks, patients and labels."""
     from rich.table import Table
 
-    store = Store(args.store)
-    split = make_splits(store, folds=args.folds, val_fraction=args.val_fraction,
-                        test_fraction=args.test_fraction, seed=args.seed)
-    write_split(split, args.out)
-    table = Table(title=f"split of {store.path} (seed {args.seed})")
+    store = _open(store)
+    table = Table(title=f"split of {store.path} (seed {split['params']['seed']})")
     for col in ("fold", "part", "stacks", "groups", "SAIN", "MALADE"):
         table.add_column(col, justify="left" if col in ("fold", "part") else "right")
     metas = {m.stack_id: m for m in store.stacks}
@@ -178,20 +171,4 @@ def _run(args: argparse.Namespace) -> int:
             labels = Counter(metas[s].label for s in ids)
             table.add_row(str(i), part, str(len(ids)), str(len({metas[s].group for s in ids})),
                           str(labels["SAIN"]), str(labels["MALADE"]))
-    console = Console()
-    console.print(table)
-    console.print(f"wrote {args.out} (sha256 {split['sha256'][:12]})")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "split", help="split a store's stacks into train/val(/test) by patient, stratified",
-        description="Split by stack, grouped by patient (`group`), stratified by label and seeded.")
-    p.add_argument("store", help="the store (STORE.zarr)")
-    p.add_argument("--out", required=True, help="split file to write (JSON)")
-    p.add_argument("--folds", type=int, default=None, help="write K folds (cross-validation)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of stacks in val (default 0.2)")
-    p.add_argument("--test-fraction", type=float, default=0.0, help="share held out as test (default 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run)
+    return table

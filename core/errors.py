@@ -1,0 +1,70 @@
+"""Every error stacktrain raises on purpose: each message names the file, key or stack at fault and says
+what to do. The command line prints any `StackTrainError` as one line and exits with 2; anything else is
+a bug."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "StackTrainError", "ConfigError", "InputError", "ConversionFailed", "StoreError", "PipelineError",
+    "BatchContractError", "ModelError", "SplitError", "EvalError", "ResultsError", "CheckpointError",
+    "StudyError",
+]
+
+
+class StackTrainError(Exception):
+    """Base of every error the CLI turns into one clear line and exit code 2."""
+
+
+class ConfigError(StackTrainError, ValueError):
+    """A file the user wrote (run config, study file, options) has a bad key or value; names it and
+    lists what is allowed."""
+
+
+class InputError(StackTrainError, ValueError):
+    """A raw input (file, manifest row, option) cannot be converted."""
+
+
+class ConversionFailed(InputError):
+    """Some stacks could not be converted; the others are in the store. `.report` has the details."""
+
+    def __init__(self, message: str, report: Any):
+        super().__init__(message)
+        self.report = report
+
+
+class StoreError(StackTrainError, ValueError):
+    """A store cannot be opened or read as asked."""
+
+
+class PipelineError(StackTrainError, ValueError):
+    """Patches or loaders cannot be built as configured."""
+
+
+class BatchContractError(StackTrainError, TypeError):
+    """A loader delivered something other than the documented batch."""
+
+
+class ModelError(ConfigError):
+    """An unknown model name or builder option."""
+
+
+class SplitError(StackTrainError, ValueError):
+    """A split file is unreadable, or leaks a stack or patient between parts."""
+
+
+class EvalError(StackTrainError, ValueError):
+    """The validation predictions cannot be evaluated (empty, duplicated or inconsistent)."""
+
+
+class ResultsError(StackTrainError, ValueError):
+    """A results file is missing, unreadable or not shaped as the results schema says."""
+
+
+class CheckpointError(StackTrainError, ValueError):
+    """A checkpoint is missing, unreadable, or belongs to another model."""
+
+
+class StudyError(StackTrainError, ValueError):
+    """A study file, or a study directory, is not usable as it stands; the message says why and how."""

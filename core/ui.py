@@ -1,0 +1,106 @@
+"""What users see: consoles, progress bars and tables, set up once for every command.
+
+Piped or captured output gets a wide console, so tables are not cut to 80 columns in logs. Progress bars
+show true rates: bytes per second for data, items per second otherwise, and always elapsed and ETA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+__all__ = ["ConvertBar", "byte_bar", "console", "byte_progress", "count_bar", "print_error", "progress"]
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich console; when not a terminal, 160 columns wide."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160)
+
+
+def print_error(message: str) -> None:
+    """The one error line of a failed command, on stderr."""
+    console(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+
+def progress(*columns: ProgressColumn, con: Console | None = None, transient: bool = False,
+             disable: bool = False) -> Progress:
+    """A rich Progress with the given leading columns, then bar, elapsed and remaining time."""
+    return Progress(*columns, BarColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=con or console(stderr=True), transient=transient, disable=disable)
+
+
+def byte_bar(label: str, *fields: str, con: Console | None = None, disable: bool = False) -> Progress:
+    """Data moving: MB done / total and MB/s. `fields` are task fields shown after the label."""
+    return progress(TextColumn(label + " [bold]{task.description}"), *(TextColumn(f"{{task.fields[{f}]}}")
+                    for f in fields), DownloadColumn(), TransferSpeedColumn(), con=con, disable=disable)
+
+
+def count_bar(*fields: str, con: Console | None = None, transient: bool = False) -> Progress:
+    """Things done: N/M and whatever rate fields the caller keeps up to date."""
+    return progress(TextColumn("[bold]{task.description}"), MofNCompleteColumn(),
+                    *(TextColumn(f"{{task.fields[{f}]}}") for f in fields), con=con, transient=transient)
+
+
+@contextlib.contextmanager
+def byte_progress(enabled: bool, label: str, total_bytes: int) -> Iterator[Callable[[int, str], None]]:
+    """Yields advance(nbytes, description); a byte bar when enabled, nothing otherwise."""
+    if not enabled:
+        yield lambda nbytes, description: None
+        return
+    with byte_bar(label) as bar:
+        task = bar.add_task("", total=total_bytes)
+        yield lambda nbytes, description: bar.update(task, advance=nbytes, description=description)
+
+
+class ConvertBar:
+    """`stores.convert.Progress` as a rich bar: stacks done/total, MB of source read and its rate, ETA.
+    Failed stacks are printed (above the bar) as they happen, also with `bar=False`."""
+
+    def __init__(self, con: Console | None = None, *, bar: bool = True):
+        self.bar = byte_bar("converting", "stacks", con=con, disable=not bar)
+        self.sizes: list[int] = []
+        self.done: list[float] = []
+        self.finished, self.task = 0, None
+
+    def start(self, sizes: list[int]) -> None:
+        self.sizes, self.done = sizes, [0.0] * len(sizes)
+        self.task = self.bar.add_task("", total=sum(sizes), stacks=f"0/{len(sizes)} stacks")
+        self.bar.start()
+
+    def fraction(self, index: int, fraction: float) -> None:
+        fraction = min(max(fraction, self.done[index]), 1.0)
+        self.bar.advance(self.task, (fraction - self.done[index]) * self.sizes[index])
+        self.done[index] = fraction
+
+    def finish(self, index: int, outcome) -> None:
+        """A converted stack counts in full; the rest of a skipped or failed one leaves the total (ETA)."""
+        if outcome.status == "converted":
+            self.fraction(index, 1.0)
+        else:
+            total = self.bar.tasks[0].total - (1.0 - self.done[index]) * self.sizes[index]
+            self.bar.update(self.task, total=max(total, 0))
+            self.done[index] = 1.0
+        if outcome.error:
+            self.bar.console.print(f"[bold red]failed:[/] {escape(outcome.error)}", highlight=False, soft_wrap=True)
+        self.finished += 1
+        self.bar.update(self.task, stacks=f"{self.finished}/{len(self.sizes)} stacks")
+
+    def stop(self) -> None:
+        self.bar.stop()

@@ -1,0 +1,61 @@
+"""`PatchLoader`: the interface every loader implements, and the checks every batch passes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from stacktrain.errors import PipelineError
+
+from .config import LoaderConfig
+from .contract import Batch, BatchSpec, check_batch
+from .patches import PatchIndex
+from .source import PatchSource
+
+__all__ = ["PatchLoader"]
+
+
+class PatchLoader:
+    """What the trainer iterates. Subclasses provide `_batches(epoch)`; this class checks and finishes them."""
+
+    kind: str  # resolved loader: "dali" | "dali-cpu" | "torch"
+
+    def __init__(self, *, stack_ids: list[str], index: PatchIndex, spec: BatchSpec, source: PatchSource,
+                 cfg: LoaderConfig):
+        self.stack_ids = list(stack_ids)  # Batch.stack_index indexes into this
+        self.index = index  # all patches of these stacks, before rank sharding
+        self.spec = spec
+        self.source = source
+        self.cfg = cfg
+        self._n_batches = len(source.plan(0))  # raises now if a train epoch cannot fill one batch
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self._n_batches
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of `epoch`, deterministic from (cfg.seed, epoch); each is checked against `spec`."""
+        if epoch < 0:
+            raise PipelineError(f"epoch {epoch}: epochs count from 0")
+        for batch in self._batches(epoch):
+            images = batch.images
+            if images.dtype != self.spec.dtype:  # bf16: DALI has none, it delivers fp32
+                images = images.to(self.spec.dtype)
+            if self.cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last_3d)
+            batch.images = images
+            check_batch(batch, self.spec)
+            yield batch
+
+    def _batches(self, epoch: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop worker processes; the loader cannot be used afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

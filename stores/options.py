@@ -1,0 +1,58 @@
+"""How `convert` turns raw stacks into stored ones. The fields are the options of `stacktrain convert`:
+the command line takes its defaults, choices and help from here, so there is one list."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from stacktrain.choices import Codec, Scale
+from stacktrain.config import check_choices, require
+from stacktrain.errors import ConfigError
+
+from .layout import DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX, STATS_CELL_ZYX
+
+DEFAULT_MIN_PATCH_ZYX = (32, 256, 256)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConvertOptions:
+    codec: Codec = "lz4"
+    """lz4: raw LZ4 blocks, inflatable on the GPU by DALI; zstd: core Zarr codec, any reader, CPU only."""
+    workers: int = 1
+    """Stacks converted in parallel processes (1 converts in this process). Scripts that call convert
+    with workers > 1 need the usual `if __name__ == "__main__":` guard."""
+    overwrite: bool = False
+    """Reconvert stacks already in the store instead of skipping (or refusing) them."""
+    axes: str | None = None
+    """Source axis order for manifest rows without an `axes` cell, e.g. zyxc; unset infers it."""
+    replicate_channels: bool = False
+    """Copy a 1-channel source to the 3 stored channels (otherwise it is an error)."""
+    scale: Scale = "none"
+    """Store other dtypes than uint8/uint16 as uint8: minmax per stack, or clip to 0..255."""
+    pad: bool = False
+    """Zero-pad stacks smaller than min_patch_zyx (at the end of each axis) instead of refusing them."""
+    chunk_zyx: tuple[int, int, int] = DEFAULT_CHUNK_ZYX
+    """Chunk shape (one channel per chunk)."""
+    shard_zyx: tuple[int, int, int] = DEFAULT_SHARD_ZYX
+    """Shard shape (all channels), a multiple of the chunk."""
+    min_patch_zyx: tuple[int, int, int] = DEFAULT_MIN_PATCH_ZYX
+    """Smallest stack accepted without pad: one training patch."""
+    foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD
+    """Voxels above this in any channel count as foreground in the patch statistics."""
+
+    def __post_init__(self):
+        check_choices(self, "convert")
+        require(self.workers >= 1, "--workers", self.workers, "give at least 1")
+        require(self.foreground_threshold >= 0, "--foreground-threshold", self.foreground_threshold,
+                "give 0 or more")
+        for name, zyx in (("chunk", self.chunk_zyx), ("shard", self.shard_zyx), ("min-patch", self.min_patch_zyx)):
+            require(len(zyx) == 3 and all(int(n) == n and n >= 1 for n in zyx), f"--{name}", zyx,
+                    "give three positive integers Z Y X")
+        if any(s % c for s, c in zip(self.shard_zyx, self.chunk_zyx)):
+            raise ConfigError(f"--shard {self.shard_zyx} must be a multiple of --chunk {self.chunk_zyx} along every axis")
+
+    @property
+    def slab_depth(self) -> int:
+        """Slices written at once: whole shards and whole statistics cells, so no write is partial."""
+        return math.lcm(self.shard_zyx[0], STATS_CELL_ZYX[0])

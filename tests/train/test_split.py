@@ -1,0 +1,121 @@
+"""Splits: by stack, grouped by patient, stratified, seeded; K folds; leak checks; the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from stacktrain.cli import main
+from stacktrain.errors import InputError, StoreError
+from stacktrain.stores.reader import Store
+from stacktrain.testing import write_array
+from stacktrain.train.split import (
+    SplitError,
+    check_split,
+    load_split,
+    make_splits,
+    split_hash,
+    split_parts,
+    write_split,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """16 stacks of 8 patients (2 stacks each); patients p0-p3 SAIN, p4-p7 MALADE."""
+    path = tmp_path_factory.mktemp("split") / "s.zarr"
+    for i in range(16):
+        patient = i // 2
+        write_array(path, f"st{i:02d}", np.full((1, 8, 16, 16), i, np.uint8),
+                    label="MALADE" if patient >= 4 else "SAIN", group=f"p{patient}")
+    return Store(path)
+
+
+def groups_of(store, ids):
+    return {store.meta(s).group for s in ids}
+
+
+def test_one_split_is_grouped_stratified_and_seeded(store):
+    split = make_splits(store, val_fraction=0.25, seed=0)
+    (fold,) = split["folds"]
+    assert sorted(fold["train"] + fold["val"]) == sorted(store.stack_ids) and fold["test"] == []
+    assert not groups_of(store, fold["train"]) & groups_of(store, fold["val"])
+    assert len(fold["val"]) == 4  # a quarter of the 8 patients = 2 patients = 4 stacks
+    assert {store.meta(s).label for s in fold["val"]} == {"SAIN", "MALADE"}  # stratified
+    assert make_splits(store, val_fraction=0.25, seed=0) == split
+    assert any(make_splits(store, val_fraction=0.25, seed=s)["folds"] != split["folds"] for s in (1, 2, 3))
+    assert split["sha256"] == split_hash(split["folds"]) and split["params"]["seed"] == 0
+
+
+def test_k_folds_and_a_fixed_test_part(store):
+    split = make_splits(store, folds=3, test_fraction=0.25, seed=5)
+    folds = split["folds"]
+    assert len(folds) == 3 and all(f["test"] == folds[0]["test"] for f in folds)
+    test = set(folds[0]["test"])
+    assert len(test) == 4 and {store.meta(s).label for s in test} == {"SAIN", "MALADE"}
+    vals = [s for f in folds for s in f["val"]]
+    assert sorted(vals) == sorted(set(store.stack_ids) - test)  # every other stack is validated once
+    for f in folds:
+        parts = [groups_of(store, f[p]) for p in ("train", "val", "test")]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert split_parts(split, 2) == folds[2]
+    with pytest.raises(SplitError, match=r"fold 3 requested.*has 3 fold\(s\), numbered 0..2"):
+        split_parts(split, 3)
+
+
+def test_check_split_refuses_leaks_unknown_stacks_and_edits(store, tmp_path):
+    split = make_splits(store, val_fraction=0.25, seed=0)
+    fold = split["folds"][0]
+    val_patient = store.meta(fold["val"][0]).group
+    partner = next(s for s in fold["val"][1:] if store.meta(s).group == val_patient)
+
+    leak = json.loads(json.dumps(split))
+    leak["folds"][0]["val"].remove(partner)
+    leak["folds"][0]["train"].append(partner)
+    with pytest.raises(SplitError, match=rf"group \(patient\) '{val_patient}' is in parts train, val"):
+        check_split(leak, store)
+
+    twice = json.loads(json.dumps(split))
+    twice["folds"][0]["train"].append(fold["val"][0])
+    with pytest.raises(SplitError, match=rf"stack '{fold['val'][0]}' is in both 'train' and 'val'"):
+        check_split(twice, store)
+
+    unknown = json.loads(json.dumps(split))
+    unknown["folds"][0]["val"].append("ghost")
+    with pytest.raises(SplitError, match="stacks not in .*: ghost"):
+        check_split(unknown, store)
+
+    moved = json.loads(json.dumps(split))  # a legal but hand-edited split: the hash gives it away
+    moved["folds"][0]["train"] = [s for s in fold["train"] if store.meta(s).group != "p0"]
+    with pytest.raises(SplitError, match="do not match the recorded sha256"):
+        check_split(moved, store)
+    del moved["sha256"]
+    check_split(moved, store)
+
+    path = tmp_path / "splits.json"
+    write_split(split, path)
+    assert load_split(path) == split
+    with pytest.raises(SplitError, match="split file not found"):
+        load_split(tmp_path / "none.json")
+
+
+def test_bad_requests(store, tmp_path):
+    with pytest.raises(InputError, match="9 folds needs 9 groups .* the store has 8"):
+        make_splits(store, folds=9)
+    with pytest.raises(InputError, match="--val-fraction 0.6 and --test-fraction 0.5"):
+        make_splits(store, val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(StoreError, match="store not found"):
+        make_splits(tmp_path / "missing.zarr")
+
+
+def test_cli_writes_the_file_and_prints_counts(store, tmp_path, capsys):
+    out = tmp_path / "splits.json"
+    assert main(["split", str(store.path), "--out", str(out), "--folds", "2", "--seed", "3"]) == 0
+    split = load_split(out)
+    assert len(split["folds"]) == 2 and split["params"] == {
+        "folds": 2, "val_fraction": 0.2, "test_fraction": 0.0, "seed": 3}
+    check_split(split, store)
+    printed = capsys.readouterr().out
+    assert "MALADE" in printed and "train" in printed and f"wrote {out}" in printed.replace("\n", "")

@@ -1,0 +1,317 @@
+"""Phase 3: an Optuna search over the study file's `[hpo]` space; TPE sampler, pruning, resumable.
+
+```toml
+[hpo]
+trials = 40                 # total finished (complete + pruned) trials; a rerun tops up to this
+folds = [0]                 # folds each trial trains (default: study.folds); objective = their mean
+storage = ""                # default sqlite:///DIR/optuna.db; any SQLAlchemy URL (postgresql://...)
+seed = 0                    # TPE seed (worker w of a run uses seed + w)
+enqueue_base = true         # trial 0 = the base config's values: the baseline of the report
+heartbeat_s = 0             # > 0: trials of dead machines are failed after 2 beats and retried
+pruner = { kind = "median", startup_trials = 5, warmup_epochs = 5 }   # or kind = "none"
+[hpo.space]
+"optim.lr" = { type = "float", low = 1e-5, high = 1e-2, log = true }
+"loader.batch_size" = { type = "categorical", choices = [16, 32, 64] }
+```
+
+Each trial trains its folds one after the other in `DIR/trials/trial-NNNN/foldK`. After every epoch it
+reports the validation F1 of MALADE (at train.select_level) at step `fold position * epochs + epoch`
+and stops the training when the pruner says so (stop_reason "pruned"). The objective is the mean over
+folds of the best epoch's F1. A trial whose process died (same host, pid gone; or, with heartbeat_s,
+any machine) is failed and re-enqueued with its parameters; the new trial resumes its run directories.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import warnings
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from stacktrain.train.config import ConfigError, apply_override
+from stacktrain.train.study.config import RunSpec, Study, StudyError, build_config
+
+HPO_KEYS = ("trials", "folds", "storage", "seed", "enqueue_base", "heartbeat_s", "pruner", "space")
+PARAM_TYPES = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"),
+               "categorical": ("choices",)}
+PRUNERS = ("median", "none")
+TRIALS_DIR = "trials"
+DB_NAME = "optuna.db"
+
+
+def _hpo(study: Study) -> dict[str, Any]:
+    hpo = study.hpo or {}
+    unknown = sorted(set(hpo) - set(HPO_KEYS))
+    if unknown:
+        raise StudyError(f"{study.path}: unknown key(s) hpo.{', hpo.'.join(unknown)}; valid: {', '.join(HPO_KEYS)}")
+    if len(study.variants) != 1 or len(study.models) != 1:
+        raise StudyError(f"{study.path}: an [hpo] study tunes one variant and one model (the ones phases 1 "
+                         f"and 2 chose); it has variants {list(study.variants)} and models {list(study.models)}")
+    return hpo
+
+
+def _literal(value: Any) -> str:
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def set_param(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Apply one `section.key` (or `model.options.key`) = value to a raw config, checking the key."""
+    apply_override(raw, f"{key}={_literal(value)}")
+
+
+def load_space(study: Study) -> dict[str, dict[str, Any]]:
+    """The `[hpo.space]` table, checked: known config keys, known types, sane bounds."""
+    space = _hpo(study).get("space")
+    where = f"{study.path}: hpo.space"
+    if not isinstance(space, dict) or not space:
+        raise StudyError(f"{where}: declare at least one parameter, e.g. \"optim.lr\" = {{ type = \"float\", "
+                         "low = 1e-5, high = 1e-2, log = true }")
+    for key, spec in space.items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in PARAM_TYPES:
+            raise StudyError(f"{where}.\"{key}\": give type = one of {', '.join(PARAM_TYPES)}")
+        unknown = sorted(set(spec) - {"type", *PARAM_TYPES[kind]})
+        if unknown:
+            raise StudyError(f"{where}.\"{key}\": unknown key(s) {', '.join(unknown)}; a {kind} takes "
+                             f"{', '.join(PARAM_TYPES[kind])}")
+        if kind == "categorical":
+            if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+                raise StudyError(f"{where}.\"{key}\": choices must be a non-empty list")
+            samples = spec["choices"]
+        else:
+            if not (isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float))
+                    and spec["low"] < spec["high"]):
+                raise StudyError(f"{where}.\"{key}\": give numbers low < high")
+            if spec.get("log") and spec["low"] <= 0:
+                raise StudyError(f"{where}.\"{key}\": a log scale needs low > 0")
+            samples = [spec["low"], spec["high"]]
+        for value in samples:  # every value must make a valid config: the key exists, the type fits
+            raw = copy.deepcopy(study.base_raw)
+            try:
+                set_param(raw, key, int(value) if kind == "int" else value)
+            except ConfigError as e:
+                raise StudyError(f"{where}.\"{key}\": {e}") from None
+            build_config(raw, f"{where}.\"{key}\" = {value!r}")
+    return space
+
+
+def suggest(trial: Any, key: str, spec: dict[str, Any]) -> Any:
+    if spec["type"] == "categorical":
+        return trial.suggest_categorical(key, spec["choices"])
+    suggest_fn = trial.suggest_float if spec["type"] == "float" else trial.suggest_int
+    low, high = (spec["low"], spec["high"]) if spec["type"] == "float" else (int(spec["low"]), int(spec["high"]))
+    return suggest_fn(key, low, high, log=spec.get("log", False), step=spec.get("step"))
+
+
+def trial_config(study: Study, space: dict[str, Any], params: dict[str, Any], out: Path, split_copy: Path,
+                 number: int, fold: int):
+    variant, model = next(iter(study.variants)), next(iter(study.models))
+    raw = study.raw_config(variant, model, fold, out, run_dir_name(number, fold), split_copy)
+    for key, value in params.items():
+        set_param(raw, key, value)
+    return build_config(raw, f"{study.path}: trial {number} {params}")
+
+
+def run_dir_name(number: int, fold: int) -> str:
+    return f"{TRIALS_DIR}/trial-{number:04d}/fold{fold}"
+
+
+def storage_url(study: Study, out: Path) -> str:
+    return _hpo(study).get("storage") or f"sqlite:///{(out / DB_NAME).resolve()}"
+
+
+def manifest_entry(study: Study, space: dict[str, Any], out: Path) -> dict[str, Any]:
+    """What `stacktrain report` needs to open the Optuna study again."""
+    hpo = _hpo(study)
+    return {"storage": storage_url(study, out), "study_name": study.name, "space": space,
+            "folds": list(hpo.get("folds") or study.folds), "trials": hpo.get("trials", 20)}
+
+
+def base_params(study: Study, space: dict[str, Any]) -> dict[str, Any] | None:
+    """The base config's value of every searched key, when all lie inside the space (else None)."""
+    cfg = build_config(copy.deepcopy(study.base_raw), str(study.path))
+    params = {}
+    for key, spec in space.items():
+        value: Any = cfg
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        inside = (value in spec["choices"] if spec["type"] == "categorical"
+                  else isinstance(value, (int, float)) and spec["low"] <= value <= spec["high"])
+        if not inside:
+            return None
+        params[key] = value
+    return params
+
+
+# -- the search ------------------------------------------------------------------------------------
+def _optuna():
+    import optuna
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+def open_study(study: Study, out: Path, worker: int = 0):
+    """Create or load the Optuna study (TPE sampler, median pruner) on its storage."""
+    optuna = _optuna()
+    hpo = _hpo(study)
+    url = storage_url(study, out)
+    beat = int(hpo.get("heartbeat_s", 0))
+    kwargs: dict[str, Any] = {"engine_kwargs": {"connect_args": {"timeout": 120}}} if url.startswith("sqlite") else {}
+    if beat > 0:
+        kwargs.update(heartbeat_interval=beat, grace_period=2 * beat,
+                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
+    storage = optuna.storages.RDBStorage(url, **kwargs)
+    pruner_cfg = {"kind": "median", "startup_trials": 5, "warmup_epochs": 5, **hpo.get("pruner", {})}
+    if pruner_cfg["kind"] not in PRUNERS:
+        raise StudyError(f"{study.path}: hpo.pruner.kind = {pruner_cfg['kind']!r}; choose {', '.join(PRUNERS)}")
+    pruner = (optuna.pruners.NopPruner() if pruner_cfg["kind"] == "none" else optuna.pruners.MedianPruner(
+        n_startup_trials=pruner_cfg["startup_trials"], n_warmup_steps=pruner_cfg["warmup_epochs"]))
+    sampler = optuna.samplers.TPESampler(seed=int(hpo.get("seed", 0)) + worker)
+    return optuna.create_study(study_name=study.name, storage=storage, sampler=sampler, pruner=pruner,
+                               direction="maximize", load_if_exists=True)
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def recover_dead_trials(ostudy: Any) -> list[int]:
+    """Fail this host's RUNNING trials whose process is gone and enqueue them again (they resume)."""
+    optuna = _optuna()
+    host, revived = socket.gethostname(), []
+    for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("host") == host and not _pid_alive(t.user_attrs.get("pid")):
+            ostudy.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            ostudy.enqueue_trial(t.params, user_attrs={"run_number": t.user_attrs.get("run_number", t.number)})
+            revived.append(t.number)
+    return revived
+
+
+def finished_count(ostudy: Any) -> int:
+    states = _optuna().trial.TrialState
+    return len(ostudy.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
+
+
+def _score(entry: dict[str, Any], level: str) -> float:
+    return entry["patch_metrics" if level == "patch" else "volume_metrics"]["f1"]["MALADE"]
+
+
+class Objective:
+    """Train one trial's folds; report per-epoch F1 for pruning; return the mean best F1 over folds."""
+
+    def __init__(self, study: Study, space: dict[str, Any], out: Path, split_copy: Path,
+                 split: dict[str, Any], folds: tuple[int, ...], trainer: str):
+        self.study, self.space, self.out, self.split_copy = study, space, out, split_copy
+        self.split, self.folds, self.trainer = split, folds, trainer
+
+    def __call__(self, trial: Any) -> float:
+        from stacktrain.train.results import RESULTS_NAME, load_results
+        from stacktrain.train.study.runs import load_trainer, run_record, run_state
+        optuna = _optuna()
+        number = int(trial.user_attrs.get("run_number", trial.number))  # a retried trial keeps its runs
+        trial.set_user_attr("run_number", number)
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = {key: suggest(trial, key, spec) for key, spec in self.space.items()}
+        values = []
+        for position, fold in enumerate(self.folds):
+            cfg = trial_config(self.study, self.space, params, self.out, self.split_copy, number, fold)
+            spec = RunSpec(label=f"trial-{number}", variant=next(iter(self.study.variants)),
+                           model=next(iter(self.study.models)), fold=fold,
+                           run_dir=self.out / run_dir_name(number, fold), config=cfg, trial=number)
+            state = run_state(spec, run_record(spec, self.study, self.split))
+            level, offset = cfg.train.select_level, position * cfg.train.epochs
+            if state != "new":  # epochs trained before a kill (by the failed trial) count for the pruner too
+                for entry in load_results(spec.run_dir / RESULTS_NAME)["epochs"]:
+                    trial.report(_score(entry, level), offset + entry["epoch"])
+            if state != "done":
+                def on_epoch(epoch: int, entry: dict[str, Any]) -> bool:
+                    trial.report(_score(entry, level), offset + epoch)
+                    return trial.should_prune()
+                load_trainer(self.trainer)(cfg, run_dir=spec.run_dir, resume=state == "resume",
+                                           on_epoch=on_epoch)
+            results = load_results(spec.run_dir / RESULTS_NAME)
+            if results["stop_reason"] == "pruned":
+                raise optuna.TrialPruned(f"fold {fold}, epoch {results['epochs'][-1]['epoch']}")
+            best = next(e for e in results["epochs"] if e["epoch"] == results["best_epoch"])
+            values.append(_score(best, level))
+        return sum(values) / len(values)
+
+
+def _work(study: Study, space: dict[str, Any], out: Path, split_copy: Path, split: dict[str, Any],
+          trainer: str, target: int, worker: int, setup: tuple | None = None, progress: Any = None) -> int:
+    """One worker: run trials until `target` are finished or running (every machine's count)."""
+    if setup:  # a worker process: its cores and GPU
+        from stacktrain.train.study.runs import worker_setup
+        worker_setup(*setup, worker)
+    states = _optuna().trial.TrialState
+    ostudy = open_study(study, out, worker)
+    folds = tuple(_hpo(study).get("folds") or study.folds)
+    objective = Objective(study, space, out, split_copy, split, folds, trainer)
+    ran = 0
+    while True:
+        trials = ostudy.get_trials(deepcopy=False)
+        waiting = sum(t.state == states.WAITING for t in trials)
+        taken = sum(t.state in (states.COMPLETE, states.PRUNED, states.RUNNING) for t in trials)
+        if not waiting and taken >= target:
+            return ran
+        ostudy.optimize(objective, n_trials=1, catch=())
+        ran += 1
+        if progress is not None:
+            progress(finished_count(ostudy))
+
+
+def run_hpo(study: Study, space: dict[str, Any], out: Path, split_copy: Path, split: dict[str, Any], *,
+            workers: int, trials: int | None, trainer: str, console: Any) -> None:
+    hpo = _hpo(study)
+    target = int(trials if trials is not None else hpo.get("trials", 20))
+    folds = tuple(hpo.get("folds") or study.folds)
+    bad = [f for f in folds if f not in range(len(split["folds"]))]
+    if bad or target < 1:
+        raise StudyError(f"{study.path}: hpo.folds {list(folds)} must be folds of the split (0.."
+                         f"{len(split['folds']) - 1}) and hpo.trials >= 1 (got {target})")
+    ostudy = open_study(study, out)
+    revived = recover_dead_trials(ostudy)
+    if not ostudy.trials and hpo.get("enqueue_base", True):
+        params = base_params(study, space)
+        if params is not None:
+            ostudy.enqueue_trial(params, skip_if_exists=True)
+        else:
+            console.print("[yellow]note:[/] the base config's values lie outside hpo.space; no base trial")
+    console.print(f"study {study.name}: {finished_count(ostudy)} of {target} trials finished"
+                  f"{f', {len(revived)} interrupted trial(s) resumed' if revived else ''}; "
+                  f"storage {storage_url(study, out).split('@')[-1]}, {workers} worker(s)")
+    from stacktrain.train.study.runs import run_progress
+    with run_progress(console) as progress:
+        bar = progress.add_task("trials", total=target, completed=finished_count(ostudy), rate="")
+        update = lambda done: progress.update(bar, completed=done)  # noqa: E731
+        if workers == 1:
+            _work(study, space, out, split_copy, split, trainer, target, 0, progress=update)
+        else:
+            from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+            from multiprocessing import get_context
+
+            from stacktrain.train.study.runs import pool_settings
+            setup = pool_settings(workers)
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                pending = {pool.submit(_work, study, space, out, split_copy, split, trainer, target, w, setup)
+                           for w in range(workers)}
+                while pending:  # the timeout only refreshes the bar from the storage
+                    finished, pending = wait(pending, timeout=30, return_when=FIRST_EXCEPTION)
+                    for future in finished:
+                        future.result()
+                    update(finished_count(ostudy))
+    if any(t.state.name == "COMPLETE" for t in ostudy.get_trials(deepcopy=False)):
+        best = ostudy.best_trial
+        console.print(f"best trial {best.user_attrs.get('run_number', best.number)}: objective "
+                      f"{best.value:.4f} with {best.params}")

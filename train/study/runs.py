@@ -1,0 +1,123 @@
+"""One run of a study: its record (config, split hash, host), its state (done, resume, new), and the
+worker process that trains it. Shared by the grid (`runner`) and the search (`hpo`)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress
+
+from stacktrain import ui
+from stacktrain.io import atomic_write_json
+from stacktrain.train.config import config_to_dict
+from stacktrain.train.results import RESULTS_NAME
+from stacktrain.train.study.config import RunSpec, Study, StudyError
+
+FORMAT_VERSION = 1
+RUN_RECORD = "study_run.json"
+DEFAULT_TRAINER = "stacktrain.train.loop:train"
+# Paths that depend on where DIR lives, not on what is trained: a moved study still resumes.
+LOCATION_KEYS = (("data", "split"), ("train", "out_dir"))
+
+
+def load_trainer(path: str) -> Callable[..., Path]:
+    """`module:function` -> the function: worker processes import the trainer by name."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _strip_location(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(cfg))
+    for section, key in LOCATION_KEYS:
+        cfg.get(section, {}).pop(key, None)
+    return cfg
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """`section.key: old -> new` for every setting that differs (location keys ignored)."""
+    old, new = _strip_location(old), _strip_location(new)
+    return [f"{s}.{k}: {old.get(s, {}).get(k)!r} -> {new.get(s, {}).get(k)!r}"
+            for s in sorted(set(old) | set(new))
+            for k in sorted(set(old.get(s, {})) | set(new.get(s, {})))
+            if old.get(s, {}).get(k) != new.get(s, {}).get(k)]
+
+
+def run_record(spec: RunSpec, study: Study, split: dict[str, Any]) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "study": study.name, "label": spec.label,
+            "variant": spec.variant, "model": spec.model, "fold": spec.fold, "trial": spec.trial,
+            "split_file": str(study.split_file), "split_sha256": split["sha256"],
+            "config": config_to_dict(spec.config), "host": socket.gethostname()}
+
+
+def run_state(spec: RunSpec, record: dict[str, Any]) -> str:
+    """"done", "resume" or "new"; writes the run record, refusing a run made with another config."""
+    path = spec.run_dir / RUN_RECORD
+    if path.exists():
+        old = json.loads(path.read_text())
+        diffs = config_differences(old["config"], record["config"])
+        if diffs or old.get("split_sha256") != record["split_sha256"]:
+            what = "; ".join(diffs[:5]) or "the split file"
+            raise StudyError(f"{spec.run_dir}: this run was made with another config ({what}); the study "
+                             "file changed since: use a new --out directory, or delete this run to redo it")
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+    results = spec.run_dir / RESULTS_NAME
+    if results.exists() and json.loads(results.read_text()).get("stop_reason"):
+        return "done"
+    from stacktrain.train.checkpoint import LAST  # (torch: imported when a study runs, not for `stacktrain --help`)
+    if (spec.run_dir / LAST).exists():
+        return "resume"
+    results.unlink(missing_ok=True)  # killed inside its first epoch, before last.pt: start it afresh
+    return "new"
+
+
+# -- running ---------------------------------------------------------------------------------------
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use (CUDA_VISIBLE_DEVICES, else all): workers are spread over them."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g for g in listed.split(",") if g.strip()]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_setup(threads: int, gpus: list[str], index: Any) -> None:
+    """In a fresh worker process: its share of the cores, and one GPU (round robin), before torch starts."""
+    if hasattr(index, "get_lock"):  # a shared counter: the pool's workers number themselves
+        with index.get_lock():
+            index.value += 1
+            index = index.value - 1
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+
+
+def pool_settings(workers: int) -> tuple[int, list[str]]:
+    return max(1, (os.cpu_count() or 1) // workers), visible_gpus()
+
+
+def train_one(trainer: str, config: dict[str, Any], run_dir: str, resume: bool) -> str:
+    """One training in this process (a worker's task): the study's config, run directory and resume."""
+    from stacktrain.train.config import config_from_dict
+    cfg = config_from_dict(config, f"{run_dir}/{RUN_RECORD}")
+    load_trainer(trainer)(cfg, run_dir=Path(run_dir), resume=resume)
+    return run_dir
+
+
+def run_progress(console: Console) -> Progress:
+    return ui.count_bar("rate", con=console)
+
+
+def rate(done: int, started: float) -> str:
+    hours = (time.monotonic() - started) / 3600
+    return f"{done / hours:.1f} runs/h" if done and hours > 0 else ""
