@@ -157,7 +157,7 @@ def run_benches(args, report: dict, *, has_dali: bool) -> None:
         "train": lambda: bench_train(cache=args.cache, shape_zyx=tuple(args.bench_shape),
                                      loader="dali" if has_dali and cuda else "torch", model=args.model,
                                      tiny=args.tiny_models, patch=tuple(args.patch), stride=tuple(args.stride),
-                                     batch=args.model_batch, precision=args.precision, workers=args.workers,
+                                     batch=args.model_batch, precision=args.precision if cuda else "fp32", workers=args.workers,
                                      steps_per_segment=args.train_steps, **seg),
     }
     report["benches"] = {}

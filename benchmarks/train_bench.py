@@ -19,9 +19,12 @@ from typing import Any
 
 import torch
 
+from stacktrain.train.precision import Precision
+from stacktrain.train.step import TrainStep
+
 from . import data
 from .measure import Tick, available_cores, cuda_sync, measure, no_tick
-from .model_bench import AUTOCAST, model_api
+from .model_bench import model_api
 
 
 def defaults(cuda: bool) -> dict[str, Any]:
@@ -64,17 +67,9 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
     api = model_api()
     api.check(model_name)
     net = api.build(model_name, tiny=tiny).to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    autocast = AUTOCAST[precision]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)  # the seed's
+    step = TrainStep(net, optimizer, torch.nn.BCEWithLogitsLoss(), Precision.create(precision, device), device)
     sync = cuda_sync()
-
-    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            logits = net(images)
-        loss_fn(logits.float().squeeze(1), labels).backward()
-        optimizer.step()
 
     cfg = LoaderConfig(loader=kind, batch_size=batch, workers=workers, prefetch=prefetch, dtype=dtype, seed=seed)
     the_loader = build_loader(st, st.stack_ids, train=True, patch=PatchConfig(size=patch, stride=stride),

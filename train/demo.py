@@ -17,6 +17,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from stacktrain.train.results import RunResults, level_metrics
+
 PRESET = Path(__file__).parent / "presets" / "demo.toml"
 DEMO_STACKS = 20
 DEMO_SHAPE_ZYX = (32, 96, 96)  # 18 patches of 16x32x32 per stack
@@ -43,17 +45,16 @@ def metrics_table(results: dict[str, Any]) -> Table:
     for e in results["epochs"]:
         row = [f"{e['epoch']}{' *' if e['epoch'] == results['best_epoch'] else ''}",
                _fmt(e["train_loss"]), _fmt(e["val_loss"])]
-        for key in ("patch_metrics", "volume_metrics"):
-            m = e[key]
+        for level in ("patch", "stack"):
+            m = level_metrics(e, level)
             row += [_fmt(m["accuracy"]), _fmt(m["f1"]["SAIN"]), _fmt(m["f1"]["MALADE"]), _fmt(m["roc_auc"])]
         table.add_row(*row)
     return table
 
 
-def best_stack_f1(results: dict[str, Any]) -> float:
+def best_stack_f1(results: RunResults) -> float:
     """Stack-level validation F1 of MALADE at the best epoch."""
-    best = next(e for e in results["epochs"] if e["epoch"] == results["best_epoch"])
-    return best["volume_metrics"]["f1"]["MALADE"]
+    return results.metrics("stack")["f1"]["MALADE"]
 
 
 def prepare_data(out: str | Path, *, stacks: int = DEMO_STACKS, shape_zyx=DEMO_SHAPE_ZYX,

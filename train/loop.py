@@ -36,6 +36,7 @@ from stacktrain.train.results import (
     write_results,
 )
 from stacktrain.train.runtime import Runtime, cpu_threads, deterministic_algorithms, seed_everything, setup_runtime
+from stacktrain.train.step import TrainStep, to_model_input
 
 CONFIG_NAME = "config.toml"
 EVAL_FIELDS = ("stack_index", "position", "logit", "label")
@@ -124,12 +125,9 @@ def train_epoch(net: nn.Module, loader, epoch: int, *, optimizer, criterion, pre
     net.train()
     loss_sum = torch.zeros((), device=rt.device)  # summed on the device: no sync per step
     meter = monitor.meter("train", epoch, len(loader), loader.cfg.batch_size)
+    step = TrainStep(net, optimizer, criterion, prec, rt.device)
     for batch in meter.iterate(loader.epoch(epoch)):
-        with prec.autocast():
-            logits = net(_images(batch, rt, prec))[:, 0]
-        loss = criterion(logits.float(), batch.labels.to(rt.device, non_blocking=True))
-        prec.backward_step(loss, optimizer)
-        loss_sum += loss.detach()
+        loss_sum += step(batch.images, batch.labels)
         meter.step(loss_sum)
     train_loss = loss_sum.item() / max(meter.steps, 1)  # waits for the device: the timing below is true
     return train_loss, meter.finish(rt.world_size)
@@ -145,7 +143,7 @@ def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: R
     meter = monitor.meter("val", epoch, len(loader), loader.cfg.batch_size)
     for batch in meter.iterate(loader.epoch(epoch)):
         with prec.autocast():
-            logits = net(_images(batch, rt, prec))
+            logits = net(to_model_input(batch.images, rt.device, prec))
         local.add(batch.stack_index, batch.position, logits.float(), batch.labels)
         meter.step()
     meter.finish()
@@ -153,11 +151,6 @@ def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: R
     for arrays in rt.gather(local.arrays()):
         merged.add(*(arrays[k] for k in EVAL_FIELDS))
     return merged.finalize()
-
-
-def _images(batch, rt: Runtime, prec: Precision) -> torch.Tensor:
-    images = batch.images.to(rt.device, non_blocking=True)
-    return images.float() if prec.name == "fp32" else images  # e.g. a bf16 loader on the CPU
 
 
 def _build_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module, nn.Module]:

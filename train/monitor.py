@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import MofNCompleteColumn, TextColumn
 
 from stacktrain import ui
+from stacktrain.train.results import f1_malade, level_metrics
 
 GIB = 2 ** 30
 
@@ -118,7 +119,7 @@ class Monitor:
     def epoch_line(self, entry: dict[str, Any], *, improved: bool, level: str) -> None:
         """The epoch's log line (loss | lr | patches/s | data-wait % | peak memory | F1) and curves."""
         e, th = entry["epoch"], entry["throughput"]
-        patch_f1, stack_f1 = entry["patch_metrics"]["f1"]["MALADE"], entry["volume_metrics"]["f1"]["MALADE"]
+        patch_f1, stack_f1 = f1_malade(entry, "patch"), f1_malade(entry, "stack")
         self.print(f"epoch {e} ({e + 1}/{self.epochs}) | loss {entry['train_loss']:.4f} | val_loss "
                    f"{entry['val_loss']:.4f} | lr {entry['lr']:.2e} | {th['train_patches_per_s']:,.1f} patches/s"
                    f" | data-wait {th['data_wait_pct']:.1f}% | peak {th['peak_memory_gib']:.2f} GiB | "
@@ -129,8 +130,8 @@ class Monitor:
                            ("throughput/data_wait_pct", th["data_wait_pct"]),
                            ("memory/peak_gib", th["peak_memory_gib"])):
             self.scalar(tag, value, e)
-        for level_name, key in (("patch", "patch_metrics"), ("stack", "volume_metrics")):
-            m = entry[key]
+        for level_name in ("patch", "stack"):
+            m = level_metrics(entry, level_name)
             for name, value in (("f1_MALADE", m["f1"]["MALADE"]), ("f1_SAIN", m["f1"]["SAIN"]),
                                 ("accuracy", m["accuracy"]), ("roc_auc", m["roc_auc"])):
                 self.scalar(f"val_{level_name}/{name}", value, e)

@@ -20,13 +20,14 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from stacktrain.choices import StopReason, options
 from stacktrain.errors import ResultsError
 from stacktrain.io import atomic_write
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "training_results.json"
 TIMING_KEYS = frozenset({"throughput", "wall_s", "started_at", "updated_at"})
-STOP_REASONS = ("early_stopping", "max_epochs", "pruned")  # pruned: an Optuna study stopped it
+STOP_REASONS = options(StopReason)  # pruned: an Optuna study stopped it
 PACKAGES = ("torch", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "zarr", "numcodecs", "monai",
             "numpy", "scikit-learn")
 
@@ -137,10 +138,51 @@ def environment_info(device: Any = None, world_size: int = 1) -> dict[str, Any]:
             "platform": platform.platform(), **extra}
 
 
-def new_results(config: dict[str, Any], environment: dict[str, Any]) -> dict[str, Any]:
+# -- reading -----------------------------------------------------------------------------------------
+LEVEL_KEYS = {"patch": "patch_metrics", "stack": "volume_metrics"}  # the seed's names, per level
+
+
+def level_metrics(entry: dict[str, Any], level: str) -> dict[str, Any]:
+    """An epoch entry's metrics at `level` (patch or stack)."""
+    return entry[LEVEL_KEYS[level]]
+
+
+def f1_malade(entry: dict[str, Any], level: str) -> float:
+    """The selection score: validation F1 of MALADE at `level`."""
+    return level_metrics(entry, level)["f1"]["MALADE"]
+
+
+class RunResults(dict):
+    """A results file as the dict it is in JSON (the seed's field names, unchanged), with typed accessors
+    for what every reader needs: the epochs, the best epoch's entry and its metrics per level."""
+
+    @property
+    def epochs(self) -> list[dict[str, Any]]:
+        return self["epochs"]
+
+    def epoch(self, number: int) -> dict[str, Any]:
+        for entry in self["epochs"]:
+            if entry["epoch"] == number:
+                return entry
+        raise ResultsError(f"epoch {number} is not in the results (epochs {len(self['epochs'])})")
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The entry of `best_epoch` (the epoch of best.pt), or None before any epoch."""
+        return None if self["best_epoch"] is None else self.epoch(self["best_epoch"])
+
+    def metrics(self, level: str, epoch: int | None = None) -> dict[str, Any]:
+        """Metrics at `level` of `epoch` (default: the best epoch)."""
+        entry = self.best if epoch is None else self.epoch(epoch)
+        if entry is None:
+            raise ResultsError("no epoch has finished yet: the results hold no metrics")
+        return level_metrics(entry, level)
+
+
+def new_results(config: dict[str, Any], environment: dict[str, Any]) -> RunResults:
     now = _now()
-    return {"schema_version": SCHEMA_VERSION, "config": config, "environment": environment,
-            "started_at": now, "updated_at": now, "best_epoch": None, "stop_reason": None, "epochs": []}
+    return RunResults(schema_version=SCHEMA_VERSION, config=config, environment=environment, started_at=now,
+                      updated_at=now, best_epoch=None, stop_reason=None, epochs=[])
 
 
 def epoch_entry(*, epoch: int, train_loss: float, lr: float, evaluation: Any, throughput: dict[str, Any],
@@ -171,7 +213,7 @@ def write_results(path: str | Path, results: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(text))
 
 
-def load_results(path: str | Path, *, upto_epoch: int | None = None) -> dict[str, Any]:
+def load_results(path: str | Path, *, upto_epoch: int | None = None) -> RunResults:
     """Read a results file; with `upto_epoch`, drop later epochs (resume from a checkpoint)."""
     path = Path(path)
     try:
@@ -184,7 +226,7 @@ def load_results(path: str | Path, *, upto_epoch: int | None = None) -> dict[str
     if upto_epoch is not None:
         results["epochs"] = [e for e in results["epochs"] if e["epoch"] <= upto_epoch]
         results["stop_reason"] = None
-    return results
+    return RunResults(results)
 
 
 def strip_timing(results: Any) -> Any:

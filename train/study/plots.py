@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from stacktrain.train.results import f1_malade  # noqa: E402
+
 DPI = 120
 
 
@@ -60,8 +62,8 @@ def learning_curves_plot(groups: dict[str, dict[int, Any]], path: Path) -> str:
         for fold, run in sorted(runs.items()):
             epochs = run.results["epochs"]
             x = [e["epoch"] for e in epochs]
-            for ax, key in zip(axes, ("patch_metrics", "volume_metrics")):
-                y = [e[key]["f1"]["MALADE"] for e in epochs]
+            for ax, level in zip(axes, ("patch", "stack")):
+                y = [f1_malade(e, level) for e in epochs]
                 ax.plot(x, y, color=color, alpha=0.8, marker=".", label=label if fold == min(runs) else None)
                 best = run.results["best_epoch"]
                 ax.scatter([best], [y[x.index(best)]], color=color, s=40, edgecolor="k", zorder=3)

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stacktrain.io import atomic_write
-from stacktrain.train.results import RESULTS_NAME, load_results
+from stacktrain.train.results import RESULTS_NAME, RunResults, load_results
 from stacktrain.train.study.config import StudyError
 from stacktrain.train.study.runner import read_manifest
 from stacktrain.train.study.runs import RUN_RECORD
@@ -49,17 +49,17 @@ class Run:
     fold: int
     run_dir: Path
     record: dict[str, Any]
-    results: dict[str, Any]
+    results: RunResults
 
     @property
     def best(self) -> dict[str, Any]:
-        return next(e for e in self.results["epochs"] if e["epoch"] == self.results["best_epoch"])
+        return self.results.best
 
     def predictions(self) -> FoldPredictions:
         return fold_predictions(self.best, self.fold)
 
     def metrics(self, level: str) -> dict[str, float]:
-        return json_metrics(self.best["patch_metrics" if level == "patch" else "volume_metrics"])
+        return json_metrics(self.results.metrics(level))
 
     @property
     def throughput(self) -> float:
