@@ -1,4 +1,4 @@
-# The two commands: `make demo` and `make test`. Both build .venv from the pinned lock file first.
+# The two commands: `make demo` and `make test` (ruff, then the suite). Both build .venv from the pinned lock file first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(BIN)/stacktrain demo --out demo-out
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2 --timeout 900 tests
 
 clean:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stacktrain.pipelines.workers import start_method
+
 KINDS = ("ram", "bytes", "decode", "source-bytes")
 TASKS_PER_CORE = 4  # enough tasks to balance the workers, few enough that messaging stays negligible
 
@@ -160,14 +162,6 @@ class CeilingPool:
     def __exit__(self, *exc):
         self.pool.terminate()
         self.pool.join()
-
-
-def start_method() -> str:
-    """fork starts in milliseconds; spawn where a CUDA context (or no fork) exists in this process."""
-    import sys
-    torch = sys.modules.get("torch")
-    cuda_live = torch is not None and torch.cuda.is_initialized()
-    return "fork" if "fork" in multiprocessing.get_all_start_methods() and not cuda_live else "spawn"
 
 
 def patch_tasks(numbers: list[int], cores: int) -> list[list[int]]:

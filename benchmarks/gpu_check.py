@@ -157,7 +157,8 @@ def run_benches(args, report: dict, *, has_dali: bool) -> None:
         "train": lambda: bench_train(cache=args.cache, shape_zyx=tuple(args.bench_shape),
                                      loader="dali" if has_dali and cuda else "torch", model=args.model,
                                      tiny=args.tiny_models, patch=tuple(args.patch), stride=tuple(args.stride),
-                                     batch=args.model_batch, precision=args.precision if cuda else "fp32", workers=args.workers,
+                                     batch=args.model_batch, precision=args.precision if cuda else "fp32",
+                                     workers=args.workers,
                                      steps_per_segment=args.train_steps, **seg),
     }
     report["benches"] = {}
@@ -185,10 +186,12 @@ def summary(name: str, r: dict) -> str:
         return "bench model: " + ", ".join(
             f"{row['model']} {row.get('patches_per_s', 0):.1f} patches/s {row.get('achieved_tflops', 0):.1f} TFLOP/s "
             f"({100 * row.get('fraction_of_peak', 0):.0f}% of {r['matmul_peak_tflops']:.0f}) "
-            f"peak {row.get('peak_memory_gib') or 0:.1f} GiB" if "error" not in row else f"{row['model']}: {row['error']}"
+            f"peak {row.get('peak_memory_gib') or 0:.1f} GiB"
+            if "error" not in row else f"{row['model']}: {row['error']}"
             for row in r["results"])
     return (f"bench train: data-wait {r['data_wait_pct']:.1f}%, loader headroom {r['loader_headroom']:.2f}x, "
-            f"real {r['results']['real']['per_s']:.1f} vs model alone {r['results']['model_alone']['per_s']:.1f} patches/s")
+            f"real {r['results']['real']['per_s']:.1f} vs model alone "
+            f"{r['results']['model_alone']['per_s']:.1f} patches/s")
 
 
 def main(argv=None) -> int:
@@ -209,7 +212,8 @@ def main(argv=None) -> int:
     if has_dali:
         with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
             t0 = time.perf_counter()
-            write_store(Path(tmp) / "gen.zarr", {f"gen{i}": (tissue(tuple(args.shape), seed=i), "MALADE" if i % 2 else "SAIN",
+            write_store(Path(tmp) / "gen.zarr", {f"gen{i}": (tissue(tuple(args.shape), seed=i),
+                                                          "MALADE" if i % 2 else "SAIN",
                                                           f"g{i}") for i in range(args.stacks)})
             report["store_write_s"] = time.perf_counter() - t0
             store = Store(Path(tmp) / "gen.zarr")
@@ -221,7 +225,8 @@ def main(argv=None) -> int:
         for name in ("eval_no_aug", "train_aug"):
             r = report[name]
             print(f"{name}: {'OK' if r['ok'] else 'MISMATCH'} {r['patches']} patches, max |diff| "
-                  f"{r['max_abs_diff']:.3g} (tolerance {r['tolerance']}), side outputs equal: {r['side_outputs_equal']}")
+                  f"{r['max_abs_diff']:.3g} (tolerance {r['tolerance']}), "
+                  f"side outputs equal: {r['side_outputs_equal']}")
         for kind, t in report["throughput"].items():
             print(f"{kind}: {t['patches_per_s']:.1f} patches/s ({t['gb_per_s_uint8']:.2f} GB/s of uint8 patches)")
     else:

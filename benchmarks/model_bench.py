@@ -39,7 +39,8 @@ def model_api() -> SimpleNamespace:
                                card=lambda name, patch, tiny=False, options=None, batch=64: resnet3d.card(patch, batch))
     from stacktrain.train import models
     return SimpleNamespace(models=list(models.MODELS), check=models.check_model, source="train.models (MONAI)",
-                           build=lambda name, tiny=False, options=None: models.build_model(name, tiny=tiny, options=options),
+                           build=lambda name, tiny=False, options=None: models.build_model(
+                               name, tiny=tiny, options=options),
                            card=models.model_card)
 
 

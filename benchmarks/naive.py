@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stacktrain.pipelines.contract import DTYPES
+from stacktrain.pipelines.workers import start_method
 
 
 class ZarrPatchDataset(Dataset):
@@ -71,7 +72,7 @@ class RangeBatches(Sampler):
 def naive_loader(dataset: ZarrPatchDataset, *, batch_size: int, workers: int, prefetch: int,
                  pin_memory: bool) -> DataLoader:
     sampler = RangeBatches(batch_size)
-    context = "spawn" if workers and torch.cuda.is_initialized() else None
+    context = start_method() if workers else None
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
                       prefetch_factor=prefetch if workers else None, pin_memory=pin_memory,
                       multiprocessing_context=context)

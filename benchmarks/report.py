@@ -122,7 +122,8 @@ def markdown(results: dict) -> str:
     """The Markdown of a results file: machine, then every bench's tables."""
     m = results["machine"]
     lines = [f"# Benchmarks on {m['name']} ({results['date']})", "",
-             f"{m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; torch {m['torch']}, DALI {m['dali'] or '-'}. "
+             f"{m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; "
+             f"torch {m['torch']}, DALI {m['dali'] or '-'}. "
              "Produced by `stacktrain bench ... --record`; JSON with every segment next to this file.", ""]
     for name in ("loader", "store", "model", "train"):
         if name not in results["benches"]:

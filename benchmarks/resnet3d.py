@@ -25,7 +25,8 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or inplanes != out:
-            self.downsample = nn.Sequential(nn.Conv3d(inplanes, out, 1, stride), nn.BatchNorm3d(out))  # biased, as MONAI
+            # biased, as MONAI
+            self.downsample = nn.Sequential(nn.Conv3d(inplanes, out, 1, stride), nn.BatchNorm3d(out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.relu(self.bn1(self.conv1(x)))

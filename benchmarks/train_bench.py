@@ -46,7 +46,8 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
                 shape_zyx=data.DEFAULT_SHAPE_ZYX, loader: str | None = None, model: str | None = None,
                 tiny: bool | None = None, patch=None, stride=None, batch: int | None = None,
                 precision: str | None = None, workers: int | None = None, prefetch: int = 2, segments: int = 5,
-                warmup: int = 1, steps_per_segment: int | None = None, seed: int = 0, tick: Tick = no_tick) -> dict[str, Any]:
+                warmup: int = 1, steps_per_segment: int | None = None, seed: int = 0,
+                tick: Tick = no_tick) -> dict[str, Any]:
     from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
     from stacktrain.pipelines.loaders import build_loader, resolve_loader
     from stacktrain.stores.reader import Store
@@ -110,7 +111,8 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
     timed_waits = waits[warmup:]
     model_rate, loader_rate = results["model_alone"]["per_s"], results["loader_alone"]["per_s"]
     return {"bench": "train",
-            "config": {"store": str(path), "generated": store is None, "loader": kind, "model": model_name, "tiny": tiny,
+            "config": {"store": str(path), "generated": store is None, "loader": kind, "model": model_name,
+                       "tiny": tiny,
                        "patch": list(patch), "stride": list(stride) if stride else None, "batch": batch,
                        "precision": precision, "loader_dtype": dtype, "workers": workers, "prefetch": prefetch,
                        "segments": segments, "warmup": warmup, "steps_per_segment": steps_per_segment, "seed": seed,

@@ -20,6 +20,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Level = Literal["patch", "stack"]
 Aggregate = Literal["mean", "max", "topk"]
 Pruner = Literal["median", "none"]
+SpaceKind = Literal["float", "int", "categorical"]  # an [hpo.space] dimension
 StopReason = Literal["early_stopping", "max_epochs", "pruned"]
 
 

@@ -130,7 +130,8 @@ def _train(sub) -> None:
                        description="The embedded demo (`make demo`): synthetic stacks, a store, a split, and a "
                                    "few minutes of CPU training with the `demo` preset; prints patch- and "
                                    "stack-level metrics per epoch.")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR", help="work directory (default demo-out)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), metavar="DIR",
+                   help="work directory (default demo-out)")
     p.add_argument("--epochs", type=int, default=KEEP, help="override the preset's epochs")
     p.set_defaults(func=commands.demo)
 

@@ -18,6 +18,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 from .base import PatchLoader
 from .contract import Batch
 from .graph import OUTPUT_MAP, build_pipeline
+from .workers import start_method
 
 
 class DaliLoader(PatchLoader):
@@ -32,11 +33,6 @@ class DaliLoader(PatchLoader):
         self._iterator = None
         self._next_epoch: int | None = None  # the epoch the built pipeline delivers next, if clean
 
-    def _start_method(self) -> str:
-        # Forked workers must not inherit a CUDA context: GPU mode (DALI itself uses CUDA, and the
-        # trainer usually has already) and any process where torch initialised CUDA use spawn.
-        return "spawn" if self._gpu or torch.cuda.is_initialized() else "fork"
-
     def _build(self, epoch: int) -> None:
         self._release()
         source = copy.copy(self.source)
@@ -46,7 +42,7 @@ class DaliLoader(PatchLoader):
             source, gpu=self._gpu, device_id=self.device.index if self._gpu else None,
             batch_size=cfg.batch_size, workers=cfg.workers, prefetch=cfg.prefetch,
             store_dtype=self._store_dtype, out_dtype=cfg.dtype, patch_cdhw=(self.spec.channels, *self.spec.patch_dhw),
-            clip=self._clip, seed=cfg.seed, start_method=self._start_method())
+            clip=self._clip, seed=cfg.seed, start_method=start_method(gpu=self._gpu))
         self._iterator = DALIGenericIterator([self._pipe], OUTPUT_MAP, last_batch_policy=LastBatchPolicy.PARTIAL,
                                              prepare_first_batch=False, auto_reset=False)
         self._next_epoch = epoch

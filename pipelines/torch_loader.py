@@ -21,6 +21,7 @@ from .base import PatchLoader
 from .contract import DTYPES, Batch
 from .normalize import apply_numpy
 from .source import PatchSource
+from .workers import start_method
 
 
 def finish_numpy(sample: dict[str, np.ndarray], patch_dhw, clip: bool) -> np.ndarray:
@@ -82,9 +83,7 @@ class TorchLoader(PatchLoader):
         cfg = self.cfg
         self._sampler = EpochBatchSampler(self.source)
         workers = cfg.workers
-        context = None
-        if workers and torch.cuda.is_initialized():
-            context = "spawn"  # forked workers must not inherit a CUDA context
+        context = start_method() if workers else None
         self._loader = DataLoader(
             PatchDataset(self.source, clip, DTYPES[cfg.dtype]), batch_sampler=self._sampler,
             num_workers=workers, persistent_workers=workers > 0,

@@ -1,6 +1,6 @@
 """Compressed chunk bytes straight from Zarr v3 shard files, and the numpy reassembly of chunks.
 
-zarr-python spends 120-180 us of CPU per chunk (DESIGN §4); a patch touches dozens of chunks, so the
+zarr-python spends 120-180 us of CPU per chunk (README, "Choosing chunks"); a patch touches dozens of chunks, so the
 pipelines read shard files themselves: the shard index (n_inner x (offset u64, nbytes u64) + crc32c,
 at the end of the file) says where each inner chunk's bytes are. Absent inner chunks (all fill) have
 offset = nbytes = 2**64-1 and are replaced by the compressed bytes of a zero chunk, so that every chunk
@@ -264,7 +264,8 @@ def gather(files: ShardFiles, box_zyx, *, codec: str, dtype: str, raw_lz4: bool)
     absent = file_off < 0
     found = np.flatnonzero(~absent)
     offsets = np.full(n, run_pos[-1], np.int64)
-    offsets[found] = run_pos[run_of[found]] + file_off[found] - np.asarray([r[1] for r in runs], np.int64)[run_of[found]]
+    offsets[found] = (run_pos[run_of[found]] + file_off[found]
+                      - np.asarray([r[1] for r in runs], np.int64)[run_of[found]])
     nbytes[absent] = len(zero)
     header = LZ4_HEADER if raw_lz4 else 0
     origin = tuple(lo * c for (lo, _), c in zip(ranges, files.chunk_shape[1:]))

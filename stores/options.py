@@ -50,7 +50,8 @@ class ConvertOptions:
             require(len(zyx) == 3 and all(int(n) == n and n >= 1 for n in zyx), f"--{name}", zyx,
                     "give three positive integers Z Y X")
         if any(s % c for s, c in zip(self.shard_zyx, self.chunk_zyx)):
-            raise ConfigError(f"--shard {self.shard_zyx} must be a multiple of --chunk {self.chunk_zyx} along every axis")
+            raise ConfigError(f"--shard {self.shard_zyx} must be a multiple of --chunk {self.chunk_zyx} "
+                              "along every axis")
 
     @property
     def slab_depth(self) -> int:

@@ -140,7 +140,8 @@ def log_lines(path: Path) -> list[dict]:
 def run_killed(study: Path, out: Path, trainer: str, env: dict[str, str], tmp_path: Path) -> None:
     """Run the study in a subprocess that FAKE_KILL kills; then kill what it leaves behind (DALI's
     worker processes outlive a SIGKILLed parent), found by its own process group."""
-    code = f"from stacktrain.train.study.runner import run_study; run_study({str(study)!r}, {str(out)!r}, trainer={trainer!r})"
+    code = ("from stacktrain.train.study.runner import run_study; "
+            f"run_study({str(study)!r}, {str(out)!r}, trainer={trainer!r})")
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

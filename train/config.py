@@ -177,7 +177,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a TOML config or a packaged preset's name (None: all defaults) and apply `section.key=value` overrides in order."""
+    """Read a TOML config or a packaged preset's name (None: all defaults) and apply `section.key=value`
+    overrides in order."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = resolve_file(path, "stacktrain.train", "config")

@@ -11,7 +11,7 @@ Each has a tiny flavor (a few channels and blocks) that runs in milliseconds on 
 | efficientnet-b0-3d | EfficientNetBN("efficientnet-b0")      | phase 2: depthwise MBConv + squeeze-excite |
 
 The ResNets' stem. MONAI's default stem (7^3 conv, stride 1) keeps the full 32x256x256 resolution
-into the first bottlenecks: ~2.6 GiB of bf16 activations per patch, ~169 GiB at batch 64 (DESIGN §3).
+into the first bottlenecks: ~2.6 GiB of bf16 activations per patch, ~169 GiB at batch 64 (README, "Models").
 We use stride (1, 2, 2) instead: it halves H and W but keeps the depth, which is already 8x smaller
 than H and W in a 32x256x256 patch (and usually the coarser axis of a stack). `model_card` measures
 ~0.67 GiB per patch, so batch 64 needs ~43 GiB of activations in bf16: within 80 GB. Stride 2 in all

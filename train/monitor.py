@@ -47,7 +47,8 @@ class Meter:
         self.loss: float | None = None
         self.task = None
         if monitor.progress is not None:
-            self.task = monitor.progress.add_task(kind, total=n_batches, epoch=f"{epoch} ({epoch + 1}/{monitor.epochs})",
+            self.task = monitor.progress.add_task(kind, total=n_batches,
+                                                  epoch=f"{epoch} ({epoch + 1}/{monitor.epochs})",
                                                   kind=kind, rate="-", loss="-")
 
     def iterate(self, batches: Iterable) -> Iterator:

@@ -162,13 +162,24 @@ def test_bad_inputs_are_clear_errors(store_arrays, tmp_path, monkeypatch):
 
 def test_spawned_workers_deliver_the_same(store_arrays, monkeypatch):
     """GPU mode starts its workers with spawn: the source must pickle and import cleanly there."""
-    from stacktrain.pipelines.dali_loader import DaliLoader
+    from stacktrain.pipelines import dali_loader
     store, _ = store_arrays
     with make(store, "torch", train=True, workers=0) as loader:
         want = list(loader.epoch(0))
-    monkeypatch.setattr(DaliLoader, "_start_method", lambda self: "spawn")
+    monkeypatch.setattr(dali_loader, "start_method", lambda gpu=False: "spawn")
     with make(store, "dali-cpu", train=True) as loader:
         got = list(loader.epoch(0))
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert torch.equal(a.images, b.images) and torch.equal(a.position, b.position)
+
+
+@pytest.mark.parametrize("initialized, available, gpu, want", [
+    (False, False, False, "fork"), (True, False, False, "spawn"), (False, True, False, "spawn"),
+    (False, False, True, "spawn")])
+def test_one_start_method_rule(monkeypatch, initialized, available, gpu, want):
+    """fork only where no CUDA driver can be up: faked driver states, one rule for every loader."""
+    from stacktrain.pipelines import workers
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    assert workers.start_method(gpu=gpu) == want

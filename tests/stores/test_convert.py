@@ -33,7 +33,8 @@ def write_manifest(folder, rows, name="labels.csv"):
 @pytest.fixture
 def npy_stacks(tmp_path):
     """Three .npy stacks of uneven tiny shapes; returns (manifest, {stack_id: array})."""
-    arrays = {f"s{i}": tissue((3, z, y, x), seed=i) for i, (z, y, x) in enumerate([(20, 40, 40), (9, 33, 17), (16, 32, 48)])}
+    arrays = {f"s{i}": tissue((3, z, y, x), seed=i)
+              for i, (z, y, x) in enumerate([(20, 40, 40), (9, 33, 17), (16, 32, 48)])}
     for sid, a in arrays.items():
         np.save(tmp_path / f"{sid}.npy", a)
     rows = [(f"{sid}.npy", sid, "MALADE" if i % 2 else "SAIN", f"p{i // 2}") for i, sid in enumerate(arrays)]

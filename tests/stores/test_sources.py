@@ -307,7 +307,7 @@ def test_source_sha256(tmp_path):
         source_sha256(tmp_path / "missing")
 
 
-# -- real volumes shipped inside installed packages (DESIGN §6) --------------------------------------
+# -- real volumes shipped inside installed packages ---------------------------------------------
 def test_real_dicom_multiframe_ybr_jpeg():
     from pydicom.data import get_testdata_file
 

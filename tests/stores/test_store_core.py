@@ -103,7 +103,8 @@ def test_slabs_of_any_depth_give_the_same_store(tmp_path):
     a = write_array(tmp_path / "a.zarr", "s", arr, slab=5)
     b = write_array(tmp_path / "b.zarr", "s", arr, slab=16)
     for k in ("foreground", "mean"):
-        np.testing.assert_array_equal(Store(tmp_path / "a.zarr").stats("s")[k], Store(tmp_path / "b.zarr").stats("s")[k])
+        np.testing.assert_array_equal(Store(tmp_path / "a.zarr").stats("s")[k],
+                                      Store(tmp_path / "b.zarr").stats("s")[k])
     assert a.percentiles == b.percentiles
     np.testing.assert_array_equal(Store(tmp_path / "a.zarr").read("s"), arr)
 

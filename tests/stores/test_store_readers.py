@@ -1,5 +1,5 @@
 """A converted store read by others: ome-zarr-models, plain zarr-python, tensorstore, a plain LZ4 block
-decoder (the GPU's contract), and real volumes shipped inside PyPI packages (DESIGN §6)."""
+decoder (the GPU's contract), and real volumes shipped inside PyPI packages."""
 
 from __future__ import annotations
 

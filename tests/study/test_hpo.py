@@ -102,7 +102,8 @@ def test_report_of_an_hpo_study_has_optuna_plots(tmp_path, fake_data):
 
 @pytest.mark.parametrize("space, message", [
     ('"optim.lrate" = { type = "float", low = 1e-4, high = 1e-3 }', r"unknown key optim\.lrate"),
-    ('"optim.lr" = { type = "uniform", low = 1e-4, high = 1e-3 }', "give type = one of"),
+    ('"optim.lr" = { type = "uniform", low = 1e-4, high = 1e-3 }',
+     r"hpo\.space\.optim\.lr\.type = 'uniform': choose one of float, int, categorical"),
     ('"optim.lr" = { type = "float", low = 0.0, high = 1e-3, log = true }', "log scale needs low > 0"),
     ('"loader.batch_size" = { type = "categorical", choices = ["big"] }', "loader.batch_size"),
 ])

@@ -39,7 +39,8 @@ preprocess = { normalize = "scale" }
 
 def study_dir(tmp_path, fake_data, body, name="s"):
     store, split = fake_data
-    study = write_study(tmp_path / f"{name}.toml", store, split, body, sets=("train.epochs=3", "train.select_level=patch"))
+    study = write_study(tmp_path / f"{name}.toml", store, split, body,
+                        sets=("train.epochs=3", "train.select_level=patch"))
     out = tmp_path / f"{name}-out"
     run_study(study, out, trainer=FAKE, console=Console(quiet=True))
     return out

@@ -110,7 +110,9 @@ def test_a_changed_config_or_split_is_refused(tmp_path, fake_data):
 
 @pytest.mark.parametrize("body, head, message", [
     ('[variants.a]\npreprocess = { normalise = "scale" }', "", r"unknown key\(s\) preprocess\.normalise"),
-    ('[variants.a]\nmodel = { name = "resnet3d18" }', "", r"variants\.a: unknown key\(s\) model"),
+    ('[variants.a]\nmodel = { name = "resnet3d18" }', "",
+     r"unknown key\(s\) variants\.a\.model; valid keys of \[variants\.a\]: "
+     "description, store, patch, preprocess, loader"),
     ('[variants."a b"]\n', "", "variant name 'a b'"),
     ("[models.nope]\n", "", "registered models"),
     (VARIANTS, 'baseline = "nope"', "study.baseline = 'nope'"),

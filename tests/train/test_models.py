@@ -41,7 +41,7 @@ def test_resnet3d50_batch64_bf16_fits_80gb():
     assert 45e6 < card["params"] < 47e6  # ResNet-50 bottlenecks [3, 4, 6, 3] with one output
     assert card["train_memory_gib_at_batch"] * 2**30 < 80 * GB
     assert 150 < card["forward_gflop"] < 300
-    # The check can fail: MONAI's default stride-1 stem needs ~169 GiB (DESIGN §3).
+    # The check can fail: MONAI's default stride-1 stem needs ~169 GiB (README, "Models").
     default_stem = model_card("resnet3d50", (32, 256, 256), options={"stem_stride": 1}, batch=64)
     assert default_stem["activation_gib_at_batch"] * 2**30 > 80 * GB
 

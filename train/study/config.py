@@ -14,7 +14,7 @@ preprocess = { normalize = "scale" }
 [variants.resampled]
 store = "resampled.zarr"            # a variant that needs another store names it
 [models.resnet3d18]                 # models axis (or `models = ["resnet3d18", ...]`)
-[hpo]                               # phase 3 only: see train/hpo.py
+[hpo]                               # phase 3 only: see hpo.py and hpo_config.py
 ```
 
 Relative store and split paths are taken from the current directory (as in the presets). A run is
@@ -30,18 +30,77 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from stacktrain.config import resolve_file
+from stacktrain.config import build, require, resolve_file
 from stacktrain.errors import StudyError
 from stacktrain.train.config import ConfigError, TrainConfig, apply_override, config_from_dict
 from stacktrain.train.split import load_split
+from stacktrain.train.study.hpo_config import HpoConfig
 
-STUDY_KEYS = ("name", "base", "split", "store", "folds", "baseline", "set")
 VARIANT_SECTIONS = ("patch", "preprocess", "loader")
-VARIANT_KEYS = ("description", "store", *VARIANT_SECTIONS)
 BASE_VARIANT = "base"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
+# -- the file, typed -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudyTable:
+    """The `[study]` table."""
+    name: str = ""
+    """Names the study (Optuna study name, report title); empty: the file's name without .toml."""
+    base: str = ""
+    """Base training config, relative to the study file, or a packaged preset's name (demo, seed-gpu)."""
+    split: str = ""
+    """K-fold split file (`stacktrain split --folds K`) every run uses; empty: the base config's data.split."""
+    store: str = ""
+    """Store every run reads (a variant may name another); empty: the base config's data.store."""
+    folds: Any = "all"
+    """"all" or a list of fold numbers of the split (read as a tuple)."""
+    baseline: str = ""
+    """The label paired differences are taken against; empty: the first run's label."""
+    set: tuple[str, ...] = ()
+    """section.key=value overrides of the base config, for every run."""
+
+    def __post_init__(self):
+        folds = self.folds  # "all" or fold numbers: a union that `build` cannot check by annotation
+        ok = folds == "all" or (isinstance(folds, (list, tuple)) and bool(folds)
+                                and all(isinstance(f, int) and not isinstance(f, bool) for f in folds))
+        require(ok, "study.folds", folds, 'give "all" or a list of fold numbers')
+        if folds != "all":
+            object.__setattr__(self, "folds", tuple(folds))
+        require(bool(self.base), "study.base", self.base, "name a training config (relative to the study "
+                'file) or a packaged preset, e.g. "demo"')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Variant:
+    """A `[variants.NAME]` table: overrides of the base config (models and folds are separate axes)."""
+    description: str = ""
+    """Shown in the report next to the variant's name."""
+    store: str = ""
+    """Another store for this variant (e.g. resampled stacks); empty: the study's."""
+    patch: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """[patch] keys; the run config checks them."""
+    preprocess: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """[preprocess] keys; the run config checks them."""
+    loader: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """[loader] keys; the run config checks them."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StudyFile:
+    """A study file's tables; `load_study` resolves them (base config, split, folds) into a `Study`."""
+    study: StudyTable | None = None
+    """Names the base config and the split file; required."""
+    variants: dict[str, Variant] | None = None
+    """The variants axis; left out: one variant, the base config as it is."""
+    models: Any = None
+    """The models axis: a list of model names, or [models.LABEL] tables of [model] keys (the run config
+    checks them); left out: the base config's model."""
+    hpo: HpoConfig | None = None
+    """Phase 3: an Optuna search over one variant and model instead of a grid."""
+
+    def __post_init__(self):
+        require(self.variants != {}, "variants", self.variants, "give at least one [variants.NAME] table")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,10 +125,13 @@ class Study:
     """The base config as raw nested dicts, with the study's `set` overrides applied."""
     split_file: Path
     folds: tuple[int, ...]
-    variants: dict[str, dict[str, Any]]
+    variants: dict[str, Variant]
+    """Each variant's checked table: every `Variant` field, as plain values (study.json lists them)."""
     models: dict[str, dict[str, Any]]
+    """Each model label's [model] table."""
     baseline: str
-    hpo: dict[str, Any] | None
+    hpo: HpoConfig | None
+    """The `[hpo]` table, checked; None for a grid study."""
 
     def label(self, variant: str, model: str) -> str:
         if len(self.variants) > 1 and len(self.models) > 1:
@@ -82,11 +144,11 @@ class Study:
         raw = copy.deepcopy(self.base_raw)
         spec = self.variants[variant]
         for section in VARIANT_SECTIONS:
-            raw.setdefault(section, {}).update(copy.deepcopy(spec.get(section, {})))
+            raw.setdefault(section, {}).update(copy.deepcopy(getattr(spec, section)))
         tiny = raw.get("model", {}).get("tiny", False)
         raw["model"] = {"tiny": tiny, **copy.deepcopy(self.models[model])}
         data = raw.setdefault("data", {})
-        store = spec.get("store") or data.get("store")
+        store = spec.store or data.get("store")
         data.update(store=str(Path(store).resolve()) if store else "", split=str(split_copy.resolve()), fold=fold)
         raw.setdefault("train", {}).update(out_dir=str(out.resolve()), run_name=run_name)
         return raw
@@ -113,7 +175,7 @@ def build_config(raw: dict[str, Any], where: str) -> TrainConfig:
 
 
 def _check_name(kind: str, name: str, where: str) -> str:
-    if not isinstance(name, str) or not _SAFE_NAME.match(name):
+    if not _SAFE_NAME.match(name):
         raise StudyError(f"{where}: {kind} name {name!r} must be 1-64 letters, digits, '_', '-' or '.' "
                          "(it becomes a directory name)")
     return name
@@ -128,104 +190,79 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
         raise StudyError(f"{path}: not valid TOML ({e})") from None
 
 
-def _variants(raw: Any, where: str) -> dict[str, dict[str, Any]]:
-    if raw is None:
-        return {BASE_VARIANT: {}}
-    if not isinstance(raw, dict) or not raw:
-        raise StudyError(f"{where}: [variants] must hold at least one [variants.NAME] table")
-    out = {}
-    for name, spec in raw.items():
-        _check_name("variant", name, where)
-        if not isinstance(spec, dict):
-            raise StudyError(f"{where}: variants.{name} must be a table")
-        unknown = sorted(set(spec) - set(VARIANT_KEYS))
-        if unknown:
-            raise StudyError(f"{where}: variants.{name}: unknown key(s) {', '.join(unknown)}; a variant "
-                             f"sets {', '.join(VARIANT_KEYS)} (models and folds are separate axes)")
-        for section in VARIANT_SECTIONS:
-            if section in spec and not isinstance(spec[section], dict):
-                raise StudyError(f"{where}: variants.{name}.{section} must be a table of {section} keys")
-        out[name] = spec
-    return out
-
-
 def _models(raw: Any, base_raw: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
     if raw is None:
         base = {k: v for k, v in base_raw.get("model", {}).items() if k != "tiny"}
         name = base.get("name", "resnet3d50")
         return {name: {"name": name, **base}}
-    if isinstance(raw, list):
+    if isinstance(raw, list) and all(isinstance(name, str) for name in raw):
         raw = {name: {} for name in raw}
-    if not isinstance(raw, dict) or not raw:
-        raise StudyError(f"{where}: `models` must be a list of model names or [models.LABEL] tables")
-    out = {}
-    for label, spec in raw.items():
-        _check_name("model", label, where)
-        if not isinstance(spec, dict):
-            raise StudyError(f"{where}: models.{label} must be a table of [model] keys")
-        out[label] = {"name": label, **{k: v for k, v in spec.items() if k != "description"}}
-    return out
+    if not isinstance(raw, dict) or not raw or not all(isinstance(spec, dict) for spec in raw.values()):
+        raise StudyError(f"{where}: models = {raw!r}: give a list of model names or [models.LABEL] tables "
+                         "of [model] keys")
+    return {_check_name("model", label, where): {"name": label, **{k: v for k, v in spec.items()
+                                                                    if k != "description"}}
+            for label, spec in raw.items()}
 
 
-def _folds(value: Any, n_folds: int, split_file: Path, where: str) -> tuple[int, ...]:
-    if value in (None, "all"):
-        return tuple(range(n_folds))
-    if not isinstance(value, list) or not value or not all(isinstance(f, int) for f in value):
-        raise StudyError(f"{where}: study.folds = {value!r}; give \"all\" or a list of fold numbers")
-    bad = [f for f in value if not 0 <= f < n_folds]
-    if bad or len(set(value)) != len(value):
-        raise StudyError(f"{where}: study.folds = {value}; {split_file} has {n_folds} fold(s), numbered "
+def _check_folds(key: str, folds: tuple[int, ...], n_folds: int, split_file: Path, where: str) -> None:
+    if any(not 0 <= f < n_folds for f in folds) or len(set(folds)) != len(folds):
+        raise StudyError(f"{where}: {key} = {list(folds)}: {split_file} has {n_folds} fold(s), numbered "
                          f"0..{n_folds - 1}, each listed once")
-    return tuple(value)
+
+
+def _base_raw(path: Path, head: StudyTable, overrides: list[str], where: str) -> dict[str, Any]:
+    """The base config's raw tables, with study.set, the command line's overrides and study.store."""
+    base_path = path.parent / head.base
+    if not base_path.exists():  # a packaged preset's name (demo, seed-gpu)
+        try:
+            base_path = resolve_file(head.base, "stacktrain.train", "base training config (study.base)")
+        except ConfigError as e:
+            raise StudyError(f"{where}: study.base: {e}") from None
+    base_raw = _read_toml(base_path, "base training config (study.base, relative to the study file)")
+    try:
+        for override in [*head.set, *overrides]:
+            apply_override(base_raw, override)
+    except ConfigError as e:
+        raise StudyError(f"{where}: {e}") from None
+    if head.store:
+        base_raw.setdefault("data", {})["store"] = head.store
+    return base_raw
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     """Parse and check a study file; `overrides` (section.key=value) apply to every run."""
     path = resolve_file(path, "stacktrain.train.study", "study")
-    raw = _read_toml(path, "study file")
     where = str(path)
-    unknown = sorted(set(raw) - {"study", "variants", "models", "hpo"})
-    if unknown:
-        raise StudyError(f"{where}: unknown table(s) {', '.join(unknown)}; a study file has [study], "
-                         "[variants.NAME], [models.NAME] and [hpo]")
-    head = raw.get("study")
-    if not isinstance(head, dict):
-        raise StudyError(f"{where}: no [study] table; it names the base config and the split file")
-    unknown = sorted(set(head) - set(STUDY_KEYS))
-    if unknown:
-        raise StudyError(f"{where}: unknown key(s) study.{', study.'.join(unknown)}; valid keys: "
-                         f"{', '.join(STUDY_KEYS)}")
-    name = _check_name("study", head.get("name", path.stem), where)
-    if not head.get("base"):
-        raise StudyError(f"{where}: study.base is not set; name a training config (relative to the study "
-                         "file) or a packaged preset, e.g. \"demo\"")
-    base_path = path.parent / head["base"]
-    if not base_path.exists():  # a packaged preset's name (demo, seed-gpu)
-        try:
-            base_path = resolve_file(head["base"], "stacktrain.train", "base training config (study.base)")
-        except ConfigError as e:
-            raise StudyError(f"{where}: study.base: {e}") from None
-    base_raw = _read_toml(base_path, "base training config (study.base, relative to the study file)")
-    try:
-        for override in [*head.get("set", []), *overrides]:
-            apply_override(base_raw, override)
+    try:  # every key and value, [hpo] included; the run configs are checked when the runs are expanded
+        spec = build(StudyFile, _read_toml(path, "study file"), where)
     except ConfigError as e:
-        raise StudyError(f"{where}: {e}") from None
-    if head.get("store"):
-        base_raw.setdefault("data", {})["store"] = head["store"]
-    split_file = Path(head.get("split") or base_raw.get("data", {}).get("split") or "")
+        raise StudyError(str(e)) from None
+    head = spec.study
+    if head is None:
+        raise StudyError(f"{where}: no [study] table; it names the base config and the split file")
+    name = _check_name("study", head.name or path.stem, where)
+    base_raw = _base_raw(path, head, overrides, where)
+    split_file = Path(head.split or base_raw.get("data", {}).get("split") or "")
     if not str(split_file) or str(split_file) == ".":
         raise StudyError(f"{where}: no split file: set study.split (make one with `stacktrain split STORE "
                          "--folds K --out splits.json`)")
-    split = load_split(split_file)
-    folds = _folds(head.get("folds"), len(split.get("folds") or []), split_file, where)
-    variants = _variants(raw.get("variants"), where)
-    models = _models(raw.get("models"), base_raw, where)
+    n_folds = len(load_split(split_file).get("folds") or [])
+    folds = tuple(range(n_folds)) if head.folds == "all" else head.folds
+    _check_folds("study.folds", folds, n_folds, split_file, where)
+    variants = {_check_name("variant", v, where): variant
+                for v, variant in (spec.variants or {BASE_VARIANT: Variant()}).items()}
+    models = _models(spec.models, base_raw, where)
+    if spec.hpo is not None:
+        _check_folds("hpo.folds", spec.hpo.folds, n_folds, split_file, where)
+        if len(variants) != 1 or len(models) != 1:
+            raise StudyError(f"{where}: an [hpo] study tunes one variant and one model (the ones phases 1 "
+                             f"and 2 chose); it has variants {list(variants)} and models {list(models)}")
     study = Study(path=path, name=name, base_raw=base_raw, split_file=split_file, folds=folds,
-                  variants=variants, models=models, baseline="", hpo=raw.get("hpo"))
+                  variants=variants, models=models, baseline="", hpo=spec.hpo)
     labels = [study.label(v, m) for v in variants for m in models]
-    baseline = head.get("baseline", labels[0])
+    baseline = head.baseline or labels[0]
     if study.hpo is None and baseline not in labels:
-        raise StudyError(f"{where}: study.baseline = {baseline!r} is not one of the study's labels: "
+        raise StudyError(f"{where}: study.baseline = {baseline!r}: not one of the study's labels: "
                          f"{', '.join(labels)}")
     return dataclasses.replace(study, baseline=baseline)

@@ -19,6 +19,7 @@ reports the validation F1 of MALADE (at train.select_level) at step `fold positi
 and stops the training when the pruner says so (stop_reason "pruned"). The objective is the mean over
 folds of the best epoch's F1. A trial whose process died (same host, pid gone; or, with heartbeat_s,
 any machine) is failed and re-enqueued with its parameters; the new trial resumes its run directories.
+The table's keys, defaults and rules are `HpoConfig` (hpo_config.py), checked when the file is read.
 """
 
 from __future__ import annotations
@@ -34,24 +35,10 @@ import tomli_w
 
 from stacktrain.train.config import ConfigError, apply_override
 from stacktrain.train.study.config import RunSpec, Study, StudyError, build_config
+from stacktrain.train.study.hpo_config import SearchDimension
 
-HPO_KEYS = ("trials", "folds", "storage", "seed", "enqueue_base", "heartbeat_s", "pruner", "space")
-PARAM_TYPES = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"),
-               "categorical": ("choices",)}
-PRUNERS = ("median", "none")
 TRIALS_DIR = "trials"
 DB_NAME = "optuna.db"
-
-
-def _hpo(study: Study) -> dict[str, Any]:
-    hpo = study.hpo or {}
-    unknown = sorted(set(hpo) - set(HPO_KEYS))
-    if unknown:
-        raise StudyError(f"{study.path}: unknown key(s) hpo.{', hpo.'.join(unknown)}; valid: {', '.join(HPO_KEYS)}")
-    if len(study.variants) != 1 or len(study.models) != 1:
-        raise StudyError(f"{study.path}: an [hpo] study tunes one variant and one model (the ones phases 1 "
-                         f"and 2 chose); it has variants {list(study.variants)} and models {list(study.models)}")
-    return hpo
 
 
 def _literal(value: Any) -> str:
@@ -63,52 +50,36 @@ def set_param(raw: dict[str, Any], key: str, value: Any) -> None:
     apply_override(raw, f"{key}={_literal(value)}")
 
 
-def load_space(study: Study) -> dict[str, dict[str, Any]]:
-    """The `[hpo.space]` table, checked: known config keys, known types, sane bounds."""
-    space = _hpo(study).get("space")
+def load_space(study: Study) -> dict[str, SearchDimension]:
+    """The `[hpo.space]` (its types and bounds were checked with the file), tried on the base config:
+    every searched key must exist and every choice and bound must make a valid run config."""
     where = f"{study.path}: hpo.space"
-    if not isinstance(space, dict) or not space:
-        raise StudyError(f"{where}: declare at least one parameter, e.g. \"optim.lr\" = {{ type = \"float\", "
-                         "low = 1e-5, high = 1e-2, log = true }")
-    for key, spec in space.items():
-        kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind not in PARAM_TYPES:
-            raise StudyError(f"{where}.\"{key}\": give type = one of {', '.join(PARAM_TYPES)}")
-        unknown = sorted(set(spec) - {"type", *PARAM_TYPES[kind]})
-        if unknown:
-            raise StudyError(f"{where}.\"{key}\": unknown key(s) {', '.join(unknown)}; a {kind} takes "
-                             f"{', '.join(PARAM_TYPES[kind])}")
-        if kind == "categorical":
-            if not isinstance(spec.get("choices"), list) or not spec["choices"]:
-                raise StudyError(f"{where}.\"{key}\": choices must be a non-empty list")
-            samples = spec["choices"]
-        else:
-            if not (isinstance(spec.get("low"), (int, float)) and isinstance(spec.get("high"), (int, float))
-                    and spec["low"] < spec["high"]):
-                raise StudyError(f"{where}.\"{key}\": give numbers low < high")
-            if spec.get("log") and spec["low"] <= 0:
-                raise StudyError(f"{where}.\"{key}\": a log scale needs low > 0")
-            samples = [spec["low"], spec["high"]]
-        for value in samples:  # every value must make a valid config: the key exists, the type fits
+    for key, dim in study.hpo.space.items():
+        for value in dim.samples():
             raw = copy.deepcopy(study.base_raw)
             try:
-                set_param(raw, key, int(value) if kind == "int" else value)
+                set_param(raw, key, value)
             except ConfigError as e:
-                raise StudyError(f"{where}.\"{key}\": {e}") from None
-            build_config(raw, f"{where}.\"{key}\" = {value!r}")
-    return space
+                raise StudyError(f"{where}.{key}: {e}") from None
+            build_config(raw, f"{where}.{key} = {value!r}")
+    return study.hpo.space
 
 
-def suggest(trial: Any, key: str, spec: dict[str, Any]) -> Any:
-    if spec["type"] == "categorical":
-        return trial.suggest_categorical(key, spec["choices"])
-    suggest_fn = trial.suggest_float if spec["type"] == "float" else trial.suggest_int
-    low, high = (spec["low"], spec["high"]) if spec["type"] == "float" else (int(spec["low"]), int(spec["high"]))
-    return suggest_fn(key, low, high, log=spec.get("log", False), step=spec.get("step"))
+def suggest(trial: Any, key: str, dim: SearchDimension) -> Any:
+    if dim.type == "categorical":
+        return trial.suggest_categorical(key, list(dim.choices))
+    if dim.type == "float":
+        return trial.suggest_float(key, dim.low, dim.high, log=dim.log, step=dim.step)
+    return trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
 
 
-def trial_config(study: Study, space: dict[str, Any], params: dict[str, Any], out: Path, split_copy: Path,
-                 number: int, fold: int):
+def trial_folds(study: Study) -> tuple[int, ...]:
+    """The folds every trial trains: hpo.folds, else the study's."""
+    return study.hpo.folds or study.folds
+
+
+def trial_config(study: Study, space: dict[str, SearchDimension], params: dict[str, Any], out: Path,
+                 split_copy: Path, number: int, fold: int):
     variant, model = next(iter(study.variants)), next(iter(study.models))
     raw = study.raw_config(variant, model, fold, out, run_dir_name(number, fold), split_copy)
     for key, value in params.items():
@@ -121,27 +92,25 @@ def run_dir_name(number: int, fold: int) -> str:
 
 
 def storage_url(study: Study, out: Path) -> str:
-    return _hpo(study).get("storage") or f"sqlite:///{(out / DB_NAME).resolve()}"
+    return study.hpo.storage or f"sqlite:///{(out / DB_NAME).resolve()}"
 
 
-def manifest_entry(study: Study, space: dict[str, Any], out: Path) -> dict[str, Any]:
+def manifest_entry(study: Study, space: dict[str, SearchDimension], out: Path) -> dict[str, Any]:
     """What `stacktrain report` needs to open the Optuna study again."""
-    hpo = _hpo(study)
-    return {"storage": storage_url(study, out), "study_name": study.name, "space": space,
-            "folds": list(hpo.get("folds") or study.folds), "trials": hpo.get("trials", 20)}
+    return {"storage": storage_url(study, out), "study_name": study.name,
+            "space": {key: dim.as_table() for key, dim in space.items()},
+            "folds": list(trial_folds(study)), "trials": study.hpo.trials}
 
 
-def base_params(study: Study, space: dict[str, Any]) -> dict[str, Any] | None:
+def base_params(study: Study, space: dict[str, SearchDimension]) -> dict[str, Any] | None:
     """The base config's value of every searched key, when all lie inside the space (else None)."""
     cfg = build_config(copy.deepcopy(study.base_raw), str(study.path))
     params = {}
-    for key, spec in space.items():
+    for key, dim in space.items():
         value: Any = cfg
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
-        inside = (value in spec["choices"] if spec["type"] == "categorical"
-                  else isinstance(value, (int, float)) and spec["low"] <= value <= spec["high"])
-        if not inside:
+        if not dim.holds(value):
             return None
         params[key] = value
     return params
@@ -157,20 +126,17 @@ def _optuna():
 def open_study(study: Study, out: Path, worker: int = 0):
     """Create or load the Optuna study (TPE sampler, median pruner) on its storage."""
     optuna = _optuna()
-    hpo = _hpo(study)
+    hpo = study.hpo
     url = storage_url(study, out)
-    beat = int(hpo.get("heartbeat_s", 0))
+    beat = hpo.heartbeat_s
     kwargs: dict[str, Any] = {"engine_kwargs": {"connect_args": {"timeout": 120}}} if url.startswith("sqlite") else {}
     if beat > 0:
         kwargs.update(heartbeat_interval=beat, grace_period=2 * beat,
                       failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
     storage = optuna.storages.RDBStorage(url, **kwargs)
-    pruner_cfg = {"kind": "median", "startup_trials": 5, "warmup_epochs": 5, **hpo.get("pruner", {})}
-    if pruner_cfg["kind"] not in PRUNERS:
-        raise StudyError(f"{study.path}: hpo.pruner.kind = {pruner_cfg['kind']!r}; choose {', '.join(PRUNERS)}")
-    pruner = (optuna.pruners.NopPruner() if pruner_cfg["kind"] == "none" else optuna.pruners.MedianPruner(
-        n_startup_trials=pruner_cfg["startup_trials"], n_warmup_steps=pruner_cfg["warmup_epochs"]))
-    sampler = optuna.samplers.TPESampler(seed=int(hpo.get("seed", 0)) + worker)
+    pruner = (optuna.pruners.NopPruner() if hpo.pruner.kind == "none" else optuna.pruners.MedianPruner(
+        n_startup_trials=hpo.pruner.startup_trials, n_warmup_steps=hpo.pruner.warmup_epochs))
+    sampler = optuna.samplers.TPESampler(seed=hpo.seed + worker)
     return optuna.create_study(study_name=study.name, storage=storage, sampler=sampler, pruner=pruner,
                                direction="maximize", load_if_exists=True)
 
@@ -209,7 +175,7 @@ def _score(entry: dict[str, Any], level: str) -> float:
 class Objective:
     """Train one trial's folds; report per-epoch F1 for pruning; return the mean best F1 over folds."""
 
-    def __init__(self, study: Study, space: dict[str, Any], out: Path, split_copy: Path,
+    def __init__(self, study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path,
                  split: dict[str, Any], folds: tuple[int, ...], trainer: str):
         self.study, self.space, self.out, self.split_copy = study, space, out, split_copy
         self.split, self.folds, self.trainer = split, folds, trainer
@@ -248,7 +214,7 @@ class Objective:
         return sum(values) / len(values)
 
 
-def _work(study: Study, space: dict[str, Any], out: Path, split_copy: Path, split: dict[str, Any],
+def _work(study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path, split: dict[str, Any],
           trainer: str, target: int, worker: int, setup: tuple | None = None, progress: Any = None) -> int:
     """One worker: run trials until `target` are finished or running (every machine's count)."""
     if setup:  # a worker process: its cores and GPU
@@ -256,8 +222,7 @@ def _work(study: Study, space: dict[str, Any], out: Path, split_copy: Path, spli
         worker_setup(*setup, worker)
     states = _optuna().trial.TrialState
     ostudy = open_study(study, out, worker)
-    folds = tuple(_hpo(study).get("folds") or study.folds)
-    objective = Objective(study, space, out, split_copy, split, folds, trainer)
+    objective = Objective(study, space, out, split_copy, split, trial_folds(study), trainer)
     ran = 0
     while True:
         trials = ostudy.get_trials(deepcopy=False)
@@ -271,18 +236,14 @@ def _work(study: Study, space: dict[str, Any], out: Path, split_copy: Path, spli
             progress(finished_count(ostudy))
 
 
-def run_hpo(study: Study, space: dict[str, Any], out: Path, split_copy: Path, split: dict[str, Any], *,
+def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path, split: dict[str, Any], *,
             workers: int, trials: int | None, trainer: str, console: Any) -> None:
-    hpo = _hpo(study)
-    target = int(trials if trials is not None else hpo.get("trials", 20))
-    folds = tuple(hpo.get("folds") or study.folds)
-    bad = [f for f in folds if f not in range(len(split["folds"]))]
-    if bad or target < 1:
-        raise StudyError(f"{study.path}: hpo.folds {list(folds)} must be folds of the split (0.."
-                         f"{len(split['folds']) - 1}) and hpo.trials >= 1 (got {target})")
+    target = trials if trials is not None else study.hpo.trials  # hpo.folds and trials: checked with the file
+    if target < 1:
+        raise StudyError(f"--trials {target}: give 1 or more")
     ostudy = open_study(study, out)
     revived = recover_dead_trials(ostudy)
-    if not ostudy.trials and hpo.get("enqueue_base", True):
+    if not ostudy.trials and study.hpo.enqueue_base:
         params = base_params(study, space)
         if params is not None:
             ostudy.enqueue_trial(params, skip_if_exists=True)

@@ -8,12 +8,11 @@ file is read, as `FILE: KEY = VALUE: what is allowed`. What needs the base train
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
-from stacktrain.choices import Pruner, options
+from stacktrain.choices import Pruner, SpaceKind, options
 from stacktrain.config import check_choices, require
 
-SpaceKind = Literal["float", "int", "categorical"]
 _NUMERIC = ("low", "high", "log", "step")
 KIND_KEYS: dict[str, tuple[str, ...]] = {"float": _NUMERIC, "int": _NUMERIC, "categorical": ("choices",)}
 

@@ -71,8 +71,8 @@ def write_manifest(study: Study, out: Path, split: dict[str, Any], kind: str, ex
     manifest = {"format_version": FORMAT_VERSION, "name": study.name, "kind": kind,
                 "study_file": str(study.path.resolve()), "baseline": study.baseline,
                 "variants": list(study.variants), "models": list(study.models), "folds": list(study.folds),
-                "descriptions": {name: spec["description"] for name, spec in study.variants.items()
-                                 if spec.get("description")},
+                "descriptions": {name: spec.description for name, spec in study.variants.items()
+                                 if spec.description},
                 "split_file": str(study.split_file), "split_sha256": split["sha256"], **extra}
     atomic_write_json(out / MANIFEST, manifest)
     if study.path.resolve() != (out / "study.toml").resolve():
