@@ -1,14 +1,19 @@
 """Read a conversion manifest (labels.csv) and check every row before anything is written.
 
 The manifest is a CSV with the columns `path, stack_id, label, group` and an optional `axes`; paths
-are relative to the CSV's folder. Problems here are the user's bookkeeping, not the data's, so they
-abort the whole run up front: every problem of every row is reported in one error.
+are relative to the CSV's folder. Real spreadsheets vary, so the delimiter is sniffed (`,`, `;` or tab:
+what a French Excel writes), headers and labels are case-insensitive (`Path`, `Stack_ID`, `sain`), and a
+column nobody knows is an error rather than silently ignored. Problems here are the user's
+bookkeeping, not the data's, so they abort the whole run up front: every problem of every row is
+reported in one error.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
+import stat
 from pathlib import Path
 
 from stacktrain.errors import InputError
@@ -16,6 +21,8 @@ from stacktrain.errors import InputError
 from .layout import LABELS, check_stack_id
 
 REQUIRED_COLUMNS = ("path", "stack_id", "label", "group")
+OPTIONAL_COLUMNS = ("axes",)
+DELIMITERS = ",;\t"
 AXIS_LETTERS = frozenset("czyx")
 
 
@@ -45,6 +52,46 @@ def check_axes(axes: str) -> str | None:
     return None
 
 
+def _read_records(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line, {lower-case column: stripped cell}) per row, with the delimiter sniffed from the header."""
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+        head = f.readline()
+        f.seek(0)
+        try:
+            dialect = csv.Sniffer().sniff(head, delimiters=DELIMITERS)
+        except csv.Error:  # one column, or nothing to tell: the standard comma
+            dialect = csv.excel
+        reader = csv.DictReader(f, dialect=dialect, skipinitialspace=True)
+        columns = [(c or "").strip().lower() for c in reader.fieldnames or []]
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header must "
+                             f"have {', '.join(REQUIRED_COLUMNS)} (and optionally axes), separated by "
+                             "commas, semicolons or tabs")
+        unknown = [c for c in columns if c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+        if unknown:
+            raise InputError(f"{csv_path}: unknown column(s) {', '.join(map(repr, unknown))}; the known ones "
+                             f"are {', '.join((*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS))}")
+        return [(reader.line_num, {(k or "").strip().lower(): (v or "").strip() for k, v in rec.items()})
+                for rec in reader]
+
+
+def _path_problem(path: Path, raw_path: str) -> str | None:
+    """Why `path` cannot be read as a stack: missing, a symlink loop, or not a regular file or folder
+    (a FIFO would block the conversion forever; a device or socket is no image)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"file {raw_path!r} not found (looked for {path}); paths are relative to the manifest's folder"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"file {raw_path!r} is a symlink loop; point it at the real file"
+        return f"file {raw_path!r} cannot be read ({e.strerror})"
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return f"file {raw_path!r} is not a regular file or folder (a FIFO, device or socket); give the image file"
+    return None
+
+
 def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> list[ManifestRow]:
     """Parse and validate the manifest; raise one InputError listing every bad row.
 
@@ -57,15 +104,7 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> l
     if default_axes is not None and (why := check_axes(default_axes)):
         raise InputError(f"--axes: {why}")
     try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, skipinitialspace=True)
-            columns = [c.strip() for c in reader.fieldnames or []]
-            missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-            if missing:
-                raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header must "
-                                 f"have {', '.join(REQUIRED_COLUMNS)} (and optionally axes)")
-            records = [(reader.line_num, {(k or "").strip(): (v or "").strip() for k, v in rec.items()})
-                       for rec in reader]
+        records = _read_records(csv_path)
     except (UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{csv_path}: not a readable CSV ({e}); save it as UTF-8 CSV") from None
     if not records:
@@ -73,7 +112,7 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> l
 
     rows, problems, first_line = [], [], {}
     for line, rec in records:
-        sid, label, group, raw_path = rec["stack_id"], rec["label"], rec["group"], rec["path"]
+        sid, label, group, raw_path = rec["stack_id"], rec["label"].upper(), rec["group"], rec["path"]
         axes = rec.get("axes") or default_axes
         here = f"line {line}"
         if why := check_stack_id(sid):
@@ -84,15 +123,16 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> l
         else:
             first_line[sid] = line
         if label not in LABELS:
-            problems.append(f"{here}: unknown label {label!r}; use one of {', '.join(LABELS)}")
+            problems.append(f"{here}: unknown label {rec['label']!r}; use one of {', '.join(LABELS)} (any case)")
         if not group:
             problems.append(f"{here}: empty group; give the patient id (stacks of one patient share it)")
-        path = (csv_path.parent / raw_path).resolve() if raw_path else None
+        path = csv_path.parent / raw_path if raw_path else None
         if path is None:
             problems.append(f"{here}: empty path")
-        elif not path.exists():
-            problems.append(f"{here}: file {raw_path!r} not found (looked for {path}); "
-                            "paths are relative to the manifest's folder")
+        elif why := _path_problem(path, raw_path):
+            problems.append(f"{here}: {why}")
+        else:
+            path = path.resolve()
         if axes and (why := check_axes(axes)):
             problems.append(f"{here}: {why}")
         if path is not None:

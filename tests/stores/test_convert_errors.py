@@ -142,10 +142,10 @@ def test_manifest_error_aborts_before_writing(tmp_path, capsys, rows, words):
 
 def test_every_manifest_problem_is_listed_at_once(tmp_path, capsys):
     np.save(tmp_path / "a.npy", tissue((3, 8, 16, 16)))
-    manifest = write_manifest(tmp_path, [("a.npy", "a", "sain", "g"), ("nope.npy", "a/b", "SAIN", "")])
+    manifest = write_manifest(tmp_path, [("a.npy", "a", "sick", "g"), ("nope.npy", "a/b", "SAIN", "")])
     code, err = run(capsys, manifest, tmp_path / "s.zarr")
     assert code == 2 and "4 problem(s)" in err
-    assert all(w in err for w in ("unknown label 'sain'", "'a/b' is not safe", "empty group", "'nope.npy' not found"))
+    assert all(w in err for w in ("unknown label 'sick'", "'a/b' is not safe", "empty group", "'nope.npy' not found"))
 
 
 @pytest.mark.parametrize("header, words", [

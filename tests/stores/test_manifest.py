@@ -1,0 +1,58 @@
+"""Manifests as real spreadsheets write them, and paths that are not files: caught before any write."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from stacktrain.cli import main
+from stacktrain.errors import InputError
+from stacktrain.stores.manifest import read_manifest
+from stacktrain.testing import tissue
+
+
+@pytest.fixture
+def two_stacks(tmp_path):
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", tissue((3, 8, 16, 16)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("sep", [",", ";", "\t"])
+def test_delimiters_case_and_labels_from_a_spreadsheet(two_stacks, sep):
+    text = sep.join(["Path", "Stack_ID", "LABEL", "Group", "Axes"]) + "\n"
+    text += sep.join(["a.npy", "a", "sain", "p1", "czyx"]) + "\n" + sep.join(["b.npy", "b", "Malade", "p2", ""]) + "\n"
+    (two_stacks / "m.csv").write_text(text)
+    rows = read_manifest(two_stacks / "m.csv")
+    assert [(r.stack_id, r.label, r.group, r.axes) for r in rows] == [("a", "SAIN", "p1", "czyx"),
+                                                                      ("b", "MALADE", "p2", None)]
+
+
+def test_an_unknown_column_is_an_error_listing_the_known_ones(two_stacks):
+    (two_stacks / "m.csv").write_text("path,stack_id,label,group,patient_age\na.npy,a,SAIN,p1,40\n")
+    with pytest.raises(InputError, match="unknown column.*'patient_age'.*known ones are path, stack_id, label, "
+                                         "group, axes"):
+        read_manifest(two_stacks / "m.csv")
+
+
+def test_a_fifo_a_socket_and_a_symlink_loop_are_refused_up_front(two_stacks, tmp_path, capsys):
+    os.mkfifo(two_stacks / "pipe.npy")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(two_stacks / "sock.npy"))
+    os.symlink(two_stacks / "loop2.npy", two_stacks / "loop1.npy")
+    os.symlink(two_stacks / "loop1.npy", two_stacks / "loop2.npy")
+    rows = ["path,stack_id,label,group", "pipe.npy,p,SAIN,g1", "sock.npy,s,SAIN,g2", "loop1.npy,l,MALADE,g3",
+            "a.npy,a,MALADE,g4"]
+    (two_stacks / "m.csv").write_text("\n".join(rows) + "\n")
+    try:
+        code = main(["convert", str(two_stacks / "m.csv"), "--out", str(tmp_path / "s.zarr"), "--no-progress"])
+    finally:
+        sock.close()
+    err = capsys.readouterr().err
+    assert code == 2 and "3 problem(s), nothing was converted" in err
+    assert "'pipe.npy' is not a regular file" in err and "'sock.npy' is not a regular file" in err
+    assert "'loop1.npy' is a symlink loop" in err and "Traceback" not in err
+    assert not (tmp_path / "s.zarr").exists()
