@@ -46,11 +46,19 @@ CLASS_NAMES = ("SAIN", "MALADE")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
+# Names the store itself uses at the level of the stack folders, or inside one: a stack named so
+# would overwrite the store's own metadata.
+RESERVED_IDS = frozenset({"zarr.json", ".zattrs", ".zgroup", "image", "stats"})
+
+
 def check_stack_id(stack_id: str) -> str | None:
-    """Return why `stack_id` is unsafe as a directory name, or None when it is fine."""
-    if not _SAFE_ID.match(stack_id) or ".." in stack_id:
+    """Return why `stack_id` is unsafe as a directory name, or None when it is fine. Used when a
+    manifest is read and again when a store is opened, so a crafted store cannot steer a write."""
+    if not isinstance(stack_id, str) or not _SAFE_ID.match(stack_id) or ".." in stack_id:
         return (f"stack_id {stack_id!r} is not safe as a path name: use letters, digits, '_', '-' "
                 "and '.', starting with a letter or digit, without '..' or '/'")
+    if stack_id.lower() in RESERVED_IDS:
+        return f"stack_id {stack_id!r} is a name the store uses itself ({', '.join(sorted(RESERVED_IDS))}); rename it"
     return None
 
 

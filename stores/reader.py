@@ -11,7 +11,7 @@ import numpy as np
 from stacktrain.errors import StoreError
 
 from . import chunks as _chunks
-from .layout import FORMAT_VERSION, GPU_CODECS, IMAGE, LEVEL0, STATS, StackMeta
+from .layout import FORMAT_VERSION, GPU_CODECS, IMAGE, LEVEL0, STATS, StackMeta, check_stack_id
 
 MAX_OPEN_STACKS = 32
 Box = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]  # ((z0, z1), (y0, y1), (x0, x1))
@@ -45,9 +45,15 @@ class Store:
                              f"stacktrain (reads {FORMAT_VERSION}); reconvert with this version")
         self._metas: dict[str, StackMeta] = {}
         for entry in info.get("stacks", []):
-            sid = entry["stack_id"]
+            sid = entry.get("stack_id") if isinstance(entry, dict) else None
+            if why := check_stack_id(sid):  # a crafted root list must not name paths outside the store
+                raise StoreError(f"{self.path}/zarr.json: {why}; this store's stack list is damaged")
             attrs = _read_json(self.path / sid / "zarr.json", f"{sid}/zarr.json")
-            self._metas[sid] = StackMeta.from_dict(attrs["attributes"]["stacktrain"])
+            meta = StackMeta.from_dict(attrs["attributes"]["stacktrain"])
+            if meta.stack_id != sid:
+                raise StoreError(f"{self.path / sid}/zarr.json: names stack {meta.stack_id!r}, but the store "
+                                 f"lists it as {sid!r}; the store's metadata is damaged")
+            self._metas[sid] = meta
         self._files: OrderedDict[str, _chunks.ShardFiles] = OrderedDict()  # least recently used first
 
     # -- listing -------------------------------------------------------------------------------

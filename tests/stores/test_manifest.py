@@ -56,3 +56,27 @@ def test_a_fifo_a_socket_and_a_symlink_loop_are_refused_up_front(two_stacks, tmp
     assert "'pipe.npy' is not a regular file" in err and "'sock.npy' is not a regular file" in err
     assert "'loop1.npy' is a symlink loop" in err and "Traceback" not in err
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("sid", ["zarr.json", "image", "Stats", ".staging", ".hidden"])
+def test_reserved_stack_ids_are_refused_and_the_store_is_untouched(small_store, tmp_path, capsys, sid):
+    store, _ = small_store
+    before = (store / "zarr.json").read_bytes()
+    np.save(tmp_path / "a.npy", tissue((3, 8, 16, 16)))
+    (tmp_path / "m.csv").write_text(f"path,stack_id,label,group\na.npy,{sid},SAIN,g\n")
+    assert main(["convert", str(tmp_path / "m.csv"), "--out", str(store), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert sid in err and "nothing was converted" in err
+    assert (store / "zarr.json").read_bytes() == before
+    assert main(["info", str(store)]) == 0
+
+
+def test_a_crafted_root_list_cannot_name_paths_outside_the_store(small_store, capsys):
+    import json
+    store, _ = small_store
+    root = json.loads((store / "zarr.json").read_text())
+    root["attributes"]["stacktrain"]["stacks"][0]["stack_id"] = "../../escape/stack000"
+    (store / "zarr.json").write_text(json.dumps(root))
+    assert main(["info", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "'../../escape/stack000' is not safe" in err and "stack list is damaged" in err
