@@ -127,7 +127,7 @@ def train_epoch(net: nn.Module, loader, epoch: int, *, optimizer, criterion, pre
     meter = monitor.meter("train", epoch, len(loader), loader.cfg.batch_size)
     step = TrainStep(net, optimizer, criterion, prec, rt.device)
     for batch in meter.iterate(loader.epoch(epoch)):
-        loss_sum += step(batch.images, batch.labels)
+        loss_sum += step(batch)
         meter.step(loss_sum)
     train_loss = loss_sum.item() / max(meter.steps, 1)  # waits for the device: the timing below is true
     return train_loss, meter.finish(rt.world_size)
@@ -142,8 +142,9 @@ def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: R
     local = Evaluator(loader.stack_ids, **options)
     meter = monitor.meter("val", epoch, len(loader), loader.cfg.batch_size)
     for batch in meter.iterate(loader.epoch(epoch)):
+        images = to_model_input(batch, rt.device, prec)  # normalised on the device, like training's
         with prec.autocast():
-            logits = net(to_model_input(batch.images, rt.device, prec))
+            logits = net(images)
         local.add(batch.stack_index, batch.position, logits.float(), batch.labels)
         meter.step()
     meter.finish()
