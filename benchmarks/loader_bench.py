@@ -2,9 +2,11 @@
 
 Every measured thing reads the same patches: the train plan of epochs 0..warmup+segments-1 (seed,
 flips as in the default preprocessing, no jitter), one epoch per timed segment. Rates are the median
-over segments; GB/s counts the uint8 (store dtype) bytes of the patches delivered. Ratios: each loader
-to its ceiling ("dali" and the bytes-only source to (b), everything that decodes on the CPU to (c)),
-and to the naive zarr-python baseline.
+over segments; GB/s counts the uint8 (store dtype) bytes of the patches delivered. Every loader, and
+the naive baseline, delivers raw patches in the store dtype; the device-side normalisation (the trainer's
+input step: pipelines.normalize, to --dtype) is measured on its own, on real batches, as
+"normalize-<device>". Ratios: each loader to its ceiling ("dali" and the bytes-only source to (b),
+everything that decodes on the CPU to (c)), and to the naive zarr-python baseline.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ CEILING_OF = {"dali": "bytes", "source-bytes": "bytes", "dali-cpu": "decode", "t
               "naive-zarr": "decode"}
 CEILING_NAMES = {"ram": "(a) numpy crop from RAM", "bytes": "(b) compressed chunk bytes only",
                  "decode": "(c) chunk bytes + CPU decode"}
-BARS = (("dali-cpu", "ceiling", 0.7), ("dali-cpu", "naive", 2.0), ("source-bytes", "ceiling", 0.7))
+BARS = (("dali-cpu", "ceiling", 0.7), ("dali-cpu", "naive", 3.0), ("source-bytes", "ceiling", 0.7))
+NORMALIZE_REPEAT = 4  # batches normalised per timed call
 CEILING_REPEAT = 4  # ceilings run 10-30x faster than loaders: each segment reads its epoch 4 times
 
 
@@ -113,20 +116,34 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
     results["bytes"]["compressed_gb_per_s"] = results["bytes"]["per_s"] * median_epoch_bytes / len(epochs[-1]) / 1e9
 
     if naive:
-        results["naive-zarr"] = _bench_naive(st, ids, epochs, patch, norm, batch=batch, workers=workers,
-                                             prefetch=prefetch, dtype=dtype, segments=segments, warmup=warmup,
-                                             tick=tick)
+        results["naive-zarr"] = _bench_naive(st, ids, epochs, patch, batch=batch, workers=workers,
+                                             prefetch=prefetch, segments=segments, warmup=warmup, tick=tick)
     sync = cuda_sync
+    sample_batch = None
     for kind in loaders:
         cfg = LoaderConfig(loader=kind, batch_size=batch, workers=workers, prefetch=prefetch, dtype=dtype, seed=seed)
         device_id = 0 if kind == "dali" or (kind == "torch" and cuda) else None
         loader = build_loader(st, ids, train=True, patch=patch_cfg, prep=prep, cfg=cfg, device_id=device_id)
         try:
-            epoch = counter()
-            results[kind] = measure(lambda: sum(len(b) for b in loader.epoch(epoch())), label=f"loader {kind}",
-                                    segments=segments, warmup=warmup, sync=sync(), tick=tick)
+            epoch, kept = counter(), []
+
+            def one_epoch() -> int:
+                n = 0
+                for b in loader.epoch(epoch()):
+                    n += len(b)
+                    if not kept:  # a real batch for the normalisation row below
+                        kept.append(b)
+                return n
+            results[kind] = measure(one_epoch, label=f"loader {kind}", segments=segments, warmup=warmup, sync=sync(),
+                                    tick=tick)
+            results[kind]["delivers"] = str(loader.spec.raw_dtype).removeprefix("torch.")
+            sample_batch = sample_batch or kept[0]
         finally:
             loader.close()
+    if sample_batch is not None:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        results[f"normalize-{device.type}"] = _bench_normalize(sample_batch, device, dtype, segments=segments,
+                                                               warmup=warmup, tick=tick)
 
     for name, r in results.items():
         r["gb_per_s"] = r["per_s"] * patch_nbytes / 1e9
@@ -152,11 +169,26 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
     return out
 
 
-def _bench_naive(st, ids, epochs, patch, norm, *, batch, workers, prefetch, dtype, segments, warmup, tick):
+def _bench_normalize(batch, device: torch.device, dtype: str, *, segments, warmup, tick) -> dict[str, Any]:
+    """The trainer's input step alone: a real batch (already on `device`) -> normalised `dtype` images."""
+    from stacktrain.pipelines.contract import DTYPES
+    from stacktrain.pipelines.normalize import normalize_images
+    raw, lo, mul = (t.to(device) for t in (batch.images, batch.lo, batch.mul))
+
+    def segment() -> int:
+        for _ in range(NORMALIZE_REPEAT):
+            normalize_images(raw, lo, mul, clip=batch.norm.clip, dtype=DTYPES[dtype])
+        return NORMALIZE_REPEAT * len(raw)
+    r = measure(segment, label=f"normalize on {device.type}", segments=segments, warmup=warmup, sync=cuda_sync(),
+                tick=tick)
+    return r | {"dtype": dtype, "torch_threads": torch.get_num_threads(), "fused": device.type == "cuda"}
+
+
+def _bench_naive(st, ids, epochs, patch, *, batch, workers, prefetch, segments, warmup, tick):
     from .naive import ZarrPatchDataset, naive_loader
     items = [item for epoch in epochs for item in epoch]
     bounds = np.cumsum([0] + [len(e) for e in epochs])
-    dataset = ZarrPatchDataset([str(st.array_path(s)) for s in ids], items, patch, norm, dtype)
+    dataset = ZarrPatchDataset([str(st.array_path(s)) for s in ids], items, patch)
     cuda = torch.cuda.is_available()
     loader = naive_loader(dataset, batch_size=batch, workers=workers, prefetch=prefetch, pin_memory=cuda)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")

@@ -2,7 +2,8 @@
 synthetic batches already on the device.
 
 Three measurements, each the median of N segments of K steps:
-- model alone: forward + backward + Adam step on one synthetic batch that never leaves the device;
+- model alone: normalisation + forward + backward + Adam step on one synthetic raw batch that never
+  leaves the device (the same `TrainStep` as training, so the device-side normalisation is included);
 - loader alone: batches from the loader, nothing done with them;
 - real: the loader feeding the same steps. Data-wait % is the share of the segment spent blocked
   waiting for the next batch (the device is synchronized after every step, so waiting is idle time).
@@ -11,6 +12,7 @@ Headroom = loader-alone patches/s / model-alone patches/s: above 1 the loader ca
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
@@ -78,12 +80,15 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
     try:
         stream = _stream(the_loader)
         first = next(stream)
-        images = torch.randn(first.images.shape, device=device).to(first.images.dtype)
-        labels = torch.randint(0, 2, (len(first),), device=device).float()
+        hi = torch.iinfo(first.images.dtype).max
+        synthetic = dataclasses.replace(  # raw patches already on the device: normalised by the step as usual
+            first, images=torch.randint(0, hi, first.images.shape, device=device, dtype=torch.int32)
+            .to(first.images.dtype), labels=torch.randint(0, 2, (len(first),), device=device).float(),
+            lo=first.lo.to(device), mul=first.mul.to(device))
 
         def model_alone() -> int:
             for _ in range(steps_per_segment):
-                step(images, labels)
+                step(synthetic)
                 sync()
             return steps_per_segment * batch
 
@@ -98,7 +103,7 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
                 t0 = time.perf_counter()
                 b = next(stream)
                 waited += time.perf_counter() - t0
-                step(b.images, b.labels)
+                step(b)
                 sync()
                 n += len(b)
             waits.append(waited / (time.perf_counter() - start))

@@ -54,7 +54,10 @@ def test_loader_bench_schema_and_ratios(tiny_store):
     r = bench_loader(store=tiny_store, loaders=["dali-cpu", "torch"], patch=PATCH, batch=4, workers=2,
                      segments=2, warmup=1)
     res = r["results"]
-    assert set(res) == {"ram", "bytes", "decode", "source-bytes", "naive-zarr", "dali-cpu", "torch"}
+    assert set(res) == {"ram", "bytes", "decode", "source-bytes", "naive-zarr", "dali-cpu", "torch", "normalize-cpu"}
+    assert res["dali-cpu"]["delivers"] == res["torch"]["delivers"] == "uint8"  # raw; normalised separately
+    norm = res.pop("normalize-cpu")
+    assert positive_finite(norm["per_s"]) and norm["items_per_segment"] == 4 * 4 and norm["dtype"] == "fp32"
     for name, item in res.items():
         assert positive_finite(item["per_s"]) and positive_finite(item["gb_per_s"]), name
         assert len(item["segment_rates"]) == 2 and all(positive_finite(v) for v in item["segment_rates"])
@@ -69,7 +72,8 @@ def test_loader_bench_schema_and_ratios(tiny_store):
         assert res[name]["ratio_to_naive"] == pytest.approx(res[name]["per_s"] / res["naive-zarr"]["per_s"])
     assert positive_finite(res["bytes"]["compressed_gb_per_s"])
     assert r["config"]["patch_bytes"] == 3 * 8 * 32 * 32
-    assert {b["loader"] for b in r["bars"]} == {"dali-cpu", "source-bytes"}
+    assert {(b["loader"], b["target"]) for b in r["bars"]} == {("dali-cpu", 0.7), ("dali-cpu", 3.0),
+                                                                ("source-bytes", 0.7)}
     assert not any(b["applies"] for b in r["bars"])  # bars are set for the default store only
     json.dumps(r)  # plain JSON all the way down
 
