@@ -42,7 +42,7 @@ def channel_mean_std(store: Store, stack_ids) -> tuple[list[float], list[float]]
 
 def _as_params(lo, mul, channels: int) -> NormParams:
     shape = (channels, 1, 1, 1)
-    return tuple(np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float32).reshape(-1, 1, 1, 1), shape))
+    return tuple(np.array(np.broadcast_to(np.asarray(v, np.float32).reshape(-1, 1, 1, 1), shape))  # own, writable
                  for v in (lo, mul))
 
 
