@@ -169,3 +169,25 @@ def test_cpu_mode_graph_runs_no_operator_for_uint8(small_store):
             chain.append(_op_name(node))
             node = node.source.inputs[0]
         assert chain == ops
+
+
+def test_gpu_graph_with_two_inflate_calls_is_traced_on_the_device(small_store):
+    """Sub-batched inflate (pipelines/inflate.py): two inflate nodes on the device, concatenated in order."""
+    path, _ = small_store
+    source = gpu_source(Store(path), train=True, inflate_groups=2)
+    traced = {}
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=0)
+    def two_calls():
+        inputs = fn.external_source(source, num_outputs=len(source.fields), batch=True, batch_info=True)
+        traced["outputs"] = graph.gpu_graph(dict(zip(source.fields, inputs)), store_dtype="uint16",
+                                            patch_cdhw=(3, *SIZE), groups=2)
+        return traced["outputs"]
+
+    two_calls()
+    node = traced["outputs"][0]
+    assert node.device == "gpu" and _op_name(node) == "Reinterpret"  # uint16 leaves as int16 bytes
+    while _op_name(node) != "Cat":
+        node = node.source.inputs[0]
+    inflates = node.source.inputs
+    assert [_op_name(n) for n in inflates] == ["decoders__Inflate"] * 2 and all(n.device == "gpu" for n in inflates)
