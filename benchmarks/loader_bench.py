@@ -1,10 +1,14 @@
 """`stacktrain bench loader`: patches/s of each loader against ceilings measured in the same run.
 
-Every measured thing reads the same patches: the train plan of epochs 0..warmup+segments-1 (seed,
-flips as in the default preprocessing, no jitter), one epoch per timed segment. Rates are the median
-over segments; GB/s counts the uint8 (store dtype) bytes of the patches delivered. Ratios: each loader
-to its ceiling ("dali" and the bytes-only source to (b), everything that decodes on the CPU to (c)),
-and to the naive zarr-python baseline.
+Every measured thing reads the same patches: the train plan of epochs 0, 1, ... (seed, flips as in the
+default preprocessing, no jitter), CEILING_REPEAT consecutive epochs per timed segment (a small
+generated store's epoch is a few batches: one epoch per segment would mostly time the loaders'
+start-of-epoch latency, which a real epoch of thousands of batches hides). Rates are the median
+over segments; GB/s counts the uint8 (store dtype) bytes of the patches delivered. Every loader, and
+the naive baseline, delivers raw patches in the store dtype; the device-side normalisation (the trainer's
+input step: pipelines.normalize, to --dtype) is measured on its own, on real batches, as
+"normalize-<device>". Ratios: each loader to its ceiling ("dali" and the bytes-only source to (b),
+everything that decodes on the CPU to (c)), and to the naive zarr-python baseline.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ CEILING_OF = {"dali": "bytes", "source-bytes": "bytes", "dali-cpu": "decode", "t
               "naive-zarr": "decode"}
 CEILING_NAMES = {"ram": "(a) numpy crop from RAM", "bytes": "(b) compressed chunk bytes only",
                  "decode": "(c) chunk bytes + CPU decode"}
-BARS = (("dali-cpu", "ceiling", 0.7), ("dali-cpu", "naive", 2.0), ("source-bytes", "ceiling", 0.7))
-CEILING_REPEAT = 4  # ceilings run 10-30x faster than loaders: each segment reads its epoch 4 times
+BARS = (("dali-cpu", "ceiling", 0.7), ("dali-cpu", "naive", 3.0), ("source-bytes", "ceiling", 0.7))
+NORMALIZE_REPEAT = 4  # batches normalised per timed call
+CEILING_REPEAT = 4  # epochs per timed segment, for everything measured: the same patches for all
 
 
 def default_loaders() -> tuple[list[str], dict[str, str]]:
@@ -74,7 +79,7 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
     norm, _ = stack_norm_params(st, ids, prep, train=True)
     source = PatchSource(st, index, norm, train=True, raw_lz4=False, batch_size=batch, seed=seed,
                          flip=prep.flip, jitter=prep.jitter)
-    n_epochs = warmup + segments
+    n_epochs = (warmup + segments) * CEILING_REPEAT
     epochs = [_epoch_patches(source, e) for e in range(n_epochs)]
     patch_nbytes = st.meta(ids[0]).shape[0] * int(np.prod(patch)) * np.dtype(st.meta(ids[0]).dtype).itemsize
 
@@ -86,8 +91,9 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
     compressed_per_epoch = [sum(reads[i].nbytes for i in nums) for nums in epoch_numbers]
 
     def counter():
+        """The next segment's CEILING_REPEAT consecutive epochs."""
         state = iter(range(n_epochs))
-        return lambda: next(state)
+        return lambda: [next(state) for _ in range(CEILING_REPEAT)]
 
     gpu_source = PatchSource(st, index, norm, train=True, raw_lz4=True, batch_size=batch, seed=seed,
                              flip=prep.flip, jitter=prep.jitter)
@@ -98,9 +104,9 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
         def segment_fn(kind):
             epoch = counter()
             if kind == "source-bytes":
-                return lambda: pools[kind].run([(e, i) for e in [epoch()] for i in range(len(gpu_source.plan(e)))]
-                                               * CEILING_REPEAT)
-            return lambda: pools[kind].run(ceilings.patch_tasks(epoch_numbers[epoch()] * CEILING_REPEAT, workers))
+                return lambda: pools[kind].run([(e, i) for e in epoch() for i in range(len(gpu_source.plan(e)))])
+            return lambda: pools[kind].run(ceilings.patch_tasks([n for e in epoch() for n in epoch_numbers[e]],
+                                                                workers))
         labels = {"ram": "ceiling (a) ram", "bytes": "ceiling (b) bytes", "decode": "ceiling (c) decode",
                   "source-bytes": "gpu source (bytes only)"}
         measured = measure_interleaved({labels[k]: segment_fn(k) for k in pools}, segments=segments,
@@ -113,20 +119,35 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
     results["bytes"]["compressed_gb_per_s"] = results["bytes"]["per_s"] * median_epoch_bytes / len(epochs[-1]) / 1e9
 
     if naive:
-        results["naive-zarr"] = _bench_naive(st, ids, epochs, patch, norm, batch=batch, workers=workers,
-                                             prefetch=prefetch, dtype=dtype, segments=segments, warmup=warmup,
-                                             tick=tick)
+        results["naive-zarr"] = _bench_naive(st, ids, epochs, patch, batch=batch, workers=workers,
+                                             prefetch=prefetch, segments=segments, warmup=warmup, tick=tick)
     sync = cuda_sync
+    sample_batch = None
     for kind in loaders:
         cfg = LoaderConfig(loader=kind, batch_size=batch, workers=workers, prefetch=prefetch, dtype=dtype, seed=seed)
         device_id = 0 if kind == "dali" or (kind == "torch" and cuda) else None
         loader = build_loader(st, ids, train=True, patch=patch_cfg, prep=prep, cfg=cfg, device_id=device_id)
         try:
-            epoch = counter()
-            results[kind] = measure(lambda: sum(len(b) for b in loader.epoch(epoch())), label=f"loader {kind}",
-                                    segments=segments, warmup=warmup, sync=sync(), tick=tick)
+            epoch, kept = counter(), []
+
+            def one_epoch() -> int:
+                n = 0
+                for e in epoch():
+                    for b in loader.epoch(e):
+                        n += len(b)
+                        if not kept:  # a real batch for the normalisation row below
+                            kept.append(b)
+                return n
+            results[kind] = measure(one_epoch, label=f"loader {kind}", segments=segments, warmup=warmup, sync=sync(),
+                                    tick=tick)
+            results[kind]["delivers"] = str(loader.spec.raw_dtype).removeprefix("torch.")
+            sample_batch = sample_batch or kept[0]
         finally:
             loader.close()
+    if sample_batch is not None:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        results[f"normalize-{device.type}"] = _bench_normalize(sample_batch, device, dtype, segments=segments,
+                                                               warmup=warmup, tick=tick)
 
     for name, r in results.items():
         r["gb_per_s"] = r["per_s"] * patch_nbytes / 1e9
@@ -140,7 +161,8 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
         "store": data.store_description(path) | {"generated": generated},
         "config": {"loaders": loaders, "skipped": skipped, "patch": list(patch), "batch": batch, "workers": workers,
                    "prefetch": prefetch, "dtype": dtype, "segments": segments, "warmup": warmup, "seed": seed,
-                   "patches_per_segment": len(epochs[-1]), "patch_bytes": patch_nbytes,
+                   "patches_per_segment": len(epochs[-1]) * CEILING_REPEAT, "epochs_per_segment": CEILING_REPEAT,
+                   "patch_bytes": patch_nbytes,
                    "cores_available": available_cores()},
         "results": results,
         "sanity": sanity(results),
@@ -152,19 +174,34 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
     return out
 
 
-def _bench_naive(st, ids, epochs, patch, norm, *, batch, workers, prefetch, dtype, segments, warmup, tick):
+def _bench_normalize(batch, device: torch.device, dtype: str, *, segments, warmup, tick) -> dict[str, Any]:
+    """The trainer's input step alone: a real batch (already on `device`) -> normalised `dtype` images."""
+    from stacktrain.pipelines.contract import DTYPES
+    from stacktrain.pipelines.normalize import normalize_images
+    raw, lo, mul = (t.to(device) for t in (batch.images, batch.lo, batch.mul))
+
+    def segment() -> int:
+        for _ in range(NORMALIZE_REPEAT):
+            normalize_images(raw, lo, mul, clip=batch.norm.clip, dtype=DTYPES[dtype])
+        return NORMALIZE_REPEAT * len(raw)
+    r = measure(segment, label=f"normalize on {device.type}", segments=segments, warmup=warmup, sync=cuda_sync(),
+                tick=tick)
+    return r | {"dtype": dtype, "torch_threads": torch.get_num_threads(), "fused": device.type == "cuda"}
+
+
+def _bench_naive(st, ids, epochs, patch, *, batch, workers, prefetch, segments, warmup, tick):
     from .naive import ZarrPatchDataset, naive_loader
     items = [item for epoch in epochs for item in epoch]
     bounds = np.cumsum([0] + [len(e) for e in epochs])
-    dataset = ZarrPatchDataset([str(st.array_path(s)) for s in ids], items, patch, norm, dtype)
+    dataset = ZarrPatchDataset([str(st.array_path(s)) for s in ids], items, patch)
     cuda = torch.cuda.is_available()
     loader = naive_loader(dataset, batch_size=batch, workers=workers, prefetch=prefetch, pin_memory=cuda)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    state = iter(range(len(epochs)))
+    state = iter(range(0, len(epochs), CEILING_REPEAT))
 
     def segment() -> int:
         e = next(state)
-        loader.batch_sampler.range = (int(bounds[e]), int(bounds[e + 1]))
+        loader.batch_sampler.range = (int(bounds[e]), int(bounds[e + CEILING_REPEAT]))
         return sum(len(b.to(device, non_blocking=True)) for b in loader)
 
     try:

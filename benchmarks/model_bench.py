@@ -3,7 +3,9 @@
 FLOPs per patch are counted by `torch.utils.flop_counter` on the meta device (`train.models.model_card`,
 forward + backward at batch 1). The achieved TFLOP/s is that count times the measured patches/s; its
 fraction of the matmul peak uses `--peak-tflops` when given, else a large matmul timed in this run
-(bf16/fp16 8192^3 on a GPU, fp32 1024^3 on a CPU). Peak memory: the CUDA allocator's high-water mark,
+(bf16/fp16 8192^3 on a GPU, fp32 1024^3 on a CPU). The input is what training feeds: the autocast dtype
+(bf16 for the seed preset), channels_last_3d with `channels_last`. Peak memory: the CUDA allocator's
+high-water mark and the device memory in use after the run (cudaMemGetInfo, everyone's),
 or on a CPU the process's peak RSS while the model ran (VmHWM, reset through /proc/self/clear_refs;
 an upper bound, since memory freed by earlier models may still be resident).
 """
@@ -76,6 +78,7 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_bytes: int | None = None
+        self.device_used_bytes: int | None = None
         self.kind = "cuda max allocated" if device.type == "cuda" else "process peak RSS"
 
     @staticmethod
@@ -99,6 +102,8 @@ class PeakMemory:
     def stop(self) -> None:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)  # everyone's: context, cuDNN workspaces, ...
+            self.device_used_bytes = total - free
         elif (kib := self._hwm_kib()) is not None:
             self.peak_bytes = kib * 1024
 
@@ -107,6 +112,8 @@ def train_step_fn(model, x, y, precision: str):
     """Forward + backward of one batch (BCE with logits, as in training), parameters' grads cleared."""
     loss_fn = torch.nn.BCEWithLogitsLoss()
     dtype = AUTOCAST[precision]
+    if x.device.type == "cpu" and dtype is not None:
+        x = x.float()  # CPU autocast runs in fp32 here anyway
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -147,7 +154,9 @@ def bench_model(*, models: list[str] | None = None, patch=None, batch: int | Non
             model = api.build(name, tiny=tiny, options=options).to(device).train()
             memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
             model = model.to(memory_format=memory_format)
-            x = torch.randn(batch, 3, *patch, device=device).contiguous(memory_format=memory_format)
+            # the input as training feeds it: normalised to the autocast dtype (bf16 for the seed preset)
+            x = torch.randn(batch, 3, *patch, device=device, dtype=AUTOCAST[precision] or torch.float32)
+            x = x.contiguous(memory_format=memory_format)
             y = torch.randint(0, 2, (batch, 1), device=device).float()
             step = train_step_fn(model, x, y, precision)
 
@@ -161,6 +170,7 @@ def bench_model(*, models: list[str] | None = None, patch=None, batch: int | Non
             row |= {"patches_per_s": r["per_s"], "segment_rates": r["segment_rates"], "cores_busy": r["cores_busy"],
                     "peak_memory_gib": mem.peak_bytes / 2**30 if mem.peak_bytes is not None else None,
                     "peak_memory_kind": mem.kind,
+                    "device_used_gib": mem.device_used_bytes / 2**30 if mem.device_used_bytes is not None else None,
                     "achieved_tflops": achieved, "fraction_of_peak": achieved / peak}
         except torch.cuda.OutOfMemoryError as e:  # report it and go on with the other models
             row["error"] = f"out of memory at batch {batch}: {str(e).splitlines()[0]}"

@@ -2,8 +2,9 @@
 
 Each item opens the stack's level-0 array with `zarr.open` (once per worker, which is kinder than
 once per item), reads the patch region through zarr's public slicing API, flips it as the pipelines'
-source chose, and converts it the way the loaders do ((x - lo) * mul in float32, then the loader's
-dtype). Same patches, same workers, same batch size as the loaders it is compared with.
+source chose, and delivers it as the loaders do: the raw patch in the store dtype (normalising is the
+trainer's input step, on the device, for every loader alike). Same patches, same workers, same batch
+size as the loaders it is compared with.
 """
 
 from __future__ import annotations
@@ -14,17 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stacktrain.pipelines.contract import DTYPES
 from stacktrain.pipelines.workers import start_method
 
 
 class ZarrPatchDataset(Dataset):
-    def __init__(self, array_paths: list[str], items, size_zyx, norm, dtype: str):
+    def __init__(self, array_paths: list[str], items, size_zyx):
         self.array_paths = array_paths
         self.items = items  # (stack, (z, y, x), flips (3,)) per patch, every segment's patches
         self.size = tuple(size_zyx)
-        self.norm = norm  # (lo, mul) float32 (C, 1, 1, 1) per stack
-        self.dtype = DTYPES[dtype]
         self._arrays = {}
 
     def __len__(self) -> int:
@@ -46,10 +44,7 @@ class ZarrPatchDataset(Dataset):
         axes = tuple(axis + 1 for axis, f in enumerate(flips) if f)
         if axes:
             patch = np.flip(patch, axes)
-        lo, mul = self.norm[stack]
-        image = (torch.from_numpy(np.ascontiguousarray(patch)).to(torch.float32) - torch.from_numpy(lo)) \
-            * torch.from_numpy(mul)
-        return image.to(self.dtype)
+        return torch.from_numpy(np.ascontiguousarray(patch))
 
 
 class RangeBatches(Sampler):

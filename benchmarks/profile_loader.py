@@ -2,9 +2,9 @@
 
 py-spy cannot see inside DALI's C++ operators, so each stage is timed on its own: the worker side
 (the pipelines' source: gather, decode, finish the patch) with CPU clocks per call and cProfile for
-the Python functions; the DALI graph on one CPU thread, fed one real batch, adding one operator group
-at a time (the difference between two rows is that group's cost); then the copy into torch tensors.
-All figures are CPU milliseconds per patch on one core.
+the Python functions; the CPU-mode DALI graph on one CPU thread (it runs no operator), fed one real
+batch, then the copy into torch tensors; and the trainer's device-side normalisation run on the CPU.
+All figures are CPU milliseconds per patch (one core, except normalisation: torch's threads).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import io
 import pstats
 import time
 import types
-import warnings
 from typing import Any
 
 
@@ -68,10 +67,10 @@ def _top(profiler: cProfile.Profile, patches: int, n: int = 8) -> list[dict[str,
     return sorted(rows, key=lambda r: -r["tottime_ms_per_patch"])[:n]
 
 
-def dali_side(source, epoch: int, *, patch_cdhw, dtype: str, clip: bool, repeat: int = 3) -> dict[str, float]:
-    """Cumulative CPU cost of the DALI graph on one thread, operator group by operator group."""
+def dali_side(source, epoch: int, *, store_dtype: str, repeat: int = 3) -> dict[str, float]:
+    """CPU cost of the CPU-mode DALI graph on one thread (it runs no operator: the workers finished the
+    patches), fed one real batch, and of the copy into torch tensors."""
     from nvidia.dali import fn, pipeline_def
-    from nvidia.dali import types as dtypes
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
     from stacktrain.pipelines import graph
@@ -79,41 +78,34 @@ def dali_side(source, epoch: int, *, patch_cdhw, dtype: str, clip: bool, repeat:
     batch = source(types.SimpleNamespace(epoch_idx=epoch - source.epoch_offset, iteration=0))
     n = len(batch[0])
 
-    def build(stage: str):
-        @pipeline_def(batch_size=n, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False,
-                      prefetch_queue_depth=1)
-        def pipe():
-            ins = dict(zip(source.fields, fn.external_source(lambda: batch, num_outputs=len(source.fields),
-                                                             batch=True)))
-            if stage == "as-is patch":  # what the CPU graph needs now that the worker finishes patches
-                out = fn.reshape(ins["chunks"], layout="CDHW")
-            else:
-                out = graph.reassemble(ins["chunks"], ins["dims7"], ins["dims4"])
-                if stage != "reassemble":
-                    out = graph.crop(out, ins["anchor"], patch_cdhw)
-                if stage not in ("reassemble", "crop"):
-                    out = graph.flip(out, ins["flips"])
-            if stage in ("normalize", "cast fp16", "as-is patch"):
-                out = graph.normalize(out, ins["lo"], ins["mul"], clip, False)
-            if stage == "cast fp16":
-                out = fn.cast(out, dtype=dtypes.FLOAT16)
-            return (out,) if stage != "source only" else (ins["chunks"],)
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False,
+                  prefetch_queue_depth=1)
+    def pipe():
+        ins = dict(zip(source.fields, fn.external_source(lambda: batch, num_outputs=len(source.fields), batch=True)))
+        return graph.cpu_graph(ins, store_dtype)
+
+    def built():
         p = pipe()
         p.build()
         return p
-
-    stages = ["source only", "reassemble", "crop", "flip", "normalize"] + (["cast fp16"] if dtype == "fp16" else [])
-    out = {}
-    warnings.filterwarnings("ignore", message="The external source node")  # unused outputs: on purpose here
-    for stage in stages:
-        p = build(stage)
-        out[f"+ {stage}" if stage != "source only" else "external_source (copy in)"] = _cpu_ms(p.run, repeat) / n
-    p = build(stages[-1])
-    it = DALIGenericIterator([p], ["images"], size=-1, auto_reset=True, prepare_first_batch=False)
+    out = {"external_source + the CPU graph (no operators)": _cpu_ms(built().run, repeat) / n}
+    it = DALIGenericIterator([built()], graph.OUTPUT_MAP, size=-1, auto_reset=True, prepare_first_batch=False)
     out["+ copy into torch tensors (DALIGenericIterator)"] = _cpu_ms(lambda: next(it), repeat) / n
-    out["what-if: normalize the finished patch only (no reassemble/crop/flip ops)"] = \
-        _cpu_ms(build("as-is patch").run, repeat) / n
     return out
+
+
+def normalize_side(source, epoch: int, *, dtype: str, clip: bool, repeat: int = 3) -> float:
+    """CPU ms per patch of the trainer's input step (pipelines.normalize) on this machine's CPU threads."""
+    import numpy as np
+    import torch
+
+    from stacktrain.pipelines.contract import DTYPES
+    from stacktrain.pipelines.normalize import normalize_images
+    batch = source(types.SimpleNamespace(epoch_idx=epoch - source.epoch_offset, iteration=0))
+    fields = dict(zip(source.fields, batch))
+    raw = torch.from_numpy(np.stack(fields["patch"]))
+    lo, mul = (torch.from_numpy(np.stack(fields[k])) for k in ("lo", "mul"))
+    return _cpu_ms(lambda: normalize_images(raw, lo, mul, clip=clip, dtype=DTYPES[dtype]), repeat) / len(raw)
 
 
 def profile_dali_cpu(store, stack_ids, *, patch, batch: int, dtype: str, seed: int) -> dict[str, Any]:
@@ -126,14 +118,11 @@ def profile_dali_cpu(store, stack_ids, *, patch, batch: int, dtype: str, seed: i
     norm, clip = stack_norm_params(store, stack_ids, prep, train=True)
     source = PatchSource(store, index, norm, train=True, raw_lz4=False, batch_size=batch, seed=seed,
                          flip=prep.flip, jitter=prep.jitter)
-    channels = store.meta(stack_ids[0]).shape[0]
     report = {"worker": worker_side(source, 1, batches=min(2, len(source.plan(1))))}
     try:
-        report["dali_graph_ms_per_patch"] = dali_side(source, 1, patch_cdhw=(channels, *patch), dtype=dtype, clip=clip)
+        report["dali_graph_ms_per_patch"] = dali_side(source, 1, store_dtype=store.meta(stack_ids[0]).dtype)
     except ImportError:
         report["dali_graph_ms_per_patch"] = None
-    if dtype == "bf16":  # DALI has no bfloat16: the loader casts on the torch side
-        import torch
-        x = torch.zeros((channels, *patch), dtype=torch.float32)
-        report["torch_bf16_cast_ms_per_patch"] = _cpu_ms(lambda: x.to(torch.bfloat16), 3)
+    report["normalize_ms_per_patch"] = {f"normalize on the CPU to {dtype} (trainer's input step)":
+                                        normalize_side(source, 1, dtype=dtype, clip=clip)}
     return report

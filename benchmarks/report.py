@@ -30,14 +30,17 @@ def _x(value) -> str:
 
 
 SHORT = {"ram": "(a) RAM crop", "bytes": "(b) chunk bytes", "decode": "(c) bytes+decode",
-         "source-bytes": "gpu source, bytes", "naive-zarr": "naive zarr"}
+         "source-bytes": "gpu source, bytes", "naive-zarr": "naive zarr (uint8)", "dali": "dali (uint8)",
+         "dali-cpu": "dali-cpu (uint8)", "torch": "torch (uint8)", "normalize-cpu": "normalise on the CPU",
+         "normalize-cuda": "normalise on the GPU"}
 
 
 def loader_tables(r: dict) -> list[Table]:
     rows = []
     for key, item in r["results"].items():
         ceiling = SHORT[item["ceiling"]][:3] if item.get("ceiling") else ""
-        rows.append([SHORT.get(key, key), _f(item["per_s"]), _f(item["gb_per_s"], ".3f"),
+        name = SHORT.get(key, key) + (f" -> {item['dtype']}" if key.startswith("normalize") else "")
+        rows.append([name, _f(item["per_s"]), _f(item["gb_per_s"], ".3f"),
                      _f(item.get("cpu_ms_per_item")), _f(item.get("cores_busy"), ".2f"),
                      f"{_x(item.get('ratio_to_ceiling'))} {ceiling}".strip(), _x(item.get("ratio_to_naive"))])
     c = r["config"]
@@ -53,7 +56,8 @@ def loader_tables(r: dict) -> list[Table]:
         prof = r["profile"]
         rows = [["worker: " + k, _f(v, ".2f")] for k, v in prof["worker"]["stages_ms_per_patch"].items()]
         rows += [["DALI: " + k, _f(v, ".2f")] for k, v in (prof.get("dali_graph_ms_per_patch") or {}).items()]
-        tables.append(("profile of one dali-cpu patch: CPU ms on one core (DALI rows are cumulative)",
+        rows += [["torch: " + k, _f(v, ".2f")] for k, v in (prof.get("normalize_ms_per_patch") or {}).items()]
+        tables.append(("profile of one dali-cpu patch: CPU ms per patch (DALI rows are cumulative)",
                        ["stage", "ms/patch"], rows))
     return tables
 

@@ -2,7 +2,8 @@
 synthetic batches already on the device.
 
 Three measurements, each the median of N segments of K steps:
-- model alone: forward + backward + Adam step on one synthetic batch that never leaves the device;
+- model alone: normalisation + forward + backward + Adam step on one synthetic raw batch that never
+  leaves the device (the same `TrainStep` as training, so the device-side normalisation is included);
 - loader alone: batches from the loader, nothing done with them;
 - real: the loader feeding the same steps. Data-wait % is the share of the segment spent blocked
   waiting for the next batch (the device is synchronized after every step, so waiting is idle time).
@@ -11,6 +12,7 @@ Headroom = loader-alone patches/s / model-alone patches/s: above 1 the loader ca
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import statistics
 import time
@@ -36,6 +38,15 @@ def defaults(cuda: bool) -> dict[str, Any]:
             "precision": "fp32", "loader": "auto", "steps": 2}
 
 
+def _memory(device: torch.device) -> dict[str, float]:
+    """torch's peak and the device memory in use (cudaMemGetInfo: DALI's pools and NCCL included), GiB."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"torch_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "device_used_gib": (total - free) / 2**30}
+
+
 def _stream(loader):
     """Every batch of epochs 0, 1, 2, ... in order (one generator, so no epoch is abandoned midway)."""
     for epoch in itertools.count():
@@ -45,7 +56,8 @@ def _stream(loader):
 def bench_train(*, store: str | Path | None = None, cache: Path | None = None, stacks: int = data.DEFAULT_STACKS,
                 shape_zyx=data.DEFAULT_SHAPE_ZYX, loader: str | None = None, model: str | None = None,
                 tiny: bool | None = None, patch=None, stride=None, batch: int | None = None,
-                precision: str | None = None, workers: int | None = None, prefetch: int = 2, segments: int = 5,
+                precision: str | None = None, workers: int | None = None, prefetch: int = 2,
+                channels_last: bool | None = None, segments: int = 5,
                 warmup: int = 1, steps_per_segment: int | None = None, seed: int = 0,
                 tick: Tick = no_tick) -> dict[str, Any]:
     from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
@@ -67,23 +79,31 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
     torch.manual_seed(seed)
     api = model_api()
     api.check(model_name)
-    net = api.build(model_name, tiny=tiny).to(device).train()
+    channels_last = cuda if channels_last is None else channels_last  # as the seed preset trains on a GPU
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    net = api.build(model_name, tiny=tiny).to(device, memory_format=fmt).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)  # the seed's
     step = TrainStep(net, optimizer, torch.nn.BCEWithLogitsLoss(), Precision.create(precision, device), device)
     sync = cuda_sync()
 
-    cfg = LoaderConfig(loader=kind, batch_size=batch, workers=workers, prefetch=prefetch, dtype=dtype, seed=seed)
+    cfg = LoaderConfig(loader=kind, batch_size=batch, workers=workers, prefetch=prefetch, dtype=dtype, seed=seed,
+                       channels_last=channels_last)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     the_loader = build_loader(st, st.stack_ids, train=True, patch=PatchConfig(size=patch, stride=stride),
                               prep=PreprocessConfig(), cfg=cfg, device_id=0 if cuda else None)
     try:
         stream = _stream(the_loader)
         first = next(stream)
-        images = torch.randn(first.images.shape, device=device).to(first.images.dtype)
-        labels = torch.randint(0, 2, (len(first),), device=device).float()
+        hi = torch.iinfo(first.images.dtype).max
+        synthetic = dataclasses.replace(  # raw patches already on the device: normalised by the step as usual
+            first, images=torch.randint(0, hi, first.images.shape, device=device, dtype=torch.int32)
+            .to(first.images.dtype), labels=torch.randint(0, 2, (len(first),), device=device).float(),
+            lo=first.lo.to(device), mul=first.mul.to(device))
 
         def model_alone() -> int:
             for _ in range(steps_per_segment):
-                step(images, labels)
+                step(synthetic)
                 sync()
             return steps_per_segment * batch
 
@@ -98,7 +118,7 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
                 t0 = time.perf_counter()
                 b = next(stream)
                 waited += time.perf_counter() - t0
-                step(b.images, b.labels)
+                step(b)
                 sync()
                 n += len(b)
             waits.append(waited / (time.perf_counter() - start))
@@ -114,11 +134,13 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
             "config": {"store": str(path), "generated": store is None, "loader": kind, "model": model_name,
                        "tiny": tiny,
                        "patch": list(patch), "stride": list(stride) if stride else None, "batch": batch,
-                       "precision": precision, "loader_dtype": dtype, "workers": workers, "prefetch": prefetch,
+                       "precision": precision, "loader_dtype": dtype, "channels_last": channels_last,
+                       "workers": workers, "prefetch": prefetch,
                        "segments": segments, "warmup": warmup, "steps_per_segment": steps_per_segment, "seed": seed,
                        "device": torch.cuda.get_device_name(0) if cuda else "cpu"},
             "results": results,
             "data_wait_pct": 100 * statistics.median(timed_waits),
             "data_wait_pct_segments": [100 * w for w in timed_waits],
             "loader_headroom": loader_rate / model_rate,
+            "memory": _memory(device),
             "real_vs_model_alone": results["real"]["per_s"] / model_rate}

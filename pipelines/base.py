@@ -1,10 +1,11 @@
-"""`PatchLoader`: the interface every loader implements, and the checks every batch passes."""
+"""`PatchLoader`: the interface every loader implements, and the checks every batch passes.
+
+Every loader delivers raw patches (store dtype, NCDHW) with their normalisation parameters; the
+trainer normalises them on its device (`train.step.to_model_input` -> `pipelines.normalize`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-
-import torch
 
 from stacktrain.errors import PipelineError
 
@@ -38,13 +39,9 @@ class PatchLoader:
         """The batches of `epoch`, deterministic from (cfg.seed, epoch); each is checked against `spec`."""
         if epoch < 0:
             raise PipelineError(f"epoch {epoch}: epochs count from 0")
+        norm = self.spec.norm
         for batch in self._batches(epoch):
-            images = batch.images
-            if images.dtype != self.spec.dtype:  # bf16: DALI has none, it delivers fp32
-                images = images.to(self.spec.dtype)
-            if self.cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last_3d)
-            batch.images = images
+            batch.norm = norm  # raw images: the trainer's input step normalises them (pipelines/normalize.py)
             check_batch(batch, self.spec)
             yield batch
 

@@ -74,9 +74,10 @@ class LoaderConfig:
     prefetch: int = 2
     """Batches prepared ahead of the model."""
     dtype: OutDtype = "bf16"
-    """Image dtype delivered: bf16, fp16 or fp32 (fp32 is what CPU training uses)."""
+    """dtype the images are normalised to on the training device: bf16, fp16 or fp32 (fp32 is what CPU
+    training uses); the loaders themselves deliver the store dtype (uint8/uint16)."""
     channels_last: bool = False
-    """Deliver images in torch.channels_last_3d memory format."""
+    """Normalise images into the torch.channels_last_3d memory format (on the device, in the same copy)."""
     balance: bool = False
     """Class-balanced sampling of training patches (each epoch draws equally from SAIN and MALADE)."""
     seed: int = 0

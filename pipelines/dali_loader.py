@@ -22,13 +22,12 @@ from .workers import start_method
 
 
 class DaliLoader(PatchLoader):
-    def __init__(self, *, gpu: bool, device: torch.device, store_dtype: str, clip: bool, **common):
+    def __init__(self, *, gpu: bool, device: torch.device, store_dtype: str, **common):
         super().__init__(**common)
         self.kind = "dali" if gpu else "dali-cpu"
         self.device = device
         self._gpu = gpu
         self._store_dtype = store_dtype
-        self._clip = clip
         self._pipe = None
         self._iterator = None
         self._next_epoch: int | None = None  # the epoch the built pipeline delivers next, if clean
@@ -41,8 +40,8 @@ class DaliLoader(PatchLoader):
         self._pipe = build_pipeline(
             source, gpu=self._gpu, device_id=self.device.index if self._gpu else None,
             batch_size=cfg.batch_size, workers=cfg.workers, prefetch=cfg.prefetch,
-            store_dtype=self._store_dtype, out_dtype=cfg.dtype, patch_cdhw=(self.spec.channels, *self.spec.patch_dhw),
-            clip=self._clip, seed=cfg.seed, start_method=start_method(gpu=self._gpu))
+            store_dtype=self._store_dtype, patch_cdhw=(self.spec.channels, *self.spec.patch_dhw), seed=cfg.seed,
+            start_method=start_method(gpu=self._gpu))
         self._iterator = DALIGenericIterator([self._pipe], OUTPUT_MAP, last_batch_policy=LastBatchPolicy.PARTIAL,
                                              prepare_first_batch=False, auto_reset=False)
         self._next_epoch = epoch
@@ -54,8 +53,12 @@ class DaliLoader(PatchLoader):
         if self._iterator is None or self._next_epoch is None or wanted != self._next_epoch:
             self._build(epoch)
         self._next_epoch = None  # dirty until the epoch is read to the end
+        raw = self.spec.raw_dtype
         for (out,) in self._iterator:
-            yield Batch(out["images"], out["labels"], out["stack_index"], out["position"])
+            images = out["images"]
+            if images.dtype != raw:  # uint16 travels as int16 (graph.DALI_TORCH_VIEW): same bytes
+                images = images.view(raw)
+            yield Batch(images, out["label"], out["stack_index"], out["position"], out["lo"], out["mul"])
         self._iterator.reset()
         self._next_epoch = epoch + 1 if self.source.train else 0
 

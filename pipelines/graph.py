@@ -1,35 +1,53 @@
 """The DALI graph: plain functions over graph nodes, `@pipeline_def` only at the top.
 
-GPU mode:  compressed bytes --.gpu()--> inflate (nvCOMP LZ4) -> reassemble -> crop -> flip
-           -> normalize -> cast, all on the device.
-CPU mode:  decoded chunks (the workers ran numcodecs) -> the same reassemble -> crop -> flip
-           -> normalize -> cast, on DALI's CPU threads (`device_id=None`).
+GPU mode:  compressed bytes --.gpu()--> inflate (nvCOMP LZ4, in `inflate_groups` calls: pipelines/
+           inflate.py) -> reassemble -> crop -> flip, on the device, in the store dtype: the crop
+           happens before anything is widened, and normalisation runs in torch (pipelines/normalize.py).
+CPU mode:  the workers hand over finished patches (decoded, reassembled, cropped, flipped by numpy):
+           the graph runs no operator at all, it only batches them.
 Reassembly is the numpy `stores.chunks.reassemble` as graph ops: reshape to 7-D (c, gz, gy, gx,
 cz, cy, cx) -> transpose REASSEMBLE_PERM -> reshape to the (C, Z, Y, X) region.
+`gpu_graph` takes its `inflate` and `to_device` steps as arguments, so that a CPU test can run the
+exact GPU-mode graph with only the inflate node swapped for a CPU decode of the same blocks.
 """
 
 from __future__ import annotations
 
 import os
 
-import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
 
 from stacktrain.stores.chunks import REASSEMBLE_PERM
 
-from .source import PatchSource
+from .source import SIDE_FIELDS, PatchSource
 
 # Let inflate check its output sizes (it synchronizes the stream): for checks such as gpu_check.py.
 CHECK_INFLATE = False
 DALI_STORE_DTYPES = {"uint8": types.UINT8, "uint16": types.UINT16}
-# DALI 2.4 has no bfloat16: bf16 leaves the graph as fp32 and torch casts it on the device.
-DALI_OUT_DTYPES = {"fp16": types.FLOAT16, "fp32": types.FLOAT, "bf16": types.FLOAT}
+OUTPUT_MAP = ["images", *SIDE_FIELDS]
+# DALI's torch plugin has no uint16: such patches leave the graph reinterpreted (no copy) as int16 and
+# the loader views them as torch.uint16 again.
+DALI_TORCH_VIEW = {"uint16": types.INT16}
+
+
+def deliverable(patch, store_dtype: str):
+    """The patch as DALI's torch plugin can hand it over (same bytes)."""
+    view = DALI_TORCH_VIEW.get(store_dtype)
+    return patch if view is None else fn.reinterpret(patch, dtype=view)
 
 
 def inflate_chunks(data, offsets, sizes, chunk_shape, store_dtype: str):
-    """Raw LZ4 blocks of one region -> (n_chunks, cz, cy, cx) on the GPU."""
-    return fn.decoders.inflate(data.gpu(), chunk_offsets=offsets, chunk_sizes=sizes, shape=chunk_shape,
+    """Raw LZ4 blocks of one region (already on the device) -> (n_chunks, cz, cy, cx) on the GPU."""
+    return fn.decoders.inflate(data, chunk_offsets=offsets, chunk_sizes=sizes, shape=chunk_shape,
                                dtype=DALI_STORE_DTYPES[store_dtype], check_output_size=CHECK_INFLATE)
+
+
+def inflate_groups(inputs: dict, groups: int, store_dtype: str, inflate, to_device):
+    """Every chunk of a sample, inflated in `groups` calls over the same device bytes, in C order."""
+    data = to_device(inputs["data"])
+    parts = [inflate(data, inputs[f"offsets_{k}"], inputs[f"sizes_{k}"], inputs["chunk_shape"], store_dtype)
+             for k in range(groups)]
+    return parts[0] if groups == 1 else fn.cat(*parts, axis=0)
 
 
 def reassemble(chunks, dims7, dims4):
@@ -49,56 +67,45 @@ def flip(patch, flips):
     return fn.flip(patch, depthwise=flips[0], vertical=flips[1], horizontal=flips[2])
 
 
-def normalize(patch, lo, mul, clip: bool, gpu: bool):
-    """(x - lo) * mul per channel in float32, then optionally clip to [0, 1] (pipelines/normalize.py)."""
-    if gpu:
-        lo, mul = lo.gpu(), mul.gpu()
-    out = (fn.cast(patch, dtype=types.FLOAT) - lo) * mul
-    return dmath.clamp(out, 0.0, 1.0) if clip else out
+def _gpu(node):
+    return node.gpu()
 
 
-def patch_graph(inputs: dict, *, gpu: bool, store_dtype: str, out_dtype: str, patch_cdhw, clip: bool):
-    """Source outputs (by field name) -> (images, labels, stack_index, position)."""
-    if gpu:
-        chunks = inflate_chunks(inputs["data"], inputs["offsets"], inputs["sizes"],
-                                inputs["chunk_shape"], store_dtype)
-    else:
-        chunks = inputs["chunks"]
+def gpu_graph(inputs: dict, *, store_dtype: str, patch_cdhw, groups: int = 1, inflate=inflate_chunks,
+              to_device=_gpu):
+    """GPU-mode source outputs (by field name) -> (patch in the store dtype, *side outputs)."""
+    chunks = inflate_groups(inputs, groups, store_dtype, inflate, to_device)
     region = reassemble(chunks, inputs["dims7"], inputs["dims4"])
     patch = flip(crop(region, inputs["anchor"], patch_cdhw), inputs["flips"])
-    images = normalize(patch, inputs["lo"], inputs["mul"], clip, gpu)
-    if out_dtype == "fp16":
-        images = fn.cast(images, dtype=types.FLOAT16)
-    side = (inputs["label"], inputs["stack_index"], inputs["position"])
-    if gpu:
-        side = tuple(node.gpu() for node in side)
-    return (images, *side)
+    return (deliverable(patch, store_dtype), *(to_device(inputs[k]) for k in SIDE_FIELDS))
+
+
+def cpu_graph(inputs: dict, store_dtype: str):
+    """CPU-mode source outputs -> the same outputs: the workers finished the patches."""
+    return (deliverable(inputs["patch"], store_dtype), *(inputs[k] for k in SIDE_FIELDS))
 
 
 @pipeline_def
 def patch_pipeline(source: PatchSource, *, gpu: bool, parallel: bool, prefetch: int, store_dtype: str,
-                   out_dtype: str, patch_cdhw, clip: bool):
+                   patch_cdhw):
     parallel_args = {"parallel": True, "prefetch_queue_depth": prefetch} if parallel else {}
     outputs = fn.external_source(source, num_outputs=len(source.fields), batch=True, batch_info=True,
                                  **parallel_args)
     inputs = dict(zip(source.fields, outputs))
-    return patch_graph(inputs, gpu=gpu, store_dtype=store_dtype, out_dtype=out_dtype,
-                       patch_cdhw=patch_cdhw, clip=clip)
-
-
-OUTPUT_MAP = ["images", "labels", "stack_index", "position"]
+    if gpu:
+        return gpu_graph(inputs, store_dtype=store_dtype, patch_cdhw=patch_cdhw, groups=source.inflate_groups)
+    return cpu_graph(inputs, store_dtype)
 
 
 def build_pipeline(source: PatchSource, *, gpu: bool, device_id: int | None, batch_size: int,
-                   workers: int, prefetch: int, store_dtype: str, out_dtype: str, patch_cdhw,
-                   clip: bool, seed: int, start_method: str):
+                   workers: int, prefetch: int, store_dtype: str, patch_cdhw, seed: int, start_method: str):
     """Construct the pipeline, start its workers, then build it (workers first: before DALI touches CUDA)."""
     parallel = workers > 0
     pipe = patch_pipeline(source, gpu=gpu, parallel=parallel, prefetch=prefetch, store_dtype=store_dtype,
-                          out_dtype=out_dtype, patch_cdhw=tuple(patch_cdhw), clip=clip,
-                          batch_size=batch_size, num_threads=min(4, os.cpu_count() or 1),
-                          device_id=device_id if gpu else None, seed=seed, prefetch_queue_depth=prefetch,
-                          py_num_workers=max(workers, 1), py_start_method=start_method)
+                          patch_cdhw=tuple(patch_cdhw), batch_size=batch_size,
+                          num_threads=min(4, os.cpu_count() or 1), device_id=device_id if gpu else None,
+                          seed=seed, prefetch_queue_depth=prefetch, py_num_workers=max(workers, 1),
+                          py_start_method=start_method)
     if parallel:
         pipe.start_py_workers()
     pipe.build()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from stacktrain.choices import LoaderKind, options
@@ -22,7 +23,8 @@ from stacktrain.stores.reader import Store
 
 from .base import PatchLoader
 from .config import LoaderConfig, PatchConfig, PreprocessConfig
-from .contract import DTYPES, BatchSpec
+from .contract import DTYPES, RAW_DTYPES, BatchSpec
+from .inflate import inflate_plan
 from .normalize import channel_mean_std, stack_norm_params
 from .patches import build_index
 from .source import PatchSource
@@ -70,7 +72,8 @@ def _check_stacks(store: Store, stack_ids: list[str], kind: str) -> tuple[int, s
         for sid, m in zip(stack_ids, metas):
             if m.codec not in GPU_CODECS:  # the store's own error says: reconvert with lz4 or use CPU mode
                 store.chunk_region(sid, ((0, 1), (0, 1), (0, 1)), raw_lz4=True)
-    return channels.pop(), metas[0].dtype
+    # torch batches a mix as the widest dtype (values unchanged; each stack keeps its own lo/mul)
+    return channels.pop(), max(dtypes, key=lambda d: np.dtype(d).itemsize)
 
 
 def _device(kind: str, device_id: int | None) -> torch.device:
@@ -105,14 +108,28 @@ def build_loader(store: Store, stack_ids: list[str], *, train: bool, patch: Patc
     channels, store_dtype = _check_stacks(store, stack_ids, kind)
     index = build_index(store, stack_ids, patch)
     norm, clip = stack_norm_params(store, stack_ids, prep, train=train, norm_stats=norm_stats)
+    groups = _inflate_groups(store, stack_ids, patch, channels, cfg.batch_size) if kind == "dali" else 1
     source = PatchSource(store, index, norm, train=train, raw_lz4=kind == "dali", batch_size=cfg.batch_size,
                          seed=cfg.seed, rank=rank, world_size=world_size, balance=cfg.balance and train,
-                         flip=prep.flip, jitter=prep.jitter)
+                         flip=prep.flip, jitter=prep.jitter, inflate_groups=groups, patch_dtype=store_dtype)
     device = _device(kind, device_id)
-    spec = BatchSpec(channels, tuple(patch.size), DTYPES[cfg.dtype], device.type, cfg.batch_size)
+    spec = BatchSpec(channels, tuple(patch.size), DTYPES[cfg.dtype], device.type, cfg.batch_size,
+                     raw_dtype=RAW_DTYPES[store_dtype], clip=clip, channels_last=cfg.channels_last)
     common = dict(stack_ids=stack_ids, index=index, spec=spec, source=source, cfg=cfg)
     if kind == "torch":
         from .torch_loader import TorchLoader
-        return TorchLoader(device=device, clip=clip, **common)
+        return TorchLoader(device=device, **common)
     from .dali_loader import DaliLoader
-    return DaliLoader(gpu=kind == "dali", device=device, store_dtype=store_dtype, clip=clip, **common)
+    return DaliLoader(gpu=kind == "dali", device=device, store_dtype=store_dtype, **common)
+
+
+def _inflate_groups(store: Store, stack_ids: list[str], patch: PatchConfig, channels: int, batch: int) -> int:
+    """Inflate calls per batch in GPU mode (pipelines/inflate.py): the worst chunk layout of these stacks."""
+    plans = [inflate_plan(patch_zyx=patch.size, chunk_zyx=layout, channels=channels, batch=batch)
+             for layout in {tuple(store.meta(s).chunk_zyx) for s in stack_ids}]
+    groups = max(p.groups for p in plans)
+    if groups > min(p.min_chunks for p in plans):  # every sample needs a chunk in every inflate call
+        raise PipelineError(f"{store.path}: these stacks mix chunk layouts that need {groups} inflate calls per "
+                            "batch, more than the smallest layout has chunks per patch; reconvert them with one "
+                            "--chunk, or lower loader.batch_size")
+    return groups

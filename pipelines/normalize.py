@@ -1,7 +1,11 @@
-"""Normalization parameters: every mode is `(x - lo) * mul` per channel, clipped to [0, 1] for percentile.
+"""The one normalisation: parameters per stack, and the torch function every loader's batches go through.
 
-One formula for all modes keeps the DALI graph, the torch reference and the tests' numpy in step
-(exactly the same float32 operations, so fp32 results are bit-identical):
+Every mode is `(x - lo) * mul` per channel in float32, clipped to [0, 1] for percentile, then cast to
+the training dtype. The loaders deliver raw patches (store dtype) with `lo`, `mul` per sample; the
+trainer's input step (`train.step.to_model_input`) runs `normalize_images` on the training device after
+the host->device copy, so every loader shares this exact code. On CUDA it is one `torch.compile`d kernel
+(uint8 in, bf16 out); on the CPU the same operations run eagerly. `(x - lo) * mul` ends in a multiply,
+so no fused multiply-add can change its rounding: fp32 results equal the numpy reference bit for bit.
 - scale:      lo = 0,                mul = 1 / dtype max
 - meanstd:    lo = mean,             mul = 1 / std        (values given, or from the training stacks)
 - percentile: lo = stack's p_low,    mul = 1 / (p_high - p_low), then clip to [0, 1]
@@ -9,7 +13,10 @@ One formula for all modes keeps the DALI graph, the torch reference and the test
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import torch
 
 from stacktrain.errors import PipelineError
 from stacktrain.stores.layout import PERCENTILES
@@ -35,7 +42,7 @@ def channel_mean_std(store: Store, stack_ids) -> tuple[list[float], list[float]]
 
 def _as_params(lo, mul, channels: int) -> NormParams:
     shape = (channels, 1, 1, 1)
-    return tuple(np.ascontiguousarray(np.broadcast_to(np.asarray(v, np.float32).reshape(-1, 1, 1, 1), shape))
+    return tuple(np.array(np.broadcast_to(np.asarray(v, np.float32).reshape(-1, 1, 1, 1), shape))  # own, writable
                  for v in (lo, mul))
 
 
@@ -81,6 +88,45 @@ def stack_norm_params(store: Store, stack_ids: list[str], prep: PreprocessConfig
 
 
 def apply_numpy(x: np.ndarray, lo: np.ndarray, mul: np.ndarray, clip: bool) -> np.ndarray:
-    """The reference: the same float32 operations the DALI graph runs."""
+    """The reference: the same float32 operations `normalize_images` runs."""
     out = (x.astype(np.float32) - lo) * mul
     return np.clip(out, np.float32(0), np.float32(1)) if clip else out
+
+
+def _normalize(raw: torch.Tensor, lo: torch.Tensor, mul: torch.Tensor, clip: bool, dtype: torch.dtype,
+               channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    x = raw.to(dtype=torch.float32, memory_format=fmt)  # widen and lay out in one copy
+    x = (x - lo) * mul
+    if clip:
+        x = x.clamp(0.0, 1.0)
+    return x.to(dtype).contiguous(memory_format=fmt)
+
+
+_COMPILED = {"fn": None, "failed": False}
+
+
+def _compiled():
+    if _COMPILED["fn"] is None:
+        _COMPILED["fn"] = torch.compile(_normalize, dynamic=True)  # the last eval batch is smaller
+    return _COMPILED["fn"]
+
+
+def normalize_images(raw: torch.Tensor, lo: torch.Tensor, mul: torch.Tensor, *, clip: bool,
+                     dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                     fuse: bool | None = None) -> torch.Tensor:
+    """(N, C, D, H, W) uint8/uint16 -> `(raw - lo) * mul` (clipped to [0, 1] if `clip`) in `dtype`.
+
+    `lo`, `mul`: float32 (N, C, 1, 1, 1) on raw's device. `fuse` (default: on CUDA) runs it as one
+    compiled kernel; if compiling fails it warns once and runs eagerly (same operations)."""
+    if lo.device != raw.device or mul.device != raw.device:
+        lo, mul = lo.to(raw.device, non_blocking=True), mul.to(raw.device, non_blocking=True)
+    fuse = raw.is_cuda if fuse is None else fuse
+    if fuse and not _COMPILED["failed"]:
+        try:
+            return _compiled()(raw, lo, mul, clip, dtype, channels_last)
+        except Exception as e:  # noqa: BLE001 -- no compiler on this node: the eager path is the same maths
+            _COMPILED["failed"] = True
+            warnings.warn(f"normalisation: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                          "normalising eagerly (a few kernels instead of one)", stacklevel=2)
+    return _normalize(raw, lo, mul, clip, dtype, channels_last)

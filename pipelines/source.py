@@ -8,10 +8,11 @@ normalization parameters and the side outputs. Every random choice comes from
 `default_rng((seed, epoch, slot))`, so all loaders agree on every sample.
 
 CPU modes: the worker also reassembles, crops and flips, in one strided numpy copy (flips folded
-into the reassembly), and hands over the finished uint8 patch as a single chunk per channel with a
-zero anchor and no flips left to do, so the graph's reassemble/crop/flip have nothing to rearrange.
-DALI's CPU operators did that work slowly in the main process (`stacktrain bench loader --profile`
-shows each operator's cost); the parallel workers do it once, in numpy.
+into the reassembly), and hands over the finished patch in the store dtype: the CPU graph has no
+operator left to run (DALI's CPU operators did that work several times slower than one numpy copy,
+and normalisation now runs in torch on the training device: pipelines/normalize.py).
+GPU mode hands over the compressed blocks, split into `inflate_groups` chunk lists per sample
+(pipelines/inflate.py: CUDA's grid limit), and the graph inflates, reassembles, crops and flips.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from stacktrain.stores import chunks as store_chunks
 from stacktrain.stores.reader import Store
 
+from .inflate import split_chunks
 from .normalize import NormParams
 from .patches import PatchIndex
 from .plans import EpochPlan, eval_plan, train_plan
@@ -50,9 +52,14 @@ def exit_with_parent() -> None:
 
 
 # Output order of the source (DALI's external_source takes them positionally).
-RAW_FIELDS = ("data", "offsets", "sizes", "chunk_shape")  # GPU mode: inflate on the device
-DECODED_FIELDS = ("chunks",)  # CPU modes: (n, cz, cy, cx), decoded by the worker
-COMMON_FIELDS = ("dims7", "dims4", "anchor", "flips", "lo", "mul", "label", "stack_index", "position")
+GEOMETRY_FIELDS = ("chunk_shape", "dims7", "dims4", "anchor", "flips")  # GPU mode: what the graph does
+DECODED_FIELDS = ("patch",)  # CPU modes: the finished (C, D, H, W) patch in the store dtype
+SIDE_FIELDS = ("lo", "mul", "label", "stack_index", "position")  # side outputs, in the batch's order
+
+
+def raw_fields(groups: int) -> tuple[str, ...]:
+    """GPU mode's leading fields: the blocks, then each inflate group's chunk offsets and sizes."""
+    return ("data", *(f"{kind}_{k}" for k in range(groups) for kind in ("offsets", "sizes")))
 
 
 class PatchSource:
@@ -61,7 +68,7 @@ class PatchSource:
     def __init__(self, store: Store, index: PatchIndex, norm: list[NormParams], *, train: bool,
                  raw_lz4: bool, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  balance: bool = False, flip=(False, False, False), jitter: int = 0,
-                 epoch_offset: int = 0):
+                 epoch_offset: int = 0, inflate_groups: int = 1, patch_dtype: str | None = None):
         self.store = store
         self.index = index
         self.norm = norm
@@ -75,7 +82,10 @@ class PatchSource:
         self.flip = np.asarray(flip, bool)
         self.jitter = int(jitter)
         self.epoch_offset = epoch_offset  # DALI counts epochs from 0 per pipeline; we may start later
-        self.fields = (RAW_FIELDS if raw_lz4 else DECODED_FIELDS) + COMMON_FIELDS
+        self.inflate_groups = int(inflate_groups)
+        self.patch_dtype = patch_dtype  # CPU modes: patches of narrower stacks are widened to it (torch mixes)
+        head = raw_fields(self.inflate_groups) + GEOMETRY_FIELDS if raw_lz4 else DECODED_FIELDS
+        self.fields = head + SIDE_FIELDS
         self._plans: dict[int, EpochPlan] = {}
         self._extent = np.array([store.meta(s).shape[1:] for s in index.stack_ids], np.int64)
 
@@ -127,21 +137,19 @@ class PatchSource:
         start, flips = self.augmentation(epoch, slot, row)
         box = tuple((int(s), int(s) + n) for s, n in zip(start, self.index.size))
         region = self.store.chunk_region(self.index.stack_ids[stack], box, raw_lz4=self.raw_lz4)
-        if self.raw_lz4:
-            head = (region.data, region.offsets, region.sizes, np.asarray(region.chunk_zyx, np.int32))
-            dims7 = store_chunks.reassemble_dims(region.grid, region.chunk_zyx)
-            dims4 = region.region_shape
-            anchor = np.array([0, *(s - o for s, o in zip(start, region.origin_zyx))], np.int32)
-        else:
-            patch = finished_patch(store_chunks.decode(region), region, start, self.index.size, flips)
-            head = (patch,)
-            dims7, dims4 = [patch.shape[0], 1, 1, 1, *patch.shape[1:]], patch.shape
-            anchor, flips = np.zeros(4, np.int32), np.zeros(3, np.int32)
         lo, mul = self.norm[stack]
-        return (*head, np.asarray(dims7, np.int32), np.asarray(dims4, np.int32), anchor, flips, lo, mul,
-                np.array(self.index.label[row], np.float32),
-                np.array(stack, np.int64),
+        side = (lo, mul, np.array(self.index.label[row], np.float32), np.array(stack, np.int64),
                 start.astype(np.int64))
+        if not self.raw_lz4:
+            patch = finished_patch(store_chunks.decode(region), region, start, self.index.size, flips)
+            if self.patch_dtype is not None and patch.dtype != self.patch_dtype:
+                patch = patch.astype(self.patch_dtype)
+            return patch, *side
+        groups = [a for part in split_chunks(region.offsets, region.sizes, self.inflate_groups) for a in part]
+        dims7 = store_chunks.reassemble_dims(region.grid, region.chunk_zyx)
+        anchor = [0, *(s - o for s, o in zip(start, region.origin_zyx))]
+        return (region.data, *groups, np.asarray(region.chunk_zyx, np.int32), np.asarray(dims7, np.int32),
+                np.asarray(region.region_shape, np.int32), np.asarray(anchor, np.int32), flips, *side)
 
 
 def finished_patch(chunks: np.ndarray, region: store_chunks.ChunkRegion, start, size, flips) -> np.ndarray:

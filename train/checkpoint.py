@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state["cuda"])
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(saved) > visible:
+        warnings.warn(f"the checkpoint holds the RNG states of {len(saved)} CUDA device(s), {visible} are visible "
+                      f"here: restoring {min(len(saved), visible)}, the others' random streams start afresh",
+                      stacklevel=2)
+    for index, device_state in enumerate(saved[:visible]):  # only devices that exist
+        torch.cuda.set_rng_state(device_state, index)
 
 
 # -- save / load -----------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
         cfg = resolve_norm(cfg, store, train_ids)
         _check_run_dir(run_dir, resume)
         seed_everything(cfg.train.seed)
-        model, net, train_net = _build_model(cfg, rt)
+        model, net, train_net, notice = _build_model(cfg, rt)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         prec = Precision.create(cfg.train.precision, rt.device)
         pos_weight = None if cfg.optim.pos_weight is None else torch.tensor(cfg.optim.pos_weight, device=rt.device)
@@ -83,6 +83,8 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
         monitor = Monitor(run_dir, enabled=rt.is_main, epochs=cfg.train.epochs,
                           log_interval=cfg.train.log_interval, device=rt.device)
         stack.callback(monitor.close)
+        if notice:
+            monitor.print(notice)
         monitor.print(f"training {cfg.model.name}{' (tiny)' if cfg.model.tiny else ''} on {rt.device} "
                       f"x{rt.world_size} ({prec.name}, loader {train_loader.kind}): {len(train_ids)} train "
                       f"stacks, {len(train_loader)} batches/epoch/rank, {len(val_ids)} val stacks -> {run_dir}"
@@ -127,7 +129,7 @@ def train_epoch(net: nn.Module, loader, epoch: int, *, optimizer, criterion, pre
     meter = monitor.meter("train", epoch, len(loader), loader.cfg.batch_size)
     step = TrainStep(net, optimizer, criterion, prec, rt.device)
     for batch in meter.iterate(loader.epoch(epoch)):
-        loss_sum += step(batch.images, batch.labels)
+        loss_sum += step(batch)
         meter.step(loss_sum)
     train_loss = loss_sum.item() / max(meter.steps, 1)  # waits for the device: the timing below is true
     return train_loss, meter.finish(rt.world_size)
@@ -142,8 +144,9 @@ def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: R
     local = Evaluator(loader.stack_ids, **options)
     meter = monitor.meter("val", epoch, len(loader), loader.cfg.batch_size)
     for batch in meter.iterate(loader.epoch(epoch)):
+        images = to_model_input(batch, rt.device, prec)  # normalised on the device, like training's
         with prec.autocast():
-            logits = net(to_model_input(batch.images, rt.device, prec))
+            logits = net(images)
         local.add(batch.stack_index, batch.position, logits.float(), batch.labels)
         meter.step()
     meter.finish()
@@ -153,9 +156,11 @@ def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: R
     return merged.finalize()
 
 
-def _build_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module, nn.Module]:
+def _build_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module, nn.Module, str | None]:
     """(model: what checkpoints hold; net: model compiled or not, for validation; train_net: what
-    trains, the model under DDP when distributed, compiled or not)."""
+    trains, the model under DDP when distributed, compiled or not; a notice to print, or None).
+    torch.compile is left out under DDP with SyncBatchNorm, where it graph-breaks or fails
+    (pytorch/pytorch#161302, #107372)."""
     model = build_model(cfg.model.name, tiny=cfg.model.tiny, options=cfg.model.options)
     cuda = rt.device.type == "cuda"
     if rt.distributed and cuda:  # normalise over the global batch: N GPUs train like one
@@ -164,13 +169,18 @@ def _build_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module, n
     model = model.to(rt.device, memory_format=fmt)
     if cuda:
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
-    maybe_compile = torch.compile if cfg.train.compile else (lambda m: m)
+    compile_it, notice = cfg.train.compile, None
+    if compile_it and rt.distributed and cuda:
+        compile_it = False
+        notice = ("train.compile = true ignored: torch.compile does not work with DDP + SyncBatchNorm "
+                  "(pytorch#161302, #107372); training uncompiled")
+    maybe_compile = torch.compile if compile_it else (lambda m: m)
     net = maybe_compile(model)
     if not rt.distributed:
-        return model, net, net
+        return model, net, net, notice
     from torch.nn.parallel import DistributedDataParallel
     ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None)
-    return model, net, maybe_compile(ddp)  # compile the DDP wrapper, as torch advises
+    return model, net, maybe_compile(ddp), notice  # compile the DDP wrapper, as torch advises
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:

@@ -5,7 +5,7 @@
     for batch in meter.iterate(loader.epoch(epoch)):     # times the waits for the loader
         ...
         meter.step(loss_sum)          # .item() (a host-device sync) only every log_interval steps
-    stats = meter.finish()            # patches/s, data-wait %, peak memory
+    stats = meter.finish()            # patches/s, data-wait %, torch's peak and device-used memory
     monitor.epoch_line(entry, ...)    # the log line and the epoch's scalars
 
 Only rank 0 shows or writes anything (`enabled`); the other ranks still time their epochs.
@@ -30,10 +30,27 @@ GIB = 2 ** 30
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch since the last reset, or the process' peak RSS on the CPU."""
+    """Peak GPU memory allocated by torch since the last reset, or the process' peak RSS on the CPU.
+    On a GPU this counts torch's tensors only: not DALI's pools, NCCL's buffers or the CUDA context."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+
+
+def device_used_gib(device: torch.device) -> float | None:
+    """Memory in use on the whole GPU now (cudaMemGetInfo: total - free), whoever holds it: torch, DALI,
+    NCCL, the contexts, other processes. None on the CPU. Cheap, and it does not synchronise."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / GIB
+
+
+def memory_text(th: dict[str, Any]) -> str:
+    """"peak 1.23 GiB" on the CPU (RSS); "torch peak 40.1 GiB, device used 52.3 GiB" on a GPU."""
+    if th.get("device_used_gib") is None:
+        return f"peak {th['peak_memory_gib']:.2f} GiB"
+    return f"torch peak {th['peak_memory_gib']:.2f} GiB, device used {th['device_used_gib']:.2f} GiB"
 
 
 class Meter:
@@ -46,6 +63,7 @@ class Meter:
         self.wait_s = 0.0
         self.loss: float | None = None
         self.task = None
+        self.device_used: float | None = None  # highest device_used_gib seen at the sync points
         if monitor.progress is not None:
             self.task = monitor.progress.add_task(kind, total=n_batches,
                                                   epoch=f"{epoch} ({epoch + 1}/{monitor.epochs})",
@@ -70,6 +88,8 @@ class Meter:
         """One batch done; every `log_interval` steps read the running loss (the only sync)."""
         self.steps += 1
         sync = self.steps % self.monitor.log_interval == 0 or self.steps == self.n_batches
+        if sync:
+            self._sample_device_memory()
         if sync and loss_sum is not None:
             self.loss = loss_sum.item() / self.steps
             self.monitor.scalar(f"{self.kind}/running_loss", self.loss, self.epoch * self.n_batches + self.steps)
@@ -80,14 +100,24 @@ class Meter:
                 fields["loss"] = f"{self.loss:.4f}"
             self.monitor.progress.update(self.task, advance=1, **fields)
 
+    def _sample_device_memory(self) -> None:
+        used = device_used_gib(self.monitor.device)
+        if used is not None:
+            self.device_used = max(self.device_used or 0.0, used)
+
     def finish(self, world_size: int = 1) -> dict[str, float]:
-        """patches/s over all ranks, share of the time spent waiting for data, peak memory."""
+        """patches/s over all ranks, share of the time spent waiting for data, memory: torch's peak and
+        the most device memory seen in use (DALI and NCCL included; sampled at the log intervals)."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         if self.task is not None:
             self.monitor.progress.remove_task(self.task)
-        return {"train_patches_per_s": self.patches * world_size / elapsed,
-                "data_wait_pct": 100.0 * self.wait_s / elapsed, "train_s": elapsed,
-                "peak_memory_gib": peak_memory_gib(self.monitor.device)}
+        self._sample_device_memory()
+        out = {"train_patches_per_s": self.patches * world_size / elapsed,
+               "data_wait_pct": 100.0 * self.wait_s / elapsed, "train_s": elapsed,
+               "peak_memory_gib": peak_memory_gib(self.monitor.device)}
+        if self.device_used is not None:
+            out["device_used_gib"] = self.device_used
+        return out
 
 
 class Monitor:
@@ -123,13 +153,14 @@ class Monitor:
         patch_f1, stack_f1 = f1_malade(entry, "patch"), f1_malade(entry, "stack")
         self.print(f"epoch {e} ({e + 1}/{self.epochs}) | loss {entry['train_loss']:.4f} | val_loss "
                    f"{entry['val_loss']:.4f} | lr {entry['lr']:.2e} | {th['train_patches_per_s']:,.1f} patches/s"
-                   f" | data-wait {th['data_wait_pct']:.1f}% | peak {th['peak_memory_gib']:.2f} GiB | "
+                   f" | data-wait {th['data_wait_pct']:.1f}% | {memory_text(th)} | "
                    f"F1(MALADE) patch {patch_f1:.3f} stack {stack_f1:.3f} | {entry['wall_s']:.1f} s"
                    + (f" | best ({level})" if improved else ""))
         for tag, value in (("loss/train", entry["train_loss"]), ("loss/val", entry["val_loss"]),
                            ("lr", entry["lr"]), ("throughput/patches_per_s", th["train_patches_per_s"]),
                            ("throughput/data_wait_pct", th["data_wait_pct"]),
-                           ("memory/peak_gib", th["peak_memory_gib"])):
+                           ("memory/peak_gib", th["peak_memory_gib"]),
+                           ("memory/device_used_gib", th.get("device_used_gib"))):
             self.scalar(tag, value, e)
         for level_name in ("patch", "stack"):
             m = level_metrics(entry, level_name)

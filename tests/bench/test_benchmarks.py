@@ -54,14 +54,16 @@ def test_loader_bench_schema_and_ratios(tiny_store):
     r = bench_loader(store=tiny_store, loaders=["dali-cpu", "torch"], patch=PATCH, batch=4, workers=2,
                      segments=2, warmup=1)
     res = r["results"]
-    assert set(res) == {"ram", "bytes", "decode", "source-bytes", "naive-zarr", "dali-cpu", "torch"}
+    assert set(res) == {"ram", "bytes", "decode", "source-bytes", "naive-zarr", "dali-cpu", "torch", "normalize-cpu"}
+    assert res["dali-cpu"]["delivers"] == res["torch"]["delivers"] == "uint8"  # raw; normalised separately
+    norm = res.pop("normalize-cpu")
+    assert positive_finite(norm["per_s"]) and norm["items_per_segment"] == 4 * 4 and norm["dtype"] == "fp32"
     for name, item in res.items():
         assert positive_finite(item["per_s"]) and positive_finite(item["gb_per_s"]), name
         assert len(item["segment_rates"]) == 2 and all(positive_finite(v) for v in item["segment_rates"])
         assert item["per_s"] == pytest.approx(float(np.median(item["segment_rates"])))
-        # one epoch of 16 patches per segment; the ceilings read theirs CEILING_REPEAT times
-        assert item["items_per_segment"] == 16 * (CEILING_REPEAT if name in ("ram", "bytes", "decode", "source-bytes")
-                                                  else 1)
+        # CEILING_REPEAT epochs of 16 patches per segment, for every measured thing alike
+        assert item["items_per_segment"] == 16 * CEILING_REPEAT
     for name, ceiling in (("dali-cpu", "decode"), ("torch", "decode"), ("naive-zarr", "decode"),
                           ("source-bytes", "bytes")):
         assert res[name]["ceiling"] == ceiling
@@ -69,7 +71,8 @@ def test_loader_bench_schema_and_ratios(tiny_store):
         assert res[name]["ratio_to_naive"] == pytest.approx(res[name]["per_s"] / res["naive-zarr"]["per_s"])
     assert positive_finite(res["bytes"]["compressed_gb_per_s"])
     assert r["config"]["patch_bytes"] == 3 * 8 * 32 * 32
-    assert {b["loader"] for b in r["bars"]} == {"dali-cpu", "source-bytes"}
+    assert {(b["loader"], b["target"]) for b in r["bars"]} == {("dali-cpu", 0.7), ("dali-cpu", 3.0),
+                                                                ("source-bytes", 0.7)}
     assert not any(b["applies"] for b in r["bars"])  # bars are set for the default store only
     json.dumps(r)  # plain JSON all the way down
 
@@ -187,22 +190,72 @@ def test_gpu_script_without_cuda_skips(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_gpu_script_runs_check_and_benches_on_cpu_with_torch_candidate(tmp_path, cache):
-    """The same script, with the torch loader as candidate (runs anywhere): check + all benches + JSON."""
+def test_gpu_script_runs_check_and_benches_on_cpu_with_torch_candidate(tmp_path):
+    """The same script, with the torch loader as candidate (runs anywhere): every case + benches + JSON."""
     from stacktrain.bench import gpu_check
     out = tmp_path / "out"
     argv = ["--out", str(out), "--reference", "dali-cpu", "--candidate", "torch", "--shape", "3", "16", "64", "64",
             "--patch", "8", "32", "32", "--stride", "8", "32", "32", "--batch-size", "4", "--workers", "2",
-            "--epochs", "1", "--bench-shape", "16", "64", "64", "--model", "resnet3d18", "--model-batch", "4",
-            "--tiny-models", "--bench-segments", "1", "--train-steps", "1", "--benches", "loader,train",
-            "--cache", str(cache)]
+            "--no-near-limit", "--bench-stacks", "2", "--bench-shape", "16", "64", "64", "--model", "resnet3d18",
+            "--model-batch", "4", "--tiny-models", "--bench-segments", "1", "--train-steps", "1",
+            "--benches", "loader,train"]
     assert gpu_check.main(argv) == 0
     summary = json.loads((out / "gpu_check.json").read_text())
-    assert summary["eval_no_aug"]["ok"] and summary["train_aug"]["ok"] and summary["status"] == "ok"
-    assert set(summary["benches"]) == {"loader", "train"}
+    assert summary["status"] == "ok" and set(summary["benches"]) == {"loader", "train"}
+    cases = summary["cases"]
+    assert set(cases) == {"u8-fit-fp16-percentile", "u8-pad-bf16-scale", "u16-fit-bf16-meanstd"}
+    for case in cases.values():
+        for part in ("eval_no_aug", "train_aug"):
+            assert case[part]["ok"] and case[part]["raw_equal"] and case[part]["patches"] > 0
+    assert cases["u16-fit-bf16-meanstd"]["eval_no_aug"]["raw_dtype"] == "torch.uint16"
+    assert cases["u8-pad-bf16-scale"]["case"]["edge"] == "pad"
     loader = json.loads((out / "bench_loader.json").read_text())
     assert {"dali", "dali-cpu", "torch"} & set(loader["results"]) == {"dali-cpu", "torch"}
     assert 0 <= json.loads((out / "bench_train.json").read_text())["data_wait_pct"] <= 100
+
+
+def test_gpu_script_writes_json_on_failure_and_exits_1(tmp_path, monkeypatch):
+    from stacktrain.bench import gpu_cases, gpu_check
+    monkeypatch.setattr(gpu_cases, "run_case", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    argv = ["--out", str(tmp_path / "out"), "--candidate", "torch", "--no-near-limit", "--benches", "none"]
+    assert gpu_check.main(argv) == 1
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert summary["status"] == "error" and summary["error"] == "OSError: disk full"
+
+
+def test_gpu_script_needs_no_monai_scipy_or_sklearn(tmp_path):
+    """What the offline GPU node lacks must not be imported: run the script with them blocked."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "for m in ('monai', 'scipy', 'sklearn', 'optuna', 'matplotlib', 'nibabel', 'pydicom', 'tifffile',\n"
+            "          'PIL', 'imagecodecs', 'typer', 'pydantic'):\n"
+            "    sys.modules[m] = None\n"
+            "from stacktrain.bench import gpu_check\n"
+            f"sys.exit(gpu_check.main(['--out', {str(tmp_path / 'o')!r}, '--candidate', 'torch', '--shape', '3', '16',"
+            " '64', '64', '--patch', '8', '32', '32', '--stride', '8', '32', '32', '--batch-size', '4', '--workers',"
+            " '1', '--no-near-limit', '--benches', 'model', '--model-batch', '2', '--bench-segments', '1',"
+            " '--bench-stacks', '1', '--bench-shape', '16', '64', '64']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "o" / "gpu_check.json").read_text())
+    assert report["status"] == "ok"
+    model = json.loads((tmp_path / "o" / "bench_model.json").read_text())
+    assert model["config"]["models_from"].startswith("benchmarks.resnet3d")
+
+
+def test_inflate_limit_case_geometry():
+    """The near-limit cases: one batch just under CUDA's 65535 chunks per inflate call, one that needs more calls."""
+    import argparse
+
+    from stacktrain.bench import gpu_cases
+    from stacktrain.pipelines.inflate import inflate_plan
+    args = argparse.Namespace(shape=[3, 64, 512, 512], patch=[32, 256, 256], stride=[16, 128, 128], batch_size=16,
+                              near_limit=True)
+    near = [c for c in gpu_cases.cases(args) if c["name"].startswith("near-limit")]
+    plans = [inflate_plan(patch_zyx=c["patch"], chunk_zyx=c["chunk"], channels=3, batch=c["batch"]) for c in near]
+    assert [p.groups for p in plans] == [1, 3]
+    assert 65535 - 225 < plans[0].max_chunks_per_call <= 65535
 
 
 def test_bench_help_lists_the_four_benches(capsys):

@@ -16,7 +16,7 @@ from stacktrain.errors import StoreError
 from stacktrain.pipelines import graph
 from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
 from stacktrain.pipelines.loaders import build_loader
-from stacktrain.pipelines.normalize import stack_norm_params
+from stacktrain.pipelines.normalize import normalize_images, stack_norm_params
 from stacktrain.pipelines.patches import build_index
 from stacktrain.pipelines.source import PatchSource
 from stacktrain.stores.chunks import reassemble
@@ -38,7 +38,7 @@ def inflate_on_cpu(sample: dict) -> np.ndarray:
     shape = tuple(int(n) for n in sample["chunk_shape"])
     blocks = [np.frombuffer(lz4.block.decompress(sample["data"][o:o + s].tobytes(),
                                                  uncompressed_size=int(np.prod(shape))), np.uint8).reshape(shape)
-              for o, s in zip(sample["offsets"], sample["sizes"])]
+              for o, s in zip(sample["offsets_0"], sample["sizes_0"])]
     return np.stack(blocks)
 
 
@@ -50,7 +50,7 @@ def test_raw_bytes_inflate_and_reassemble_to_the_patch(small_store):
     for row, slot in zip(plan.rows, plan.slots):  # every patch incl. pad edges, jittered
         sample = dict(zip(source.fields, source.sample(2, int(slot), int(row))))
         assert sample["data"].dtype == np.uint8 and sample["data"].ndim == 1
-        assert sample["offsets"].dtype == sample["sizes"].dtype == np.int32
+        assert sample["offsets_0"].dtype == sample["sizes_0"].dtype == np.int32
         assert sample["position"].dtype == sample["stack_index"].dtype == np.int64
         assert sample["label"].dtype == np.float32 and sample["label"].shape == ()
         assert sample["lo"].shape == sample["mul"].shape == (3, 1, 1, 1)
@@ -97,21 +97,20 @@ def test_gpu_graph_is_traced_with_device_ops(small_store):
     @pipeline_def(batch_size=8, num_threads=1, device_id=0)
     def gpu_graph():
         inputs = fn.external_source(source, num_outputs=len(source.fields), batch=True, batch_info=True)
-        traced["outputs"] = graph.patch_graph(dict(zip(source.fields, inputs)), gpu=True, store_dtype="uint8",
-                                              out_dtype="fp16", patch_cdhw=(3, *SIZE), clip=True)
+        traced["outputs"] = graph.gpu_graph(dict(zip(source.fields, inputs)), store_dtype="uint8",
+                                            patch_cdhw=(3, *SIZE))
         return traced["outputs"]
 
     gpu_graph()
-    assert [o.device for o in traced["outputs"]] == ["gpu"] * 4
+    assert [o.device for o in traced["outputs"]] == ["gpu"] * 6
     chain, node = [], traced["outputs"][0]
     while node.source.inputs:  # follow the image path back to the source
         chain.append(_op_name(node))
         node = node.source.inputs[0]
-    assert chain[::-1] == ["decoders__Inflate", "Reshape", "Transpose", "Reshape", "Slice", "Flip", "Cast",
-                           "_ArithmeticGenericOp", "_ArithmeticGenericOp", "_ArithmeticGenericOp", "Cast"]
+    # the store dtype all the way: the crop comes before anything could widen it; no cast, no arithmetic
+    assert chain[::-1] == ["decoders__Inflate", "Reshape", "Transpose", "Reshape", "Slice", "Flip"]
     pipe = graph.patch_pipeline(source, gpu=True, parallel=False, prefetch=1, store_dtype="uint8",
-                                out_dtype="fp16", patch_cdhw=(3, *SIZE), clip=True, batch_size=8,
-                                num_threads=1, device_id=0, seed=0)
+                                patch_cdhw=(3, *SIZE), batch_size=8, num_threads=1, device_id=0, seed=0)
     if not HAS_CUDA:
         with pytest.raises(RuntimeError, match="CUDA"):
             pipe.build()
@@ -140,7 +139,55 @@ def test_gpu_batches_equal_cpu_mode(small_store, dtype):
         results[kind] = [b for b in loader.epoch(0)]
         loader.close()
     assert results["dali"][0].images.is_cuda and not results["dali-cpu"][0].images.is_cuda
-    gpu = torch.cat([b.images.float().cpu() for b in results["dali"]])
-    cpu = torch.cat([b.images.float() for b in results["dali-cpu"]])
+    gpu = torch.cat([b.images.cpu() for b in results["dali"]])
+    cpu = torch.cat([b.images for b in results["dali-cpu"]])
+    assert torch.equal(gpu, cpu)  # raw patches: byte for byte
+    norm = [torch.cat([normalize_images(b.images, b.lo, b.mul, clip=b.norm.clip, dtype=b.norm.dtype).float().cpu()
+                       for b in results[k]]) for k in ("dali", "dali-cpu")]
     tol = 1e-3 if dtype == "fp16" else 8e-3
-    torch.testing.assert_close(gpu, cpu, rtol=tol, atol=tol)
+    torch.testing.assert_close(norm[0], norm[1], rtol=tol, atol=tol)
+
+
+def test_cpu_mode_graph_runs_no_operator_for_uint8(small_store):
+    """CPU mode: the workers finish the patches, the graph only batches them (uint16: one reinterpret)."""
+    path, _ = small_store
+    index = build_index(Store(path), Store(path).stack_ids, PatchConfig(size=SIZE))
+    norm, _ = stack_norm_params(Store(path), Store(path).stack_ids, PreprocessConfig(), train=True)
+    source = PatchSource(Store(path), index, norm, raw_lz4=False, batch_size=8, train=False)
+    for dtype, ops in (("uint8", []), ("uint16", ["Reinterpret"])):
+        traced = {}
+
+        @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+        def cpu_pipe():
+            inputs = fn.external_source(source, num_outputs=len(source.fields), batch=True, batch_info=True)
+            traced["outputs"] = graph.cpu_graph(dict(zip(source.fields, inputs)), dtype)
+            return traced["outputs"]
+
+        cpu_pipe()
+        node, chain = traced["outputs"][0], []
+        while node.source.inputs:
+            chain.append(_op_name(node))
+            node = node.source.inputs[0]
+        assert chain == ops
+
+
+def test_gpu_graph_with_two_inflate_calls_is_traced_on_the_device(small_store):
+    """Sub-batched inflate (pipelines/inflate.py): two inflate nodes on the device, concatenated in order."""
+    path, _ = small_store
+    source = gpu_source(Store(path), train=True, inflate_groups=2)
+    traced = {}
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=0)
+    def two_calls():
+        inputs = fn.external_source(source, num_outputs=len(source.fields), batch=True, batch_info=True)
+        traced["outputs"] = graph.gpu_graph(dict(zip(source.fields, inputs)), store_dtype="uint16",
+                                            patch_cdhw=(3, *SIZE), groups=2)
+        return traced["outputs"]
+
+    two_calls()
+    node = traced["outputs"][0]
+    assert node.device == "gpu" and _op_name(node) == "Reinterpret"  # uint16 leaves as int16 bytes
+    while _op_name(node) != "Cat":
+        node = node.source.inputs[0]
+    inflates = node.source.inputs
+    assert [_op_name(n) for n in inflates] == ["decoders__Inflate"] * 2 and all(n.device == "gpu" for n in inflates)

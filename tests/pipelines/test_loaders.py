@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from stacktrain.errors import PipelineError
+from stacktrain.errors import BatchContractError, PipelineError
 from stacktrain.pipelines import loaders
 from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
-from stacktrain.pipelines.contract import BatchSpec
+from stacktrain.pipelines.contract import BatchSpec, NormSpec, check_batch
 from stacktrain.pipelines.loaders import build_loader, channel_mean_std, resolve_loader
+from stacktrain.pipelines.normalize import normalize_images
 from stacktrain.stores import writer
 from stacktrain.stores.reader import Store
 from stacktrain.testing import tissue, write_array
@@ -100,11 +101,28 @@ def test_bf16_channels_last_and_spec(store_arrays):
     store, _ = store_arrays
     with make(store, "dali-cpu", train=False, dtype="bf16", channels_last=True) as loader:
         assert loader.kind == "dali-cpu"
-        assert loader.spec == BatchSpec(3, (8, 16, 16), torch.bfloat16, "cpu", 5)
+        assert loader.spec == BatchSpec(3, (8, 16, 16), torch.bfloat16, "cpu", 5, raw_dtype=torch.uint8,
+                                        clip=False, channels_last=True)
         batch = next(iter(loader.epoch(0)))
-    assert batch.images.dtype == torch.bfloat16
-    assert batch.images.is_contiguous(memory_format=torch.channels_last_3d)
+    assert batch.images.dtype == torch.uint8  # raw out of the loader; the trainer normalises
+    assert batch.norm == NormSpec(torch.bfloat16, clip=False, channels_last=True)
+    assert batch.lo.shape == batch.mul.shape == (5, 3, 1, 1, 1)
+    images = normalize_images(batch.images, batch.lo, batch.mul, clip=batch.norm.clip, dtype=batch.norm.dtype,
+                              channels_last=batch.norm.channels_last)
+    assert images.dtype == torch.bfloat16
+    assert images.is_contiguous(memory_format=torch.channels_last_3d)
     assert batch.labels.dtype == torch.float32 and batch.position.dtype == torch.int64
+
+
+def test_contract_violations_are_listed(store_arrays):
+    store, _ = store_arrays
+    with make(store, "torch", train=False) as loader:
+        batch = next(iter(loader.epoch(0)))
+        check_batch(batch, loader.spec)
+        batch.images = batch.images.float()
+        batch.lo = batch.lo[:, :2]
+        with pytest.raises(BatchContractError, match=r"images.dtype: expected torch.uint8 .*\n.*lo.shape"):
+            check_batch(batch, loader.spec)
 
 
 @pytest.mark.parametrize("kind", ["dali-cpu", "torch"])

@@ -1,4 +1,5 @@
-"""DALI CPU mode == the torch reference loader == numpy slicing of the source stacks, element-wise."""
+"""DALI CPU mode == the torch reference loader == numpy slicing of the source stacks, element-wise:
+the raw patches (store dtype) and the normalised batches (the one torch normalisation, on the CPU)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
 from stacktrain.pipelines.loaders import build_loader, channel_mean_std
+from stacktrain.pipelines.normalize import normalize_images
 from stacktrain.stores.reader import Store
 from stacktrain.testing import tissue, write_array
 
@@ -41,6 +43,16 @@ def read_epoch(loader, epoch=0):
         return list(loader.epoch(epoch))
     finally:
         loader.close()
+
+
+def normalized(batches) -> torch.Tensor:
+    """What the trainer's input step makes of the batches (on the CPU)."""
+    return torch.cat([normalize_images(b.images, b.lo, b.mul, clip=b.norm.clip, dtype=b.norm.dtype)
+                      for b in batches])
+
+
+def raw(batches) -> np.ndarray:
+    return torch.cat([b.images for b in batches]).numpy()
 
 
 def numpy_patch(arrays, sid, start, flips=(0, 0, 0)):
@@ -83,14 +95,15 @@ def test_eval_equal_to_torch_and_numpy_for_every_position(small_store, edge):
     torch_loader = make(store, "torch", edge=edge)
     index = torch_loader.index
     torch_batches = read_epoch(torch_loader)
-    dali = torch.cat([b.images for b in dali_batches]).numpy()
-    ref = torch.cat([b.images for b in torch_batches]).numpy()
-    np.testing.assert_array_equal(dali, ref)
+    assert dali_batches[0].images.dtype == torch.uint8  # raw out of the pipelines
+    np.testing.assert_array_equal(raw(dali_batches), raw(torch_batches))
+    dali = normalized(dali_batches).numpy()
+    np.testing.assert_array_equal(dali, normalized(torch_batches).numpy())
     positions = torch.cat([b.position for b in dali_batches]).numpy()
     np.testing.assert_array_equal(positions, index.position)  # eval: index order, every position
-    want = np.stack([numpy_patch(arrays, *index.key(r)).astype(np.float32) * np.float32(1 / 255)
-                     for r in range(len(index))])
-    np.testing.assert_array_equal(dali, want)
+    patches = np.stack([numpy_patch(arrays, *index.key(r)) for r in range(len(index))])
+    np.testing.assert_array_equal(raw(dali_batches), patches)
+    np.testing.assert_array_equal(dali, patches.astype(np.float32) * np.float32(1 / 255))
     # the edges are really exercised: patches ending exactly at, or (pad) running past, each stack's end
     ends = index.position + np.array(SIZE)
     extents = np.array([store.meta(s).shape[1:] for s in index.stack_ids])[index.stack]
@@ -106,8 +119,9 @@ def test_normalization_modes_equal(small_store, normalize):
     dali_loader = make(store, "dali-cpu", normalize=normalize, norm_stats=stats)
     batches = read_epoch(dali_loader)
     ref = read_epoch(make(store, "torch", normalize=normalize, norm_stats=stats))
-    dali = torch.cat([b.images for b in batches]).numpy()
-    np.testing.assert_array_equal(dali, torch.cat([b.images for b in ref]).numpy())
+    assert batches[0].norm.clip == (normalize == "percentile")
+    dali = normalized(batches).numpy()
+    np.testing.assert_array_equal(dali, normalized(ref).numpy())
 
     def lo_mul(sid):
         if normalize == "meanstd":
@@ -132,8 +146,9 @@ def test_train_augmented_batches_equal(small_store):
     dali_loader = make(store, "dali-cpu", train=True, **aug)
     batches = read_epoch(dali_loader)
     ref = read_epoch(make(store, "torch", train=True, **aug))
-    dali = torch.cat([b.images for b in batches]).numpy()
-    np.testing.assert_array_equal(dali, torch.cat([b.images for b in ref]).numpy())
+    np.testing.assert_array_equal(raw(batches), raw(ref))
+    dali = normalized(batches).numpy()
+    np.testing.assert_array_equal(dali, normalized(ref).numpy())
     np.testing.assert_array_equal(dali, expected_images(arrays, dali_loader, batches, scale))
 
 
@@ -142,7 +157,7 @@ def test_flips_are_exact_along_each_axis(small_store):
     store = Store(path)
     loader = make(store, "dali-cpu", train=True, flip=(True, True, True), jitter=0)
     batches = read_epoch(loader)
-    images = torch.cat([b.images for b in batches]).numpy()
+    images = normalized(batches).numpy()
     plan = loader.source.plan(0)
     seen = collections.Counter()
     for k, (row, slot) in enumerate(zip(plan.rows, plan.slots)):
@@ -173,7 +188,37 @@ def test_flip_config_limits_axes(small_store):
 def test_fp16_cast_equal(small_store):
     path, _ = small_store
     store = Store(path)
-    dali = torch.cat([b.images for b in read_epoch(make(store, "dali-cpu", dtype="fp16"))])
-    ref = torch.cat([b.images for b in read_epoch(make(store, "torch", dtype="fp16"))])
+    dali = normalized(read_epoch(make(store, "dali-cpu", dtype="fp16")))
+    ref = normalized(read_epoch(make(store, "torch", dtype="fp16")))
     assert dali.dtype == ref.dtype == torch.float16
     torch.testing.assert_close(dali, ref, rtol=0, atol=0)
+    fp32 = normalized(read_epoch(make(store, "torch", dtype="fp32")))
+    torch.testing.assert_close(dali, fp32.to(torch.float16), rtol=0, atol=0)  # one rounding of fp32
+
+
+@pytest.mark.parametrize("kind", ["dali-cpu", "torch"])
+def test_uint16_raw_and_normalized(tmp_path, kind):
+    """uint16 stores come out as torch.uint16 (DALI hands them over as int16 bytes) and scale by 65535."""
+    arr = tissue((3, 16, 32, 40), seed=3, dtype=np.uint16)
+    write_array(tmp_path / "u16.zarr", "a", arr)
+    write_array(tmp_path / "u16.zarr", "b", arr[:, :, ::-1].copy(), label="MALADE")
+    store = Store(tmp_path / "u16.zarr")
+    loader = make(store, kind)
+    batches = read_epoch(loader)
+    assert batches[0].images.dtype == torch.uint16 and arr.max() > 255
+    want = np.stack([numpy_patch({"a": arr, "b": arr[:, :, ::-1]}, *loader.index.key(r))
+                     for r in range(len(loader.index))])
+    np.testing.assert_array_equal(raw(batches), want)
+    np.testing.assert_array_equal(normalized(batches).numpy(), want.astype(np.float32) * np.float32(1 / 65535))
+
+
+def test_channels_last_and_bf16_normalisation():
+    """The one normalisation: layout and dtype as asked, values as (x - lo) * mul, clip, per sample."""
+    raw8 = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 4, 5, 6), dtype=np.uint8))
+    lo = torch.tensor([[0.0, 10.0, 20.0], [5.0, 5.0, 5.0]]).reshape(2, 3, 1, 1, 1)
+    mul = torch.full((2, 3, 1, 1, 1), 1 / 100)
+    out = normalize_images(raw8, lo, mul, clip=True, dtype=torch.bfloat16, channels_last=True)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last_3d)
+    want = np.clip((raw8.numpy().astype(np.float32) - lo.numpy()) * mul.numpy(), 0, 1)
+    torch.testing.assert_close(out.float(), torch.from_numpy(want).to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert float(out.max()) == 1.0 and float(out.min()) == 0.0
