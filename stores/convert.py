@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import functools
 import json
 import math
 import multiprocessing
+import os
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +38,7 @@ from .layout import (
 )
 from .manifest import ManifestRow, read_manifest
 from .options import ConvertOptions
-from .sources import RawSource, open_source, source_sha256
+from .sources import RawSource, StreamingSha256, open_source, read_ahead, source_sha256
 
 KEPT_DTYPES = ("uint8", "uint16")
 CHANNELS = 3
@@ -65,8 +68,6 @@ class ConvertReport:
         rate = f"{self.bytes_read / 1e6:.1f} MB of sources, {self.bytes_read / 1e6 / max(self.seconds, 1e-9):.1f} MB/s"
         return (f"{self.count('converted')} converted, {self.count('skipped')} skipped (unchanged), "
                 f"{self.count('failed')} failed of {len(self.outcomes)} stacks in {self.seconds:.1f} s ({rate})")
-
-
 
 
 class Progress:
@@ -146,9 +147,11 @@ def _scaler(src: RawSource, row: ManifestRow, opts: ConvertOptions, depth: int) 
 
 
 def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_shape, out_dtype: str,
-                 on_progress: Callable[[float], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """The source as stored, as (z0, slab) pairs: checked, scaled, channels replicated, zero-padded.
-    (The writer re-cuts them into whole shards.)"""
+                 on_progress: Callable[[float], None] | None = None,
+                 hasher: StreamingSha256 | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """The source as stored, as (z0, slab) pairs: checked, scaled, channels replicated, zero-padded,
+    read in a reader thread one slab ahead of the caller (`read_ahead`), which also feeds `hasher`
+    the source's bytes as it goes. (The writer re-cuts the slabs into whole shards.)"""
     depth = opts.slab_depth
     scale = _scaler(src, row, opts, depth)
     _, z, y, x = src.shape
@@ -166,8 +169,11 @@ def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_sha
                 slab = np.repeat(slab, CHANNELS, axis=0)
             if (oy, ox) != (y, x):
                 slab = np.pad(slab, ((0, 0), (0, 0), (0, oy - y), (0, ox - x)))
+            n = slab.shape[1]
+            if hasher is not None:
+                hasher.advance((seen + n) / z)
             yield seen, slab.astype(out_dtype, copy=False)
-            seen += slab.shape[1]
+            seen += n
             if on_progress:
                 on_progress(seen / z)
         if seen != z:
@@ -175,27 +181,29 @@ def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_sha
         if oz > z:
             yield z, np.zeros((CHANNELS, oz - z, oy, ox), out_dtype)
 
-    return pieces()
+    return read_ahead(pieces())
 
 
 def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
                   on_progress: Callable[[float], None] | None = None) -> StackOutcome:
     """Convert one manifest row into `store` (not registered in the root list: the caller does that)."""
     t0 = time.perf_counter()
+    hasher = None
     try:
-        sha = source_sha256(row.path)
         present = None if opts.overwrite else writer.existing_meta(store, row.stack_id)
         if present is not None:
+            sha = source_sha256(row.path)  # only to decide whether to skip; otherwise hashed while read
             if changes := _changes(present, row, sha, opts):
                 raise InputError(f"{row.where}: already in {store} but {'; '.join(changes)}; "
                                  "pass --overwrite to reconvert it")
             return StackOutcome(row.stack_id, "skipped", meta=present)
         src = open_source(row.path, axes=row.axes)
         shape, dtype = plan_stack(src, row, opts)
+        hasher = StreamingSha256(row.path)
         meta = writer.write_stack(
             store, stack_id=row.stack_id, label=row.label, group=row.group, source=str(row.path),
-            source_sha256=sha, shape=shape, dtype=dtype,
-            slabs=stored_slabs(src, row, opts, shape, dtype, on_progress), spacing_zyx=src.spacing_zyx,
+            source_sha256=hasher.hexdigest, shape=shape, dtype=dtype,
+            slabs=stored_slabs(src, row, opts, shape, dtype, on_progress, hasher), spacing_zyx=src.spacing_zyx,
             codec=opts.codec, chunk_zyx=opts.chunk_zyx, shard_zyx=opts.shard_zyx,
             foreground_threshold=opts.foreground_threshold)
     except (StackTrainError, OSError, ValueError) as e:
@@ -207,6 +215,9 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
         else:
             message = f"{row.where}: {text}"
         return StackOutcome(row.stack_id, "failed", error=message, seconds=time.perf_counter() - t0)
+    finally:
+        if hasher is not None:
+            hasher.close()
     return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0)
 
 
@@ -215,8 +226,22 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
 _PROGRESS_QUEUE = None
 
 
-def _init_worker(queue) -> None:
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive its `convert` (killed with SIGKILL, it cannot stop them): where the
+    kernel offers it (Linux prctl PR_SET_PDEATHSIG), the worker gets SIGKILL when its parent dies, so
+    no orphan writes into a store that a rerun is already converting."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
+def _init_worker(queue, parent: int) -> None:
     global _PROGRESS_QUEUE
+    _die_with_parent(parent)
     _PROGRESS_QUEUE = queue
 
 
@@ -237,7 +262,7 @@ def _run(rows, store, opts, progress: Progress) -> Iterator[tuple[int, StackOutc
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs rich's refresh thread
     queue = ctx.Queue()
     pool = cf.ProcessPoolExecutor(min(opts.workers, len(rows)), mp_context=ctx,
-                                  initializer=_init_worker, initargs=(queue,))
+                                  initializer=_init_worker, initargs=(queue, os.getpid()))
     try:
         futures = {pool.submit(_convert_in_worker, i, row, store, opts): i for i, row in enumerate(rows)}
         pending = set(futures)
