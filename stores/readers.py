@@ -212,10 +212,20 @@ class TiffReader:
         import tifffile
         import zarr
 
-        with tifffile.TiffFile(self.path) as tif, tif.series[0].aszarr(level=0) as store:
-            arr = zarr.open_array(store, mode="r")
-            for lo, hi in ranges:
-                yield arr[_index(arr.ndim, axis, lo, hi)]
+        with tifffile.TiffFile(self.path) as tif:
+            series = tif.series[0]
+            pages = series.pages
+            if axis == 0 and len(pages) == series.shape[0] and all(p is not None for p in pages) \
+                    and tuple(pages[0].shape) == tuple(series.shape[1:]):
+                # One page per z (multi-page RGB or grayscale): tifffile reads the pages straight into one
+                # array, ~10x faster than its zarr view (which copies chunk by chunk).
+                for lo, hi in ranges:
+                    yield tif.asarray(key=range(lo, hi), series=0).reshape(hi - lo, *series.shape[1:])
+                return
+            with series.aszarr(level=0) as store:
+                arr = zarr.open_array(store, mode="r")
+                for lo, hi in ranges:
+                    yield arr[_index(arr.ndim, axis, lo, hi)]
 
 
 class NiftiReader:

@@ -68,9 +68,20 @@ class RawSource:
                 if slab.shape != (self.shape[0], z1 - z0, *self.shape[2:]):
                     raise InputError(f"{self.path}: slices {z0}-{z1 - 1} came back with shape {slab.shape}; "
                                      "the file is truncated or corrupt, re-export it")
-                yield z0, np.ascontiguousarray(slab, dtype=self.dtype)
+                yield z0, _contiguous(slab, self.dtype)
         finally:
             blocks.close()
+
+
+def _contiguous(slab: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A C-contiguous copy of a (C, dz, Y, X) view, channel by channel: from interleaved channels
+    (zyxc sources) numpy copies one strided channel at a time ~3x faster than all at once."""
+    if slab.flags.c_contiguous and slab.dtype == dtype:
+        return slab
+    out = np.empty(slab.shape, dtype)
+    for ch in range(slab.shape[0]):
+        np.copyto(out[ch], slab[ch], casting="unsafe")  # as ascontiguousarray(slab, dtype) casts
+    return out
 
 
 def detect_format(path: Path) -> str:

@@ -6,29 +6,32 @@ squares. Everything is integer arithmetic on views of the slab, with temporaries
 stats cell's depth of slices (never a float64 copy of the slab):
 - cell sums: the slices of one z cell are added into a reused integer plane, then summed per y-x
   cell with `np.add.reduceat` (cells at the edges may be partial);
-- histograms: `np.bincount` over the uint8 data viewed as uint16 pairs (half the elements; the
-  256x256 pair histogram folds back exactly), or over uint16 values, one z cell at a time;
+- histograms: Pillow's `Image.histogram` over the uint8 data of one z cell (shared, not copied),
+  `np.bincount` over uint16 values;
 - sums and sums of squares come from the histograms, exactly.
 
 The stored values are the same floats as a float64 `mean()` per cell and a float64 `sum()` per
 slab gave: integer sums are exact, and a float64 sum of integers below 2**53 is exact too. Where a
-slab's sum of squares could reach 2**53 (bright uint16 data) it is computed the old way, in float64,
-channel by channel (`_float_sum_of_squares`), so the value does not change.
+slab's sum of squares reaches 2**53 (bright uint16 data) it is computed the old way, in float64,
+channel by channel (`_float_sum`), so the value does not change.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from .layout import PERCENTILES, STATS_CELL_ZYX
 
 EXACT = 2**53  # float64 holds every integer below this exactly
 
 
-def _float_sum_of_squares(flat: np.ndarray) -> float:
-    """What `(x.astype(float64) ** 2).sum()` gives for a large uint16 channel (rounding included)."""
+def _float_sum(flat: np.ndarray, squares: bool) -> float:
+    """What `f = x.astype(float64); f.sum()` (or `(f * f).sum()`) gives, rounding included: for sums that
+    reach 2**53, where the order of numpy's pairwise additions shows in the result."""
     f = flat.astype(np.float64)
-    np.multiply(f, f, out=f)
+    if squares:
+        np.multiply(f, f, out=f)
     return float(f.sum())
 
 
@@ -57,25 +60,28 @@ class SlabStats:
         self._plane = np.empty((y, x), acc)  # one channel's sum over the slices of one z cell
         self._mask = np.empty((kz, y, x), bool)  # foreground of one z cell
         self._any = np.empty((kz, y, x), bool)
-        self._pair_bins = 1 << 16 if self.dtype.itemsize == 1 else None
+        self._fg_plane = np.empty((y, x), np.uint8)  # foreground voxels per (y, x) over one z cell (<= 8)
+        self._values = np.arange(self.hist.shape[1], dtype=np.int64)
+        self._squares = self._values * self._values
 
     def _cell_sums(self, plane: np.ndarray) -> np.ndarray:
-        """Per y-x cell sums of a 2-D integer plane, as int64."""
-        rows = np.add.reduceat(plane, self._y_starts, axis=0, dtype=np.int64)
-        return np.add.reduceat(rows, self._x_starts, axis=1)
+        """Per y-x cell sums of a 2-D integer plane (uint32 holds one cell's sum: 8x32x32x65535 < 2**32)."""
+        rows = np.add.reduceat(plane, self._y_starts, axis=0, dtype=np.uint32)
+        return np.add.reduceat(rows, self._x_starts, axis=1).astype(np.int64)
 
     def _histogram(self, block: np.ndarray) -> np.ndarray:
         """Histogram of one channel's (dz, Y, X) block (C-contiguous), exact counts."""
-        bins = self.hist.shape[1]
-        if self._pair_bins is None or block.size % 2:
-            return np.bincount(block.ravel(), minlength=bins)
-        pairs = np.bincount(block.reshape(-1).view(np.uint16), minlength=self._pair_bins).reshape(256, 256)
-        return pairs.sum(axis=0) + pairs.sum(axis=1)  # each pair counts both of its bytes
+        if self.dtype == np.uint8 and block.flags.c_contiguous:
+            # Pillow counts an 8-bit image in C without widening it (np.bincount first copies it to int64)
+            dz, y, x = block.shape
+            image = Image.frombuffer("L", (x, dz * y), block, "raw", "L", 0, 1)  # shares the memory
+            return np.array(image.histogram(), np.int64)
+        return np.bincount(block.ravel(), minlength=self.hist.shape[1])
 
     def add(self, z0: int, slab: np.ndarray) -> None:
         c, dz, y, x = slab.shape
         kz = self.cell[0]
-        values = np.arange(self.hist.shape[1], dtype=np.int64)
+        values, squares = self._values, self._squares
         slab_sums = np.zeros(c, np.int64)
         slab_sq = np.zeros(c, np.int64)  # exact; below 2**63 for any slab of < 2**31 uint16 voxels
         for lo in range(0, dz, kz):
@@ -90,21 +96,21 @@ class SlabStats:
                 h = self._histogram(block)
                 self.hist[ch] += h
                 slab_sums[ch] += int(h @ values)
-                slab_sq[ch] += int(h @ (values * values))
+                slab_sq[ch] += int(h @ squares)
                 np.greater(block, self.threshold, out=mask)
                 if ch == 0:
                     anyfg[...] = mask
                 else:
                     np.logical_or(anyfg, mask, out=anyfg)
-            fg_plane = np.add.reduce(anyfg.view(np.uint8), axis=0, dtype=np.uint16, out=self._plane[:]
-                                     if self._plane.dtype == np.uint16 else None)
+            fg_plane = np.add.reduce(anyfg.view(np.uint8), axis=0, dtype=np.uint8, out=self._fg_plane)
             self.fg[gz] = self._cell_sums(fg_plane) / count
         for ch in range(c):
-            self.sum[ch] += float(slab_sums[ch])  # < 2**53: the exact float64 sum
+            # below 2**53 the float64 sum of integers is exact, whatever the order of the additions
+            self.sum[ch] += float(slab_sums[ch]) if slab_sums[ch] < EXACT else _float_sum(slab[ch].ravel(), False)
             if slab_sq[ch] < EXACT:
                 self.sumsq[ch] += float(slab_sq[ch])
             else:
-                self.sumsq[ch] += _float_sum_of_squares(slab[ch].ravel())
+                self.sumsq[ch] += _float_sum(slab[ch].ravel(), True)
 
     def percentiles(self) -> dict[str, list[float]]:
         out = {}
