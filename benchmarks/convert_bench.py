@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from stacktrain.stores.options import DEFAULT_MIN_PATCH_ZYX
+
 from .convert_runs import FORMATS, THINGS, generated_inputs
 from .measure import Tick, available_cores, no_tick
 
@@ -59,6 +61,7 @@ def bench_convert(*, cache: Path | None = None, stacks: int = DEFAULT_STACKS, sh
     workers = workers or cores
     cache = Path(cache or data.default_cache())
     out: dict[str, Any] = {}
+    min_patch = [min(n, m) for n, m in zip(shape_zyx, DEFAULT_MIN_PATCH_ZYX)]  # small test sizes convert too
     for fmt in formats:
         manifest, paths, source_bytes = generated_inputs(cache, fmt, stacks=stacks, shape_zyx=shape_zyx, seed=seed)
         scratch = cache / f"convert-bench-out-{fmt}"
@@ -70,7 +73,7 @@ def bench_convert(*, cache: Path | None = None, stacks: int = DEFAULT_STACKS, sh
                 for name, extra in specs.items():
                     shutil.rmtree(scratch, ignore_errors=True)  # untimed: each run writes a fresh store
                     spec = {"thing": THINGS[name], "paths": [str(p) for p in paths], "manifest": str(manifest),
-                            "out": str(scratch), **extra}
+                            "out": str(scratch), "min_patch_zyx": min_patch, **extra}
                     runs[name].append(_run(spec))
                     tick(f"{fmt}: {name}", source_bytes / runs[name][-1]["wall_s"] / 1e6)
         finally:
@@ -79,7 +82,9 @@ def bench_convert(*, cache: Path | None = None, stacks: int = DEFAULT_STACKS, sh
         for row in rows.values():
             row["ratio_to_ceiling"] = row["source_mb_per_s"] / rows["ceiling"]["source_mb_per_s"]
             row["ratio_to_peer"] = row["source_mb_per_s"] / rows["peer"]["source_mb_per_s"]
-        out[fmt] = {"source_bytes": source_bytes, "results": rows, "goals": goals(rows)}
+        applies = tuple(shape_zyx) == DEFAULT_SHAPE_ZYX and stacks == DEFAULT_STACKS  # the goals' size
+        out[fmt] = {"source_bytes": source_bytes, "results": rows,
+                    "goals": [g | {"applies": applies} for g in goals(rows)]}
     return {"bench": "convert",
             "config": {"stacks": stacks, "shape_zyx": list(shape_zyx), "dtype": "uint8", "channels": 3,
                        "formats": list(formats), "workers": workers, "cores_available": cores,

@@ -140,7 +140,8 @@ def run_one(spec: dict) -> dict:
         _pool_map(_peer_one, [(p, str(Path(spec["out"]) / Path(p).stem)) for p in paths], processes)
     elif thing == "convert":
         from stacktrain.stores.convert import ConvertOptions, convert
-        convert(spec["manifest"], spec["out"], ConvertOptions(workers=processes))
+        convert(spec["manifest"], spec["out"], ConvertOptions(workers=processes,
+                                                              min_patch_zyx=tuple(spec["min_patch_zyx"])))
     else:
         raise ValueError(f"unknown thing {thing!r}")
     wall = time.perf_counter() - start

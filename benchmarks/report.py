@@ -74,6 +74,31 @@ def store_tables(r: dict) -> list[Table]:
                      "write s", "GPU"], rows)]
 
 
+CONVERT_ROWS = {"ceiling": "ceiling: read + LZ4 compress, no Zarr", "peer": "peer: imread -> zarr-python create_array",
+                "convert 1": "stacktrain convert --workers 1", "convert N": "stacktrain convert --workers N"}
+
+
+def convert_tables(r: dict) -> list[Table]:
+    c = r["config"]
+    tables = []
+    for fmt, part in r["results"].items():
+        rows = []
+        for key, item in part["results"].items():
+            rows.append([CONVERT_ROWS.get(key, key), str(item["processes"]), _f(item["cores_busy"], ".2f"),
+                         _f(item["source_mb_per_s"]), _x(item["ratio_to_ceiling"]), _x(item["ratio_to_peer"]),
+                         _f(item["peak_rss_mb"], ",.0f")])
+        title = (f"bench convert ({fmt}): {c['stacks']} stacks of 3x{'x'.join(map(str, c['shape_zyx']))} uint8 "
+                 f"({part['source_bytes'] / 1e6:,.0f} MB), N = {c['workers']} of {c['cores_available']} cores, "
+                 f"median of {c['segments']} rounds")
+        tables.append((title, ["what", "processes", "cores used", "source MB/s", "vs ceiling", "vs peer",
+                               "peak RSS MB/process"], rows))
+        size = "set for this size" if part["goals"][0]["applies"] else "set for 4 stacks of 3x64x1024x1024 only"
+        tables.append((f"goals ({fmt}; {size})", ["goal", "value", "target", "met"],
+                       [[g["goal"], _f(g["value"], ".2f"), _f(g["target"], ".2f"), "yes" if g["met"] else "NO"]
+                        for g in part["goals"]]))
+    return tables
+
+
 def model_tables(r: dict) -> list[Table]:
     rows = []
     for row in r["results"]:
@@ -103,7 +128,8 @@ def train_tables(r: dict) -> list[Table]:
     return [(title, ["measure", "patches/s", "cores busy"], rows)]
 
 
-TABLES = {"loader": loader_tables, "store": store_tables, "model": model_tables, "train": train_tables}
+TABLES = {"loader": loader_tables, "store": store_tables, "convert": convert_tables, "model": model_tables,
+          "train": train_tables}
 
 
 def print_tables(result: dict, *, stderr: bool = False) -> None:
@@ -125,7 +151,7 @@ def markdown(results: dict) -> str:
              f"{m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; "
              f"torch {m['torch']}, DALI {m['dali'] or '-'}. "
              "Produced by `stacktrain bench ... --record`; JSON with every segment next to this file.", ""]
-    for name in ("loader", "store", "model", "train"):
+    for name in TABLES:
         if name not in results["benches"]:
             continue
         for title, headers, rows in TABLES[name](results["benches"][name]):
