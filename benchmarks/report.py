@@ -65,13 +65,13 @@ def store_tables(r: dict) -> list[Table]:
                      "x".join(map(str, row["shard_zyx"])), _f(row["compression_ratio"], ".2f"),
                      str(row["chunks_per_aligned_patch"]), _f(row["aligned"]["per_s"]),
                      _f(row["aligned"]["gb_per_s"], ".2f"), _f(row["unaligned"]["per_s"]),
-                     _f(row["unaligned"]["gb_per_s"], ".2f"), _f(row["write_s"], ".1f"),
-                     "yes" if row["gpu_decodable"] else "no"])
+                     _f(row["unaligned"]["gb_per_s"], ".2f"), _f(row["aligned"].get("cores_busy"), ".2f"),
+                     _f(row["write_s"], ".1f"), "yes" if row["gpu_decodable"] else "no"])
     c = r["config"]
     title = (f"bench store: {c['patches_per_segment']} random {'x'.join(map(str, c['patch']))} patches per segment "
              f"from a {'x'.join(map(str, c['shape_czyx']))} stack, one core (* = the store's default)")
     return [(title, ["codec", "chunk", "shard", "ratio", "chunks", "aligned/s", "GB/s", "unaligned/s", "GB/s",
-                     "write s", "GPU"], rows)]
+                     "cores used", "write s", "GPU"], rows)]
 
 
 CONVERT_ROWS = {"ceiling": "ceiling: read + LZ4 compress, no Zarr", "peer": "peer: imread -> zarr-python create_array",

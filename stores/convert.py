@@ -11,18 +11,12 @@ A rerun skips stacks already converted from the same source bytes with the same 
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
-import ctypes
 import dataclasses
 import fcntl
-import functools
 import json
 import math
-import multiprocessing
-import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +26,7 @@ import numpy as np
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
 from . import writer
+from .convert_workers import run_stacks
 from .layout import (
     STAGING,
     StackMeta,
@@ -221,61 +216,6 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
     return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0)
 
 
-# -- worker processes ------------------------------------------------------------------------------
-
-_PROGRESS_QUEUE = None
-
-
-def _die_with_parent(parent: int) -> None:
-    """A worker must not outlive its `convert` (killed with SIGKILL, it cannot stop them): where the
-    kernel offers it (Linux prctl PR_SET_PDEATHSIG), the worker gets SIGKILL when its parent dies, so
-    no orphan writes into a store that a rerun is already converting."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the call above
-        os._exit(1)
-
-
-def _init_worker(queue, parent: int) -> None:
-    global _PROGRESS_QUEUE
-    _die_with_parent(parent)
-    _PROGRESS_QUEUE = queue
-
-
-def _queue_progress(index: int, fraction: float) -> None:
-    _PROGRESS_QUEUE.put((index, fraction))
-
-
-def _convert_in_worker(index: int, row: ManifestRow, store: Path, opts: ConvertOptions) -> StackOutcome:
-    return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
-
-
-def _run(rows, store, opts, progress: Progress) -> Iterator[tuple[int, StackOutcome]]:
-    """(manifest index, outcome) as stacks finish; in this process or in `opts.workers` processes."""
-    if opts.workers == 1 or len(rows) == 1:
-        for i, row in enumerate(rows):
-            yield i, convert_stack(row, store, opts, functools.partial(progress.fraction, i))
-        return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs rich's refresh thread
-    queue = ctx.Queue()
-    pool = cf.ProcessPoolExecutor(min(opts.workers, len(rows)), mp_context=ctx,
-                                  initializer=_init_worker, initargs=(queue, os.getpid()))
-    try:
-        futures = {pool.submit(_convert_in_worker, i, row, store, opts): i for i, row in enumerate(rows)}
-        pending = set(futures)
-        while pending:
-            done, pending = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
-            while not queue.empty():
-                progress.fraction(*queue.get())
-            for future in done:
-                yield futures[future], future.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # -- the store -------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -330,7 +270,7 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
         root_list = _RootList(store, rows)
         progress.start(sizes)
         try:
-            for i, outcome in _run(rows, store, options, progress):
+            for i, outcome in run_stacks(convert_stack, rows, store, options, progress):
                 outcomes[i] = outcome
                 if outcome.meta is not None:
                     root_list.add(outcome.meta)
