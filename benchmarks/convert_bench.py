@@ -34,6 +34,22 @@ DEFAULT_STACKS = 4
 DEFAULT_SHAPE_ZYX = (64, 1024, 1024)
 GOALS = (("convert N", "peer", 1.0), ("convert N", "ceiling", 0.4))
 RSS_ALLOWANCE_MB = 256  # convert's peak RSS per worker may exceed the peer's by this much
+DEPTH_RSS_SLACK = 1.1  # streaming: twice the slices, (almost) the same peak RSS per worker
+
+
+def _deeper(cache: Path, fmt: str, stacks: int, shape_zyx, seed: int, min_patch, scratch: Path) -> dict[str, Any]:
+    """One run of convert N on stacks twice as deep (peak RSS and rate; not in the interleaved rounds)."""
+    deep_shape = (2 * shape_zyx[0], *shape_zyx[1:])
+    manifest, paths, size = generated_inputs(cache, fmt, stacks=stacks, shape_zyx=deep_shape, seed=seed)
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        run = _run({"thing": "convert", "paths": [str(p) for p in paths], "manifest": str(manifest),
+                    "out": str(scratch), "min_patch_zyx": min_patch, "processes": stacks})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"shape_zyx": list(deep_shape), "stacks": stacks, "source_bytes": size, "processes": run["processes"],
+            "source_mb_per_s": size / run["wall_s"] / 1e6, "cores_busy": run["cores_busy"],
+            "peak_rss_mb": run["peak_rss_mb"]}
 
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +101,14 @@ def bench_convert(*, cache: Path | None = None, stacks: int = DEFAULT_STACKS, sh
         applies = tuple(shape_zyx) == DEFAULT_SHAPE_ZYX and stacks == DEFAULT_STACKS  # the goals' size
         out[fmt] = {"source_bytes": source_bytes, "results": rows,
                     "goals": [g | {"applies": applies} for g in goals(rows)]}
+        if fmt == formats[0]:  # RSS against depth: once, on `workers` stacks twice as deep
+            deep = _deeper(cache, fmt, workers, shape_zyx, seed, min_patch, scratch)
+            tick(f"{fmt}: convert N, 2x deeper", deep["source_mb_per_s"])
+            ratio = deep["peak_rss_mb"] / rows["convert N"]["peak_rss_mb"]
+            out[fmt]["deeper"] = deep
+            out[fmt]["goals"].append({"goal": f"convert N peak RSS at 2x depth <= {DEPTH_RSS_SLACK:.2f}x",
+                                      "value": ratio, "target": DEPTH_RSS_SLACK, "met": ratio <= DEPTH_RSS_SLACK,
+                                      "applies": applies})
     return {"bench": "convert",
             "config": {"stacks": stacks, "shape_zyx": list(shape_zyx), "dtype": "uint8", "channels": 3,
                        "formats": list(formats), "workers": workers, "cores_available": cores,

@@ -92,6 +92,11 @@ def convert_tables(r: dict) -> list[Table]:
                  f"median of {c['segments']} rounds")
         tables.append((title, ["what", "processes", "cores used", "source MB/s", "vs ceiling", "vs peer",
                                "peak RSS MB/process"], rows))
+        if part.get("deeper"):
+            d = part["deeper"]
+            rows.append([f"convert --workers N, {d['stacks']} stacks 2x deeper ({'x'.join(map(str, d['shape_zyx']))})",
+                         str(d["processes"]), _f(d["cores_busy"], ".2f"), _f(d["source_mb_per_s"]), "-", "-",
+                         _f(d["peak_rss_mb"], ",.0f")])
         size = "set for this size" if part["goals"][0]["applies"] else "set for 4 stacks of 3x64x1024x1024 only"
         tables.append((f"goals ({fmt}; {size})", ["goal", "value", "target", "met"],
                        [[g["goal"], _f(g["value"], ".2f"), _f(g["target"], ".2f"), "yes" if g["met"] else "NO"]

@@ -46,11 +46,18 @@ def test_every_row_is_measured_and_the_ratios_follow_from_the_rates(result):
         assert rows["ceiling"]["ratio_to_ceiling"] == pytest.approx(1.0)
         assert rows["convert 1"]["processes"] == 1 and rows["convert N"]["processes"] == 2
         goals = {g["goal"]: g for g in part["goals"]}
-        assert len(goals) == 3 and not any(g["applies"] for g in goals.values())  # set for the default size
+        assert len(goals) == (4 if fmt == "tiff" else 3)
+        assert not any(g["applies"] for g in goals.values())  # set for the default size
         assert goals["convert N >= 1.0x peer"]["value"] == rows["convert N"]["ratio_to_peer"]
         rss = next(g for name, g in goals.items() if "RSS" in name)
         assert rss["target"] == pytest.approx(rows["peer"]["peak_rss_mb"] + 256)
         assert rss["met"] == (rows["convert N"]["peak_rss_mb"] <= rss["target"])
+    deep = r["results"]["tiff"]["deeper"]  # the RSS-against-depth run, on the first format only
+    assert deep["shape_zyx"] == [2 * SHAPE[0], *SHAPE[1:]] and positive_finite(deep["peak_rss_mb"])
+    depth_goal = r["results"]["tiff"]["goals"][-1]
+    assert depth_goal["value"] == pytest.approx(deep["peak_rss_mb"] / r["results"]["tiff"]["results"]["convert N"]
+                                                ["peak_rss_mb"])
+    assert "deeper" not in r["results"]["npy"]
     json.dumps(r)
 
 
@@ -74,7 +81,7 @@ def test_tables_and_markdown(result):
     tables = report.convert_tables(r)
     assert len(tables) == 4  # per format: the rows and the goals
     title, headers, rows = tables[0]
-    assert "cores used" in headers and len(rows) == 4 and rows[0][1] == "2"
+    assert "cores used" in headers and len(rows) == 5 and rows[0][1] == "2" and "2x deeper" in rows[-1][0]
     assert "bench convert (tiff)" in report.markdown({"machine": {"name": "m", "cores": 2, "cpu": "c", "gpu": None,
                                                                   "torch": "t", "dali": None},
                                                       "date": "d", "benches": {"convert": r}})
