@@ -68,7 +68,10 @@ class RawSource:
                 if slab.shape != (self.shape[0], z1 - z0, *self.shape[2:]):
                     raise InputError(f"{self.path}: slices {z0}-{z1 - 1} came back with shape {slab.shape}; "
                                      "the file is truncated or corrupt, re-export it")
-                yield z0, _contiguous(slab, self.dtype)
+                out = _contiguous(slab, self.dtype)
+                del block, slab  # the reader's own array (interleaved channels) goes before the next read
+                yield z0, out
+                del out
         finally:
             blocks.close()
 

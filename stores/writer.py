@@ -95,6 +95,8 @@ def _regroup(slabs: Iterable[tuple[int, np.ndarray]], depth: int):
             yield start, joined[:, :depth]
             rest = joined[:, depth:]
             pending, start, have = ([rest] if rest.shape[1] else []), start + depth, rest.shape[1]
+            del joined, rest
+        del slab  # hold nothing of a slab already handed on while the next one is read
     if pending:
         yield start, np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
 
@@ -137,6 +139,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
             shards.write_slab(z0, slab)
             stats.add(z0, slab)
             expected_z = z0 + slab.shape[1]
+            del slab  # done with it before asking for the next
         if expected_z != shape[1]:
             raise StoreError(f"{source}: got {expected_z} slices, expected {shape[1]}")
         if callable(source_sha256):
