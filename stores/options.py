@@ -34,7 +34,7 @@ class ConvertOptions:
     workers: int = DEFAULT_WORKERS
     """Stacks converted in parallel processes, default one per available core (this process's CPU
     affinity), never more than there are stacks; 1 converts in this process. Each worker reads with
-    one thread while it compresses, and holds about three slabs of 32 slices (3x32x1024x1024 uint8:
+    one thread while it compresses, and holds at most two slabs of 32 slices (3x32x1024x1024 uint8:
     100 MB each). Scripts that call convert with workers > 1 need the usual
     `if __name__ == "__main__":` guard."""
     overwrite: bool = False
