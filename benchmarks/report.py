@@ -69,13 +69,43 @@ def store_tables(r: dict) -> list[Table]:
                      "x".join(map(str, row["shard_zyx"])), _f(row["compression_ratio"], ".2f"),
                      str(row["chunks_per_aligned_patch"]), _f(row["aligned"]["per_s"]),
                      _f(row["aligned"]["gb_per_s"], ".2f"), _f(row["unaligned"]["per_s"]),
-                     _f(row["unaligned"]["gb_per_s"], ".2f"), _f(row["write_s"], ".1f"),
-                     "yes" if row["gpu_decodable"] else "no"])
+                     _f(row["unaligned"]["gb_per_s"], ".2f"), _f(row["aligned"].get("cores_busy"), ".2f"),
+                     _f(row["write_s"], ".1f"), "yes" if row["gpu_decodable"] else "no"])
     c = r["config"]
     title = (f"bench store: {c['patches_per_segment']} random {'x'.join(map(str, c['patch']))} patches per segment "
              f"from a {'x'.join(map(str, c['shape_czyx']))} stack, one core (* = the store's default)")
     return [(title, ["codec", "chunk", "shard", "ratio", "chunks", "aligned/s", "GB/s", "unaligned/s", "GB/s",
-                     "write s", "GPU"], rows)]
+                     "cores used", "write s", "GPU"], rows)]
+
+
+CONVERT_ROWS = {"ceiling": "ceiling: read + LZ4 compress, no Zarr", "peer": "peer: imread -> zarr-python create_array",
+                "convert 1": "stacktrain convert --workers 1", "convert N": "stacktrain convert --workers N"}
+
+
+def convert_tables(r: dict) -> list[Table]:
+    c = r["config"]
+    tables = []
+    for fmt, part in r["results"].items():
+        rows = []
+        for key, item in part["results"].items():
+            rows.append([CONVERT_ROWS.get(key, key), str(item["processes"]), _f(item["cores_busy"], ".2f"),
+                         _f(item["source_mb_per_s"]), _x(item["ratio_to_ceiling"]), _x(item["ratio_to_peer"]),
+                         _f(item["peak_rss_mb"], ",.0f")])
+        title = (f"bench convert ({fmt}): {c['stacks']} stacks of 3x{'x'.join(map(str, c['shape_zyx']))} uint8 "
+                 f"({part['source_bytes'] / 1e6:,.0f} MB), N = {c['workers']} of {c['cores_available']} cores, "
+                 f"median of {c['segments']} rounds")
+        tables.append((title, ["what", "processes", "cores used", "source MB/s", "vs ceiling", "vs peer",
+                               "peak RSS MB/process"], rows))
+        if part.get("deeper"):
+            d = part["deeper"]
+            rows.append([f"convert --workers N, {d['stacks']} stacks 2x deeper ({'x'.join(map(str, d['shape_zyx']))})",
+                         str(d["processes"]), _f(d["cores_busy"], ".2f"), _f(d["source_mb_per_s"]), "-", "-",
+                         _f(d["peak_rss_mb"], ",.0f")])
+        size = "set for this size" if part["goals"][0]["applies"] else "set for 4 stacks of 3x64x1024x1024 only"
+        tables.append((f"goals ({fmt}; {size})", ["goal", "value", "target", "met"],
+                       [[g["goal"], _f(g["value"], ".2f"), _f(g["target"], ".2f"), "yes" if g["met"] else "NO"]
+                        for g in part["goals"]]))
+    return tables
 
 
 def model_tables(r: dict) -> list[Table]:
@@ -107,7 +137,8 @@ def train_tables(r: dict) -> list[Table]:
     return [(title, ["measure", "patches/s", "cores busy"], rows)]
 
 
-TABLES = {"loader": loader_tables, "store": store_tables, "model": model_tables, "train": train_tables}
+TABLES = {"loader": loader_tables, "store": store_tables, "convert": convert_tables, "model": model_tables,
+          "train": train_tables}
 
 
 def print_tables(result: dict, *, stderr: bool = False) -> None:
@@ -129,7 +160,7 @@ def markdown(results: dict) -> str:
              f"{m['cores']} cores ({m['cpu']}), GPU: {m['gpu'] or 'none'}; "
              f"torch {m['torch']}, DALI {m['dali'] or '-'}. "
              "Produced by `stacktrain bench ... --record`; JSON with every segment next to this file.", ""]
-    for name in ("loader", "store", "model", "train"):
+    for name in TABLES:
         if name not in results["benches"]:
             continue
         for title, headers, rows in TABLES[name](results["benches"][name]):

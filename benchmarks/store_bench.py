@@ -155,7 +155,8 @@ def bench_store(*, cache: Path | None = None, shape_zyx=data.DEFAULT_SHAPE_ZYX, 
         for kind in boxes:
             r = rates[f"{label} {kind}"]
             row[kind] = {"per_s": r["per_s"], "gb_per_s": r["per_s"] * patch_bytes / 1e9,
-                         "segment_rates": r["segment_rates"], "cpu_ms_per_item": r["cpu_ms_per_item"]}
+                         "segment_rates": r["segment_rates"], "cpu_ms_per_item": r["cpu_ms_per_item"],
+                         "cores_busy": r["cores_busy"]}
         rows.append(row)
     return {"bench": "store",
             "config": {"shape_czyx": list(vol.shape), "patch": list(patch), "patches_per_segment": patches,

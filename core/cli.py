@@ -192,7 +192,7 @@ def _csv(text: str) -> list[str]:
 
 
 def _bench(sub) -> None:
-    bench = sub.add_parser("bench", help="throughput benchmarks: loader, store, model, train",
+    bench = sub.add_parser("bench", help="throughput benchmarks: loader, store, convert, model, train",
                            description="Throughput against ceilings measured in the same run. Every bench prints "
                                        "rich tables, writes --json when asked, and with --record [DIR] merges its "
                                        "numbers into DIR/<machine>-<date>.json and .md.")
@@ -220,6 +220,16 @@ def _bench(sub) -> None:
     p.add_argument("--patches", type=int, default=8, help="random patches of each kind per segment")
     _bench_common(p)
     p.set_defaults(func=commands.bench_store)
+
+    p = bsub.add_parser("convert", help="`stacktrain convert` against the read+compress ceiling and a plain "
+                                        "zarr-python writer, on generated TIFF / .npy stacks")
+    p.add_argument("--stacks", type=int, default=4, help="generated stacks per format")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 1024, 1024], metavar=ZYX,
+                   help="shape of each generated stack (3 channels, uint8)")
+    p.add_argument("--formats", type=_csv, default=["tiff", "npy"], help="comma-separated input formats: tiff, npy")
+    p.add_argument("--workers", type=int, help="processes for the ceiling, the peer and convert N (default: all cores)")
+    _bench_common(p, segments=3)
+    p.set_defaults(func=commands.bench_convert)
 
     p = bsub.add_parser("model", help="forward+backward patches/s, peak memory, FLOPs, TFLOP/s of each model")
     p.add_argument("--models", type=_csv, help="comma-separated registry names (default: every registered model)")

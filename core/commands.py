@@ -250,6 +250,18 @@ def bench_store(args: Namespace) -> int:
                       segments=args.segments, warmup=args.warmup, seed=args.seed)
 
 
+def bench_convert(args: Namespace) -> int:
+    from stacktrain.bench.convert_bench import bench_convert as run
+    from stacktrain.bench.convert_runs import FORMATS
+
+    _unknown("--formats", args.formats, FORMATS)
+    if not args.formats:
+        raise InputError(f"--formats: give at least one of {', '.join(FORMATS)}")
+    return _run_bench(args, run, cache=args.cache, stacks=args.stacks, shape_zyx=tuple(args.shape),
+                      formats=tuple(args.formats), workers=args.workers, segments=args.segments,
+                      warmup=args.warmup, seed=args.seed)
+
+
 def bench_model(args: Namespace) -> int:
     import torch
 

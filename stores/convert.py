@@ -11,14 +11,11 @@ A rerun skips stacks already converted from the same source bytes with the same 
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import json
 import math
-import multiprocessing
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -29,13 +26,14 @@ import numpy as np
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
 from . import writer
+from .convert_workers import run_stacks
 from .layout import (
     STAGING,
     StackMeta,
 )
 from .manifest import ManifestRow, read_manifest
 from .options import ConvertOptions
-from .sources import RawSource, open_source, source_sha256
+from .sources import RawSource, StreamingSha256, open_source, read_ahead, source_sha256
 
 KEPT_DTYPES = ("uint8", "uint16")
 CHANNELS = 3
@@ -65,8 +63,6 @@ class ConvertReport:
         rate = f"{self.bytes_read / 1e6:.1f} MB of sources, {self.bytes_read / 1e6 / max(self.seconds, 1e-9):.1f} MB/s"
         return (f"{self.count('converted')} converted, {self.count('skipped')} skipped (unchanged), "
                 f"{self.count('failed')} failed of {len(self.outcomes)} stacks in {self.seconds:.1f} s ({rate})")
-
-
 
 
 class Progress:
@@ -146,9 +142,11 @@ def _scaler(src: RawSource, row: ManifestRow, opts: ConvertOptions, depth: int) 
 
 
 def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_shape, out_dtype: str,
-                 on_progress: Callable[[float], None] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """The source as stored, as (z0, slab) pairs: checked, scaled, channels replicated, zero-padded.
-    (The writer re-cuts them into whole shards.)"""
+                 on_progress: Callable[[float], None] | None = None,
+                 hasher: StreamingSha256 | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """The source as stored, as (z0, slab) pairs: checked, scaled, channels replicated, zero-padded,
+    read in a reader thread one slab ahead of the caller (`read_ahead`), which also feeds `hasher`
+    the source's bytes as it goes. (The writer re-cuts the slabs into whole shards.)"""
     depth = opts.slab_depth
     scale = _scaler(src, row, opts, depth)
     _, z, y, x = src.shape
@@ -166,8 +164,11 @@ def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_sha
                 slab = np.repeat(slab, CHANNELS, axis=0)
             if (oy, ox) != (y, x):
                 slab = np.pad(slab, ((0, 0), (0, 0), (0, oy - y), (0, ox - x)))
+            n = slab.shape[1]
+            if hasher is not None:
+                hasher.advance((seen + n) / z)
             yield seen, slab.astype(out_dtype, copy=False)
-            seen += slab.shape[1]
+            seen += n
             if on_progress:
                 on_progress(seen / z)
         if seen != z:
@@ -175,27 +176,29 @@ def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_sha
         if oz > z:
             yield z, np.zeros((CHANNELS, oz - z, oy, ox), out_dtype)
 
-    return pieces()
+    return read_ahead(pieces())
 
 
 def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
                   on_progress: Callable[[float], None] | None = None) -> StackOutcome:
     """Convert one manifest row into `store` (not registered in the root list: the caller does that)."""
     t0 = time.perf_counter()
+    hasher = None
     try:
-        sha = source_sha256(row.path)
         present = None if opts.overwrite else writer.existing_meta(store, row.stack_id)
         if present is not None:
+            sha = source_sha256(row.path)  # only to decide whether to skip; otherwise hashed while read
             if changes := _changes(present, row, sha, opts):
                 raise InputError(f"{row.where}: already in {store} but {'; '.join(changes)}; "
                                  "pass --overwrite to reconvert it")
             return StackOutcome(row.stack_id, "skipped", meta=present)
         src = open_source(row.path, axes=row.axes)
         shape, dtype = plan_stack(src, row, opts)
+        hasher = StreamingSha256(row.path)
         meta = writer.write_stack(
             store, stack_id=row.stack_id, label=row.label, group=row.group, source=str(row.path),
-            source_sha256=sha, shape=shape, dtype=dtype,
-            slabs=stored_slabs(src, row, opts, shape, dtype, on_progress), spacing_zyx=src.spacing_zyx,
+            source_sha256=hasher.hexdigest, shape=shape, dtype=dtype,
+            slabs=stored_slabs(src, row, opts, shape, dtype, on_progress, hasher), spacing_zyx=src.spacing_zyx,
             codec=opts.codec, chunk_zyx=opts.chunk_zyx, shard_zyx=opts.shard_zyx,
             foreground_threshold=opts.foreground_threshold)
     except (StackTrainError, OSError, ValueError) as e:
@@ -207,48 +210,10 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
         else:
             message = f"{row.where}: {text}"
         return StackOutcome(row.stack_id, "failed", error=message, seconds=time.perf_counter() - t0)
-    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0)
-
-
-# -- worker processes ------------------------------------------------------------------------------
-
-_PROGRESS_QUEUE = None
-
-
-def _init_worker(queue) -> None:
-    global _PROGRESS_QUEUE
-    _PROGRESS_QUEUE = queue
-
-
-def _queue_progress(index: int, fraction: float) -> None:
-    _PROGRESS_QUEUE.put((index, fraction))
-
-
-def _convert_in_worker(index: int, row: ManifestRow, store: Path, opts: ConvertOptions) -> StackOutcome:
-    return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
-
-
-def _run(rows, store, opts, progress: Progress) -> Iterator[tuple[int, StackOutcome]]:
-    """(manifest index, outcome) as stacks finish; in this process or in `opts.workers` processes."""
-    if opts.workers == 1 or len(rows) == 1:
-        for i, row in enumerate(rows):
-            yield i, convert_stack(row, store, opts, functools.partial(progress.fraction, i))
-        return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs rich's refresh thread
-    queue = ctx.Queue()
-    pool = cf.ProcessPoolExecutor(min(opts.workers, len(rows)), mp_context=ctx,
-                                  initializer=_init_worker, initargs=(queue,))
-    try:
-        futures = {pool.submit(_convert_in_worker, i, row, store, opts): i for i, row in enumerate(rows)}
-        pending = set(futures)
-        while pending:
-            done, pending = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
-            while not queue.empty():
-                progress.fraction(*queue.get())
-            for future in done:
-                yield futures[future], future.result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if hasher is not None:
+            hasher.close()
+    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0)
 
 
 # -- the store -------------------------------------------------------------------------------------
@@ -305,7 +270,7 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
         root_list = _RootList(store, rows)
         progress.start(sizes)
         try:
-            for i, outcome in _run(rows, store, options, progress):
+            for i, outcome in run_stacks(convert_stack, rows, store, options, progress):
                 outcomes[i] = outcome
                 if outcome.meta is not None:
                     root_list.add(outcome.meta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from stacktrain.choices import Codec, Scale
 from stacktrain.config import check_choices, require
@@ -15,13 +16,27 @@ from .layout import DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHA
 DEFAULT_MIN_PATCH_ZYX = (32, 256, 256)
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity; os.cpu_count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+DEFAULT_WORKERS = available_cores()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ConvertOptions:
     codec: Codec = "lz4"
     """lz4: raw LZ4 blocks, inflatable on the GPU by DALI; zstd: core Zarr codec, any reader, CPU only."""
-    workers: int = 1
-    """Stacks converted in parallel processes (1 converts in this process). Scripts that call convert
-    with workers > 1 need the usual `if __name__ == "__main__":` guard."""
+    workers: int = DEFAULT_WORKERS
+    """Stacks converted in parallel processes, default one per available core (this process's CPU
+    affinity), never more than there are stacks; 1 converts in this process. Each worker reads with
+    one thread while it compresses, and holds at most two slabs of 32 slices (3x32x1024x1024 uint8:
+    100 MB each). Scripts that call convert with workers > 1 need the usual
+    `if __name__ == "__main__":` guard."""
     overwrite: bool = False
     """Reconvert stacks already in the store instead of skipping (or refusing) them."""
     axes: str | None = None

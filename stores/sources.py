@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +68,23 @@ class RawSource:
                 if slab.shape != (self.shape[0], z1 - z0, *self.shape[2:]):
                     raise InputError(f"{self.path}: slices {z0}-{z1 - 1} came back with shape {slab.shape}; "
                                      "the file is truncated or corrupt, re-export it")
-                yield z0, np.ascontiguousarray(slab, dtype=self.dtype)
+                out = _contiguous(slab, self.dtype)
+                del block, slab  # the reader's own array (interleaved channels) goes before the next read
+                yield z0, out
+                del out
         finally:
             blocks.close()
+
+
+def _contiguous(slab: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A C-contiguous copy of a (C, dz, Y, X) view, channel by channel: from interleaved channels
+    (zyxc sources) numpy copies one strided channel at a time ~3x faster than all at once."""
+    if slab.flags.c_contiguous and slab.dtype == dtype:
+        return slab
+    out = np.empty(slab.shape, dtype)
+    for ch in range(slab.shape[0]):
+        np.copyto(out[ch], slab[ch], casting="unsafe")  # as ascontiguousarray(slab, dtype) casts
+    return out
 
 
 def detect_format(path: Path) -> str:
@@ -141,6 +157,55 @@ def resolve_axes(name: str, shape: tuple[int, ...], axes: str | None, inferred: 
 
 
 
+class StreamingSha256:
+    """The source's sha256 (the same digest as `source_sha256`), computed while the source is read:
+    `advance(fraction)` hashes the file on to that fraction of its size, so the bytes are hashed
+    just after the reader took them from the disk (they are in the page cache) and in the reader's
+    thread, not in a second pass before the conversion. A folder (slices, DICOM series) is hashed
+    file by file when `hexdigest` is called."""
+
+    BLOCK = 256 << 10  # small: it is the one buffer of the hasher
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.folder = self.path.is_dir()
+        self._digest = hashlib.sha256()
+        self._done = 0
+        self._buf = bytearray(self.BLOCK)
+        try:
+            self._file = None if self.folder else open(self.path, "rb")
+            self.size = 0 if self.folder else os.fstat(self._file.fileno()).st_size
+        except OSError as e:
+            raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
+
+    def advance(self, fraction: float) -> None:
+        if self.folder:
+            return
+        target = self.size if fraction >= 1 else int(self.size * fraction)
+        view = memoryview(self._buf)
+        try:
+            while self._done < target:
+                n = self._file.readinto(view[:min(self.BLOCK, target - self._done)])
+                if not n:
+                    raise InputError(f"{self.path}: the file shrank while it was read; rerun when it is complete")
+                self._digest.update(view[:n])
+                self._done += n
+        except OSError as e:
+            raise InputError(f"{self.path}: cannot read ({e.strerror or e})") from e
+
+    def hexdigest(self) -> str:
+        if self.folder:
+            return source_sha256(self.path)
+        self.advance(1.0)
+        if self._file.read(1):
+            raise InputError(f"{self.path}: the file grew while it was read; rerun when it is complete")
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def source_sha256(path: str | Path) -> str:
@@ -164,3 +229,61 @@ def source_sha256(path: str | Path) -> str:
         return digest.hexdigest()
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
+
+
+_END = object()
+
+
+def read_ahead(items: Iterator, after: Callable[[Any], None] | None = None) -> Iterator:
+    """`items` produced in a reader thread one step ahead of the caller, so that reading the next slab
+    overlaps with processing this one; `after(item)` runs in that thread too (hashing, progress).
+    At most two items are alive: the caller's and the one being read. Errors surface in the caller;
+    closing the returned iterator stops the thread after its current item."""
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        error = None
+        try:
+            for item in items:
+                if after is not None:
+                    after(item)
+                handoff.put(item)
+                handoff.join()  # read the next one only once the caller has taken this one
+                if stop.is_set():
+                    break
+        except BaseException as e:  # handed to the caller, raised there
+            error = e
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+        handoff.put((_END, error))
+
+    thread = threading.Thread(target=produce, name="stacktrain-reader", daemon=True)
+    thread.start()
+
+    def is_end(item) -> bool:
+        return isinstance(item, tuple) and len(item) == 2 and item[0] is _END
+
+    def consume() -> Iterator:
+        ended = False
+        try:
+            while True:
+                item = handoff.get()
+                handoff.task_done()
+                if is_end(item):
+                    ended = True
+                    if item[1] is not None:
+                        raise item[1]
+                    return
+                yield item
+                del item
+        finally:
+            stop.set()
+            while not ended:  # take what the producer hands over until its end marker
+                ended = is_end(handoff.get())
+                handoff.task_done()
+            thread.join()
+
+    return consume()

@@ -7,7 +7,7 @@ import math
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,6 @@ from .layout import (
     FORMAT_VERSION,
     IMAGE,
     LEVEL0,
-    PERCENTILES,
     STAGING,
     STATS,
     STATS_CELL_ZYX,
@@ -34,6 +33,8 @@ from .layout import (
     ome_multiscales,
     root_group_json,
 )
+from .shards import ShardWriter
+from .stats import SlabStats
 
 # We choose numcodecs' LZ4 on purpose (DALI's GPU inflate reads it); zarr's portability warning is noise.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3")
@@ -79,48 +80,6 @@ def remove_stack(path: str | Path, stack_id: str) -> None:
         shutil.rmtree(trash)
 
 
-class _Stats:
-    """Streaming statistics: foreground fraction and mean per stats cell, histograms for percentiles."""
-
-    def __init__(self, shape, dtype, threshold: int):
-        c, z, y, x = shape
-        self.cell = STATS_CELL_ZYX
-        self.grid = tuple(-(-n // k) for n, k in zip((z, y, x), self.cell))
-        self.fg = np.zeros(self.grid, np.float32)
-        self.mean = np.zeros((c, *self.grid), np.float32)
-        self.hist = np.zeros((c, np.iinfo(dtype).max + 1), np.int64)
-        self.sum = np.zeros(c, np.float64)
-        self.sumsq = np.zeros(c, np.float64)
-        self.threshold = threshold
-
-    def add(self, z0: int, slab: np.ndarray) -> None:
-        c, dz, y, x = slab.shape
-        fg = (slab > self.threshold).any(axis=0)
-        kz, ky, kx = self.cell
-        for gz in range(z0 // kz, -(-(z0 + dz) // kz)):
-            zs = slice(gz * kz - z0, min((gz + 1) * kz - z0, dz))
-            for gy in range(self.grid[1]):
-                ys = slice(gy * ky, min((gy + 1) * ky, y))
-                for gx in range(self.grid[2]):
-                    xs = slice(gx * kx, min((gx + 1) * kx, x))
-                    self.fg[gz, gy, gx] = fg[zs, ys, xs].mean()
-                    self.mean[:, gz, gy, gx] = slab[:, zs, ys, xs].reshape(c, -1).mean(axis=1)
-        for ch in range(c):
-            flat = slab[ch].ravel()
-            self.hist[ch] += np.bincount(flat, minlength=self.hist.shape[1])
-            f = flat.astype(np.float64)
-            self.sum[ch] += f.sum()
-            self.sumsq[ch] += (f * f).sum()
-
-    def percentiles(self) -> dict[str, list[float]]:
-        out = {}
-        cdf = np.cumsum(self.hist, axis=1)
-        for p in PERCENTILES:
-            target = cdf[:, -1] * p / 100.0
-            out[f"p{p:g}"] = [float(np.searchsorted(cdf[ch], target[ch])) for ch in range(len(cdf))]
-        return out
-
-
 def _regroup(slabs: Iterable[tuple[int, np.ndarray]], depth: int):
     """Re-cut `(z0, slab)` pairs of any depth into slabs of exactly `depth` slices (the last may be
     shorter), so that callers may stream slabs of any depth."""
@@ -136,18 +95,24 @@ def _regroup(slabs: Iterable[tuple[int, np.ndarray]], depth: int):
             yield start, joined[:, :depth]
             rest = joined[:, depth:]
             pending, start, have = ([rest] if rest.shape[1] else []), start + depth, rest.shape[1]
+            del joined, rest
+        del slab  # hold nothing of a slab already handed on while the next one is read
     if pending:
-        yield start, np.concatenate(pending, axis=1)
+        yield start, np.concatenate(pending, axis=1) if len(pending) > 1 else pending[0]
 
 
 def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, source: str,
-                source_sha256: str, shape: tuple[int, int, int, int], dtype: str,
+                source_sha256: str | Callable[[], str], shape: tuple[int, int, int, int], dtype: str,
                 slabs: Iterable[tuple[int, np.ndarray]], spacing_zyx=None, codec: str = "lz4",
                 chunk_zyx=DEFAULT_CHUNK_ZYX, shard_zyx=DEFAULT_SHARD_ZYX,
                 foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD) -> StackMeta:
     """Write a stack from `(z0, slab)` pairs (slab: (C, dz, Y, X), in z order) under a staging name
     and rename it into place. Nothing is visible under `<store>/<stack_id>` until it is complete.
     The root list is not touched: call `register` once the stack is in place.
+    `source_sha256` may be a function, called once the last slab is written (`convert` hashes the
+    source while reading it). Zarr-python writes the metadata; the shard files are assembled by
+    `stores.shards.ShardWriter` (the same bytes, without zarr's per-chunk cost) and the statistics
+    come from `stores.stats.SlabStats`, both in one pass over each slab.
     """
     if codec not in CODECS:
         raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
@@ -160,21 +125,25 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
         stack_group = zarr.open_group(staging, mode="w", zarr_format=3)
         image = stack_group.create_group(IMAGE)
         compressors = [LZ4()] if codec == "lz4" else [ZstdCodec(level=3)]
-        arr = image.create_array(LEVEL0, shape=shape, dtype=dtype, chunks=(1, *chunk_zyx),
-                                 shards=(c, *shard_zyx), compressors=compressors, fill_value=0,
-                                 dimension_names=("c", "z", "y", "x"))
-        stats = _Stats(shape, dtype, foreground_threshold)
+        image.create_array(LEVEL0, shape=shape, dtype=dtype, chunks=(1, *chunk_zyx), shards=(c, *shard_zyx),
+                           compressors=compressors, fill_value=0, dimension_names=("c", "z", "y", "x"))
+        shards = ShardWriter(staging / IMAGE / LEVEL0, shape, dtype, codec=codec, chunk_zyx=chunk_zyx,
+                             shard_zyx=shard_zyx)
+        stats = SlabStats(shape, dtype, foreground_threshold)
         expected_z = 0
         # whole shards for zarr, whole statistics cells for _Stats
         for z0, slab in _regroup(slabs, math.lcm(shard_zyx[0], STATS_CELL_ZYX[0])):
             if z0 != expected_z or slab.shape[0] != c or slab.shape[2:] != tuple(shape[2:]):
                 raise StoreError(f"{source}: slab at z={z0} with shape {slab.shape} does not continue "
                                  f"a stack of shape {shape}")
-            arr[:, z0:z0 + slab.shape[1]] = slab
+            shards.write_slab(z0, slab)
             stats.add(z0, slab)
             expected_z = z0 + slab.shape[1]
+            del slab  # done with it before asking for the next
         if expected_z != shape[1]:
             raise StoreError(f"{source}: got {expected_z} slices, expected {shape[1]}")
+        if callable(source_sha256):
+            source_sha256 = source_sha256()
         image.attrs.put({"ome": ome_multiscales(stack_id, spacing_zyx)})
         stats_group = stack_group.create_group(STATS)
         stats_group.create_array("foreground", data=stats.fg, chunks=stats.fg.shape)

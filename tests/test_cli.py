@@ -31,6 +31,8 @@ COMMANDS = {
                           "--workers"]),
     "bench store": ([], ["--cache", "--codecs", "--json", "--layouts", "--patch", "--patches", "--quiet", "--record",
                          "--seed", "--segments", "--shape", "--warmup"]),
+    "bench convert": ([], ["--cache", "--formats", "--json", "--quiet", "--record", "--seed", "--segments", "--shape",
+                           "--stacks", "--warmup", "--workers"]),
     "bench model": ([], ["--batch", "--cache", "--channels-last", "--json", "--models", "--patch", "--peak-tflops",
                          "--precision", "--quiet", "--record", "--seed", "--segments", "--steps", "--tiny",
                          "--warmup"]),

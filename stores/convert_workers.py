@@ -1,0 +1,66 @@
+"""The worker processes of `stacktrain convert`: one stack per task, progress through a queue, and
+workers that die with their parent (a SIGKILLed convert leaves no orphan writing into the store)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import ctypes
+import functools
+import multiprocessing
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+_PROGRESS_QUEUE = None
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive its `convert` (killed with SIGKILL, it cannot stop them): where the
+    kernel offers it (Linux prctl PR_SET_PDEATHSIG), the worker gets SIGKILL when its parent dies, so
+    no orphan writes into a store that a rerun is already converting."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
+def _init_worker(queue, parent: int) -> None:
+    global _PROGRESS_QUEUE
+    _die_with_parent(parent)
+    _PROGRESS_QUEUE = queue
+
+
+def _queue_progress(index: int, fraction: float) -> None:
+    _PROGRESS_QUEUE.put((index, fraction))
+
+
+def _convert_in_worker(convert_stack, index: int, row, store: Path, opts):
+    return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
+
+
+def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int, object]]:
+    """(manifest index, `convert_stack` outcome) as stacks finish; in this process or in `opts.workers`
+    processes (spawned, at most one per stack)."""
+    if opts.workers == 1 or len(rows) == 1:
+        for i, row in enumerate(rows):
+            yield i, convert_stack(row, store, opts, functools.partial(progress.fraction, i))
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs rich's refresh thread
+    queue = ctx.Queue()
+    pool = cf.ProcessPoolExecutor(min(opts.workers, len(rows)), mp_context=ctx,
+                                  initializer=_init_worker, initargs=(queue, os.getpid()))
+    try:
+        futures = {pool.submit(_convert_in_worker, convert_stack, i, row, store, opts): i for i, row in enumerate(rows)}
+        pending = set(futures)
+        while pending:
+            done, pending = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
+            while not queue.empty():
+                progress.fraction(*queue.get())
+            for future in done:
+                yield futures[future], future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
