@@ -146,6 +146,9 @@ def _study(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="study directory (created; rerun with it to resume)")
     p.add_argument("--workers", type=int, default=KEEP, help="trainings in parallel processes (default 1)")
     p.add_argument("--trials", type=int, default=KEEP, help="phase 3: total trials (default: hpo.trials)")
+    p.add_argument("--final", action="store_true", default=KEEP,
+                   help="then evaluate the selected configuration on the split's held-out test part, once "
+                        "(its fold models as an ensemble; DIR/final.json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override for every run, after the study file's own (repeatable)")
     p.set_defaults(func=commands.study)

@@ -126,7 +126,7 @@ def train_epoch(net: nn.Module, loader, epoch: int, *, optimizer, criterion, pre
         loss_sum += step(batch.images, batch.labels)
         meter.step(loss_sum)
     train_loss = loss_sum.item() / max(meter.steps, 1)  # waits for the device: the timing below is true
-    return train_loss, meter.finish(rt.world_size)
+    return train_loss, {**meter.finish(rt.world_size), "optimizer_steps": meter.steps}  # the run's budget
 
 
 @torch.no_grad()

@@ -113,6 +113,6 @@ def test_cli_prints_the_table_and_refuses_a_non_study_directory(tmp_path, fake_d
     out = study_dir(tmp_path, fake_data, TWINS, name="cli")
     assert main(["report", str(out), "--resamples", "50", "--level", "stack", "--no-plots"]) == 0
     printed = capsys.readouterr().out
-    assert "stack level: mean ± std over folds" in printed and "Best: scale" in printed
+    assert "stack level: mean ± std over runs" in printed and "Best: scale" in printed
     with pytest.raises(StudyError, match="not a study directory"):
         report(tmp_path, console=Console(quiet=True))
