@@ -63,6 +63,11 @@ def _stores(sub) -> None:
     p.add_argument("--seed", type=int, default=KEEP, help="random seed (default 0); same seed, same bytes")
     p.add_argument("--dtype", choices=("uint8", "uint16"), default=KEEP,
                    help="voxel type of every stack (default uint8)")
+    p.add_argument("--prevalence", type=float, default=KEEP, help="share of MALADE stacks (default 0.5)")
+    p.add_argument("--patient-effect", dest="patient_effect", type=float, default=KEEP,
+                   help="staining, brightness and texture shared by a patient's stacks: 0 none (default), 1 strong")
+    p.add_argument("--difficulty", type=float, default=KEEP,
+                   help="0 (default) to 1: fainter, smaller lesions in fewer regions")
     p.set_defaults(func=commands.synth)
 
     p = sub.add_parser("convert", help="convert the raw stacks of a manifest into a GPU-decodable OME-Zarr store",

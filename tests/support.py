@@ -121,9 +121,13 @@ def make_store(root: Path, n: int = 24, shape=(8, 16, 16), folds: int = 3) -> tu
     return store, root / "splits.json"
 
 
-def write_study(path: Path, store: Path, split: Path, body: str, *, sets=("train.epochs=3",), head="") -> Path:
-    path.write_text(f'[study]\nname = "{path.stem}"\nbase = "{ROOT}/train/presets/demo.toml"\n'
-                    f'split = "{split}"\nstore = "{store}"\nset = {json.dumps(list(sets))}\n{head}\n{body}')
+def write_study(path: Path, store: Path, split: Path | None, body: str, *, sets=("train.epochs=3",), head="",
+                base: Path | None = None) -> Path:
+    """A study file on the demo preset, or on a previous study directory `base` (then `split` may be None:
+    the base study's split is used)."""
+    split_line = "" if split is None else f'split = "{split}"\n'
+    path.write_text(f'[study]\nname = "{path.stem}"\nbase = "{base or f"{ROOT}/train/presets/demo.toml"}"\n'
+                    f'{split_line}store = "{store}"\nset = {json.dumps(list(sets))}\n{head}\n{body}')
     return path
 
 

@@ -43,12 +43,7 @@ def test_split_data(tmp_path_factory):
 
 
 def phase(tmp_path, name, store, split, body, base=None, sets=("train.epochs=3",)):
-    path = write_study(tmp_path / f"{name}.toml", store, split, body, sets=sets)
-    if base is not None:
-        text = path.read_text().replace(f'base = "{path.parent.parent}', 'base = "IGNORED')
-        text = "\n".join(f'base = "{base}"' if line.startswith("base = ") else line for line in text.splitlines())
-        path.write_text(text + "\n")
-    return path
+    return write_study(tmp_path / f"{name}.toml", store, split or None, body, sets=sets, base=base)
 
 
 def fake_evaluate(checkpoint, store, stacks, config, out):
