@@ -85,7 +85,9 @@ def fake_train(cfg, *, run_dir, resume=False, on_epoch=None):
         stopper.step(evaluation.selection_key(cfg.train.select_level), epoch)
         best_epoch = stopper.best_epoch
         entry = epoch_entry(epoch=epoch, train_loss=1 - q, lr=cfg.optim.lr, evaluation=evaluation,
-                            throughput={"train_patches_per_s": 100.0 + epoch, "data_wait_pct": 1.0}, wall_s=0.01)
+                            throughput={"train_patches_per_s": 100.0 + epoch, "data_wait_pct": 1.0,
+                                                "optimizer_steps": 10 if cfg.patch.stride is None else 40},
+                            wall_s=0.01)
         last = epoch + 1 == cfg.train.epochs
         record_epoch(results, entry, best_epoch=best_epoch, stop_reason="max_epochs" if last else None)
         run_dir.mkdir(parents=True, exist_ok=True)
