@@ -100,16 +100,16 @@ CAVEAT = ("The bootstrap CIs resample validation patients within class (stacks f
 def markdown(rows: list[Any], diffs: list[Any], sentence: str, notes: list[str], title: str,
              plots: list[str], descriptions: dict[str, str], *, level: str = "stack",
              final: dict[str, Any] | None = None, chain: list[dict[str, Any]] = ()) -> str:
-    head = ["variant", "level", "folds", "stacks", *(METRIC_NAMES[m] for m in METRICS), "best epoch", "patches/s"]
+    head = ["variant", "level", "runs", "stacks", *(METRIC_NAMES[m] for m in METRICS), "best epoch", "patches/s"]
     lines = [f"# Study report: {title}", "", sentence, "",
              "Mean ± std over runs (folds x seeds; each run's best epoch), then the 95% bootstrap CI over "
              "patients (resampled within class; stacks follow their patient). Validation parts only.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([r.label, r.level, str(len(r.folds)), str(r.n_stacks),
+    lines += ["| " + " | ".join([r.label, r.level, str(len(r.runs)), str(r.n_stacks),
                                  *(cell(r.mean[m], r.std[m], r.ci[m]) for m in METRICS),
                                  _epochs(r.best_epochs), f"{r.throughput:.1f}"]) + " |" for r in rows]
     if diffs:
-        head = ["variant", "level", "folds", *(f"Δ {METRIC_NAMES[m]}" for m in METRICS)]
+        head = ["variant", "level", "runs", *(f"Δ {METRIC_NAMES[m]}" for m in METRICS)]
         lines += ["", f"## Paired differences against the baseline `{diffs[0].other}`", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join([d.label, d.level, str(len(d.folds)),
