@@ -105,7 +105,7 @@ def _train(sub) -> None:
                                      "torchrun)",
                        description="Train as CONFIG.toml says. CONFIG may name a packaged preset (`demo`, "
                                    "`seed-gpu`, or `preset:NAME`). Writes RUN_DIR/config.toml, "
-                                   "training_results.json (rewritten after every epoch), last.pt, best.pt and "
+                                   "training_results.json (one epoch appended at a time), last.pt, best.pt and "
                                    "tensorboard/. Under `torchrun --nproc_per_node=N` each rank trains on its "
                                    "share of every batch.")
     p.add_argument("config", nargs="?", metavar="CONFIG",
@@ -161,7 +161,7 @@ def _study(sub) -> None:
     p = sub.add_parser("report", help="compare a study's variants: tables with bootstrap CIs, paired differences, "
                                       "plots",
                        description="Report a study directory: per variant and level, F1/accuracy/ROC-AUC as "
-                                   "mean ± std over folds with 95%% bootstrap CIs over stacks, paired "
+                                   "mean ± std over folds x seeds with 95%% bootstrap CIs over patients, paired "
                                    "differences against the baseline, PNG plots, and which variant is best.")
     p.add_argument("study_dir", type=Path, metavar="STUDY_DIR", help="the --out directory of `stacktrain study`")
     p.add_argument("--level", choices=options(Level), default=KEEP,
