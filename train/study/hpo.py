@@ -213,7 +213,7 @@ class Objective:
             state = run_state(spec, run_record(spec, self.study, self.split))
             level, offset = cfg.train.select_level, position * cfg.train.epochs
             if state != "new":  # epochs trained before a kill (by the failed trial) count for the pruner too
-                for entry in load_results(spec.run_dir / RESULTS_NAME)["epochs"]:
+                for entry in load_results(spec.run_dir / RESULTS_NAME, samples="none")["epochs"]:
                     trial.report(_score(entry, level), offset + entry["epoch"])
             if state != "done":
                 def on_epoch(epoch: int, entry: dict[str, Any]) -> bool:
@@ -221,7 +221,7 @@ class Objective:
                     return trial.should_prune()
                 load_trainer(self.trainer)(cfg, run_dir=spec.run_dir, resume=state == "resume",
                                            on_epoch=on_epoch)
-            results = load_results(spec.run_dir / RESULTS_NAME)
+            results = load_results(spec.run_dir / RESULTS_NAME, samples="none")
             if results["stop_reason"] == "pruned":
                 raise optuna.TrialPruned(f"fold {fold}, epoch {results['epochs'][-1]['epoch']}")
             best = next(e for e in results["epochs"] if e["epoch"] == results["best_epoch"])
