@@ -1,11 +1,15 @@
 """Benchmark (not a timed test) of training_results.json at scale: append N epochs of S samples.
 
     python -m stacktrain.bench.results_bench [--epochs 100] [--stacks 200] [--patches 60] [--out DIR]
+                                             [--report-runs 45]
 
 Each epoch has the seed's full content (samples, volumes, metrics at both levels). Prints the write
 time of every 10th epoch, the median and the maximum, the file size, the peak RSS of the writer,
 then the time and peak RSS of `load_results(path, samples="best")` (what a report does per run) in
-a fresh process. Goal (issue 11): <= 0.2 s per epoch at 100 epochs of 12,000 samples.
+a fresh process. With --report-runs N, a phase-1-sized study directory of N runs (9 variants x 5
+folds for 45; every run a hard link to the written file) is reported with `stacktrain report` in a
+fresh process, whose wall time and peak RSS are printed. Goals (issue 11): <= 0.2 s per epoch at 100
+epochs of 12,000 samples, and a 45-run report <= 2 GB RSS.
 """
 
 from __future__ import annotations
@@ -84,15 +88,52 @@ def run(epochs: int, stacks: int, patches: int, out: Path) -> dict:
     return result
 
 
+REPORT = """
+import json, sys, time
+from rich.console import Console
+from stacktrain.train.study.report import report
+t = time.perf_counter()
+report(sys.argv[1], plots=False, console=Console(quiet=True))
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"report_s": time.perf_counter() - t, "report_peak_rss_mib": hwm / 1024}))
+"""
+
+
+def report_study(results: Path, runs: int, out: Path) -> dict:
+    """A grid study directory of `runs` runs (variants x 5 folds), each run's results a hard link."""
+    import os
+    variants = [f"v{i}" for i in range((runs + 4) // 5)]
+    config = json.loads(results.open().readline()[:-len(',"epochs":[\n')] + "}")["config"]
+    config["train"]["select_level"] = "stack"
+    (out / "study").mkdir()
+    manifest = {"format_version": 1, "name": "bench", "kind": "grid", "baseline": variants[0], "variants": variants,
+                "models": ["m"], "folds": list(range(5)), "split_sha256": "bench", "chain": []}
+    (out / "study/study.json").write_text(json.dumps(manifest))
+    for n in range(runs):
+        run = out / f"study/runs/{variants[n // 5]}--m--fold{n % 5}"
+        run.mkdir(parents=True)
+        os.link(results, run / RESULTS_NAME)
+        (run / "study_run.json").write_text(json.dumps({"label": variants[n // 5], "variant": variants[n // 5],
+                                                        "model": "m", "fold": n % 5, "seed": None, "trial": None,
+                                                        "config": config}))
+    done = subprocess.run([sys.executable, "-c", REPORT, str(out / "study")], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--stacks", type=int, default=200)
     ap.add_argument("--patches", type=int, default=60)
     ap.add_argument("--out", type=Path, default=None, help="directory for the file (default: a temporary one)")
+    ap.add_argument("--report-runs", type=int, default=0, help="also report a study of this many runs (e.g. 45)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(a.epochs, a.stacks, a.patches, a.out or Path(tmp))
+        if a.report_runs:
+            result.update(report_study((a.out or Path(tmp)) / RESULTS_NAME, a.report_runs, a.out or Path(tmp)))
     print(json.dumps(result, indent=1))
 
 

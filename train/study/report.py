@@ -67,7 +67,7 @@ class Run:
 
     def predictions(self) -> FoldPredictions:
         store = self.record["config"]["data"]["store"]
-        return fold_predictions(self.best, self.fold, patients(store) if Path(store).exists() else None)
+        return fold_predictions(self.best, self.fold, patients(store) if store and Path(store).exists() else None)
 
     @property
     def steps_per_epoch(self) -> float | None:
