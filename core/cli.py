@@ -63,6 +63,11 @@ def _stores(sub) -> None:
     p.add_argument("--seed", type=int, default=KEEP, help="random seed (default 0); same seed, same bytes")
     p.add_argument("--dtype", choices=("uint8", "uint16"), default=KEEP,
                    help="voxel type of every stack (default uint8)")
+    p.add_argument("--prevalence", type=float, default=KEEP, help="share of MALADE stacks (default 0.5)")
+    p.add_argument("--patient-effect", dest="patient_effect", type=float, default=KEEP,
+                   help="staining, brightness and texture shared by a patient's stacks: 0 none (default), 1 strong")
+    p.add_argument("--difficulty", type=float, default=KEEP,
+                   help="0 (default) to 1: fainter, smaller lesions in fewer regions")
     p.set_defaults(func=commands.synth)
 
     p = sub.add_parser("convert", help="convert the raw stacks of a manifest into a GPU-decodable OME-Zarr store",
@@ -100,7 +105,7 @@ def _train(sub) -> None:
                                      "torchrun)",
                        description="Train as CONFIG.toml says. CONFIG may name a packaged preset (`demo`, "
                                    "`seed-gpu`, or `preset:NAME`). Writes RUN_DIR/config.toml, "
-                                   "training_results.json (rewritten after every epoch), last.pt, best.pt and "
+                                   "training_results.json (one epoch appended at a time), last.pt, best.pt and "
                                    "tensorboard/. Under `torchrun --nproc_per_node=N` each rank trains on its "
                                    "share of every batch.")
     p.add_argument("config", nargs="?", metavar="CONFIG",
@@ -146,6 +151,9 @@ def _study(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="study directory (created; rerun with it to resume)")
     p.add_argument("--workers", type=int, default=KEEP, help="trainings in parallel processes (default 1)")
     p.add_argument("--trials", type=int, default=KEEP, help="phase 3: total trials (default: hpo.trials)")
+    p.add_argument("--final", action="store_true", default=KEEP,
+                   help="then evaluate the selected configuration on the split's held-out test part, once "
+                        "(its fold models as an ensemble; DIR/final.json)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override for every run, after the study file's own (repeatable)")
     p.set_defaults(func=commands.study)
@@ -153,7 +161,7 @@ def _study(sub) -> None:
     p = sub.add_parser("report", help="compare a study's variants: tables with bootstrap CIs, paired differences, "
                                       "plots",
                        description="Report a study directory: per variant and level, F1/accuracy/ROC-AUC as "
-                                   "mean ± std over folds with 95%% bootstrap CIs over stacks, paired "
+                                   "mean ± std over folds x seeds with 95%% bootstrap CIs over patients, paired "
                                    "differences against the baseline, PNG plots, and which variant is best.")
     p.add_argument("study_dir", type=Path, metavar="STUDY_DIR", help="the --out directory of `stacktrain study`")
     p.add_argument("--level", choices=options(Level), default=KEEP,

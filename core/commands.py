@@ -68,7 +68,7 @@ def synth(args: Namespace) -> int:
     from stacktrain.stores.sources import open_source
     from stacktrain.stores.synth import synth as write_synth
 
-    kw = _given(args, "stacks", "shape_zyx", "seed", "dtype")
+    kw = _given(args, "stacks", "shape_zyx", "seed", "dtype", "prevalence", "patient_effect", "difficulty")
     if "shape_zyx" in kw:
         kw["shape_zyx"] = tuple(kw["shape_zyx"])
     labels = write_synth(args.out_dir, **kw)
@@ -160,7 +160,7 @@ def demo(args: Namespace) -> int:
 def study(args: Namespace) -> int:
     from stacktrain.train.study.runner import run_study
 
-    run_study(args.study, args.out, overrides=args.overrides, **_given(args, "workers", "trials"))
+    run_study(args.study, args.out, overrides=args.overrides, **_given(args, "workers", "trials", "final"))
     return 0
 
 

@@ -18,12 +18,23 @@ channel by channel (`_float_sum`), so the value does not change.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
-from PIL import Image
 
 from .layout import PERCENTILES, STATS_CELL_ZYX
 
 EXACT = 2**53  # float64 holds every integer below this exactly
+
+
+@functools.cache
+def _pillow():
+    """PIL.Image, or None where Pillow is missing (the bare GPU node): np.bincount then counts."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    return Image
 
 
 def _float_sum(flat: np.ndarray, squares: bool) -> float:
@@ -71,8 +82,9 @@ class SlabStats:
 
     def _histogram(self, block: np.ndarray) -> np.ndarray:
         """Histogram of one channel's (dz, Y, X) block (C-contiguous), exact counts."""
-        if self.dtype == np.uint8 and block.flags.c_contiguous:
+        if self.dtype == np.uint8 and block.flags.c_contiguous and _pillow() is not None:
             # Pillow counts an 8-bit image in C without widening it (np.bincount first copies it to int64)
+            Image = _pillow()
             dz, y, x = block.shape
             image = Image.frombuffer("L", (x, dz * y), block, "raw", "L", 0, 1)  # shares the memory
             return np.array(image.histogram(), np.int64)

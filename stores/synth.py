@@ -95,9 +95,11 @@ def make_blob(rng, kind, center, radii, gains, speckle) -> Blob:
 class SynthStack:
     """One synthetic stack: its label, group and format, and its voxels generated on demand per slab."""
 
-    def __init__(self, *, index: int, seed: int, shape_zyx, label: str, group: str, dtype: str = "uint8"):
+    def __init__(self, *, index: int, seed: int, shape_zyx, label: str, group: str, dtype: str = "uint8",
+                 patient: int = 0, patient_effect: float = 0.0, difficulty: float = 0.0):
         self.index, self.seed, self.shape_zyx = index, seed, tuple(shape_zyx)
         self.stack_id, self.label, self.group = f"stack{index:03d}", label, group
+        self.patient, self.patient_effect, self.difficulty = patient, patient_effect, difficulty
         self.format = FORMATS[index % len(FORMATS)]
         self.dtype = np.dtype(dtype)  # one dtype per dataset: the DALI graph decodes one dtype
 
@@ -111,6 +113,13 @@ class SynthStack:
         # Staining varies between stacks, mostly in overall brightness: independent per-channel shifts
         # would sometimes mimic the lesion colour (dark channel 1) over a whole stack.
         m.base = (BASE + rng.normal(0, 8) + rng.normal(0, 3, 3)).astype(np.float32)
+        # The patient effect: staining (per-channel shift), brightness and texture shared by a patient's
+        # stacks, drawn from the patient's own generator (so stacks of one patient are correlated).
+        prng = np.random.default_rng([self.seed, 7, self.patient])
+        e = self.patient_effect
+        m.base += (e * (prng.normal(0, 10) + prng.normal(0, 8, 3))).astype(np.float32)
+        m.texture = float(max(0.3, 1.0 + e * prng.normal(0, 0.3)))
+        m.noise = float(8.0 * max(0.5, 1.0 + e * prng.normal(0, 0.3)))
         # Threshold at the 25th percentile: about a quarter of each stack is empty background.
         sample = [m.tissue.slab(k, k + 1)[:, ::4, ::4].ravel() for k in range(0, shape[0], 4)]
         m.threshold = float(np.quantile(np.concatenate(sample), 0.25))
@@ -147,10 +156,12 @@ class SynthStack:
                         blobs.append(make_blob(rng, kind, center, radii, gains, speckle))
         if self.label == "MALADE" and tissue_regions:
             (rz, ryx), gains, speckle = LESION
-            n_hit = max(1, int(round(rng.uniform(0.3, 0.5) * len(tissue_regions))))
+            d = self.difficulty  # fainter, smaller lesions in fewer regions
+            gains = tuple(g * (1 - 0.6 * d) for g in gains)
+            n_hit = max(1, int(round(rng.uniform(0.3, 0.5) * (1 - 0.6 * d) * len(tissue_regions))))
             for k in rng.choice(len(tissue_regions), n_hit, replace=False):
                 for _ in range(int(rng.integers(1, 3))):
-                    radii = (rng.uniform(*rz), rng.uniform(*ryx), rng.uniform(*ryx))
+                    radii = tuple(rng.uniform(*r) * (1 - 0.3 * d) for r in (rz, ryx, ryx))
                     box = tissue_regions[k]
                     center = self._random_point(rng, box, [r + 1 for r in radii])
                     for _ in range(10):
@@ -188,9 +199,12 @@ class SynthStack:
         mix = np.array([[25.0, 10.0, 8.0], [28.0, 12.0, 6.0], [-18.0, 10.0, 8.0]], np.float32)
         img = np.empty((3, z1 - z0, *self.shape_zyx[1:]), np.float32)
         for ch in range(3):
-            img[ch] = m.base[ch] + mix[ch, 0] * a + mix[ch, 1] * b + mix[ch, 2] * tissue_field
+            if m.texture == 1.0:  # no patient effect: the same bytes as before it existed
+                img[ch] = m.base[ch] + mix[ch, 0] * a + mix[ch, 1] * b + mix[ch, 2] * tissue_field
+            else:
+                img[ch] = m.base[ch] + m.texture * (mix[ch, 0] * a + mix[ch, 1] * b) + mix[ch, 2] * tissue_field
         for k, z in enumerate(range(z0, z1)):  # per-slice noise: the same whatever the slab depth
-            img[:, k] += 8.0 * np.random.default_rng([self.seed, self.index, 2, z]).standard_normal(
+            img[:, k] += m.noise * np.random.default_rng([self.seed, self.index, 2, z]).standard_normal(
                 (3, *self.shape_zyx[1:]), dtype=np.float32)
         self._paint(z0, z1, img, lambda kind: True)
         out = (np.clip(np.rint(img), 1, 255) * tissue[None]).astype(np.uint8)
@@ -215,8 +229,16 @@ class SynthStack:
         return 3 * int(np.prod(self.shape_zyx)) * self.dtype.itemsize
 
 
-def plan(stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0, dtype: str = "uint8") -> list[SynthStack]:
-    """The stacks `synth` writes: patients of 1-3 stacks, labels per patient, about half MALADE."""
+def plan(stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0, dtype: str = "uint8", *,
+         prevalence: float = 0.5, patient_effect: float = 0.0, difficulty: float = 0.0) -> list[SynthStack]:
+    """The stacks `synth` writes: patients of 1-3 stacks, labels per patient, a share `prevalence` of
+    the stacks MALADE; `patient_effect` (0: none, 1: strong) scales the staining, brightness and texture
+    a patient's stacks share; `difficulty` (0..1) makes lesions fainter, smaller and rarer."""
+    for name, value, hi in (("prevalence", prevalence, 1.0), ("patient-effect", patient_effect, 3.0),
+                            ("difficulty", difficulty, 1.0)):
+        if not 0 <= value <= hi or (name == "prevalence" and not 0 < value < 1):
+            raise InputError(f"--{name} must be in {'(0, 1)' if name == 'prevalence' else f'[0, {hi:g}]'}, "
+                             f"got {value}")
     if dtype not in ("uint8", "uint16"):
         raise InputError(f"--dtype must be uint8 or uint16, got {dtype!r}")
     if stacks < 1:
@@ -230,24 +252,28 @@ def plan(stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0, dtype: st
     counts, patient_label = {"SAIN": 0, "MALADE": 0}, {}
     # Largest patients first, each to the class with fewer stacks so far: the classes end up balanced
     # (an imbalance would shift the mean patch probability of healthy-looking patches off 0.5).
+    share = {"SAIN": 1 - prevalence, "MALADE": prevalence}
     for p in sorted(range(len(sizes)), key=lambda k: (-sizes[k], rng.random())):
-        label = min(counts, key=lambda k: (counts[k], rng.random()))
+        label = min(counts, key=lambda k: (counts[k] / share[k], rng.random()))
         patient_label[int(p)] = label
         counts[label] += sizes[p]
     out, index = [], 0
     for p, size in enumerate(sizes):
         for _ in range(size):
             out.append(SynthStack(index=index, seed=seed, shape_zyx=tuple(int(v) for v in shape_zyx),
-                                  label=patient_label[p], group=f"patient{p:03d}", dtype=dtype))
+                                  label=patient_label[p], group=f"patient{p:03d}", dtype=dtype, patient=p,
+                                  patient_effect=patient_effect, difficulty=difficulty))
             index += 1
     return out
 
 
 def synth(out_dir: str | Path, *, stacks: int = 12, shape_zyx=DEFAULT_SHAPE_ZYX, seed: int = 0,
-          dtype: str = "uint8", progress: bool = True) -> Path:
+          dtype: str = "uint8", prevalence: float = 0.5, patient_effect: float = 0.0, difficulty: float = 0.0,
+          progress: bool = True) -> Path:
     """Write the stacks of `plan(...)` under `out_dir` and `out_dir/labels.csv`; return the csv path."""
     out_dir = Path(out_dir)
-    items = plan(stacks, shape_zyx, seed, dtype)
+    items = plan(stacks, shape_zyx, seed, dtype, prevalence=prevalence, patient_effect=patient_effect,
+                 difficulty=difficulty)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)

@@ -66,9 +66,12 @@ def fake_train(cfg, *, run_dir, resume=False, on_epoch=None):
     val = sorted(split_parts(load_split(cfg.data.split), cfg.data.fold)["val"])
     labels = np.array([store.meta(s).label_index for s in val])
     golden = (np.arange(len(val) * PATCHES) * 0.6180339887 + 0.05 * cfg.data.fold) % 1.0
-    best, best_epoch = -1.0, results["best_epoch"]
+    from stacktrain.train.early_stopping import EarlyStopping
+    from stacktrain.train.evaluator import selection_key
+    level_key = "volume_metrics" if cfg.train.select_level == "stack" else "patch_metrics"
+    stopper = EarlyStopping(patience=10**6, min_delta=cfg.train.min_delta)  # the loop's rule, replayed on resume
     for e in results["epochs"]:
-        best = max(best, e["volume_metrics" if cfg.train.select_level == "stack" else "patch_metrics"]["f1"]["MALADE"])
+        stopper.step(selection_key(e[level_key], e["volume_metrics"], e["val_loss"]), e["epoch"])
     for epoch in range(len(results["epochs"]), cfg.train.epochs):
         _log_and_maybe_kill(run_dir, None, epoch)
         q = quality(cfg) * (epoch + 1) / cfg.train.epochs
@@ -79,11 +82,12 @@ def fake_train(cfg, *, run_dir, resume=False, on_epoch=None):
                np.array([[0, 0, 16 * j] for j in range(PATCHES)] * len(val)),
                np.log(prob / (1 - prob)), y)
         evaluation = ev.finalize()
-        score = evaluation.score(cfg.train.select_level)
-        if score > best + cfg.train.min_delta:
-            best, best_epoch = score, epoch
+        stopper.step(evaluation.selection_key(cfg.train.select_level), epoch)
+        best_epoch = stopper.best_epoch
         entry = epoch_entry(epoch=epoch, train_loss=1 - q, lr=cfg.optim.lr, evaluation=evaluation,
-                            throughput={"train_patches_per_s": 100.0 + epoch, "data_wait_pct": 1.0}, wall_s=0.01)
+                            throughput={"train_patches_per_s": 100.0 + epoch, "data_wait_pct": 1.0,
+                                                "optimizer_steps": 10 if cfg.patch.stride is None else 40},
+                            wall_s=0.01)
         last = epoch + 1 == cfg.train.epochs
         record_epoch(results, entry, best_epoch=best_epoch, stop_reason="max_epochs" if last else None)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,9 +123,13 @@ def make_store(root: Path, n: int = 24, shape=(8, 16, 16), folds: int = 3) -> tu
     return store, root / "splits.json"
 
 
-def write_study(path: Path, store: Path, split: Path, body: str, *, sets=("train.epochs=3",), head="") -> Path:
-    path.write_text(f'[study]\nname = "{path.stem}"\nbase = "{ROOT}/train/presets/demo.toml"\n'
-                    f'split = "{split}"\nstore = "{store}"\nset = {json.dumps(list(sets))}\n{head}\n{body}')
+def write_study(path: Path, store: Path, split: Path | None, body: str, *, sets=("train.epochs=3",), head="",
+                base: Path | None = None) -> Path:
+    """A study file on the demo preset, or on a previous study directory `base` (then `split` may be None:
+    the base study's split is used)."""
+    split_line = "" if split is None else f'split = "{split}"\n'
+    path.write_text(f'[study]\nname = "{path.stem}"\nbase = "{base or f"{ROOT}/train/presets/demo.toml"}"\n'
+                    f'{split_line}store = "{store}"\nset = {json.dumps(list(sets))}\n{head}\n{body}')
     return path
 
 

@@ -14,7 +14,8 @@ from stacktrain import __version__
 from stacktrain.cli import build_parser, main
 
 COMMANDS = {
-    "synth": (["out_dir"], ["--dtype", "--seed", "--shape", "--stacks"]),
+    "synth": (["out_dir"], ["--difficulty", "--dtype", "--patient-effect", "--prevalence", "--seed", "--shape",
+                            "--stacks"]),
     "convert": (["manifest"], ["--axes", "--chunk", "--codec", "--foreground-threshold", "--min-patch",
                                "--no-progress", "--out", "--overwrite", "--pad", "--replicate-channels", "--scale",
                                "--shard", "--workers"]),
@@ -23,7 +24,7 @@ COMMANDS = {
     "train": (["config"], ["--resume", "--run-dir", "--set"]),
     "predict": (["checkpoint", "store"], ["--batch-size", "--device", "--loader", "--out", "--stacks"]),
     "demo": ([], ["--epochs", "--out"]),
-    "study": (["study"], ["--out", "--set", "--trials", "--workers"]),
+    "study": (["study"], ["--final", "--out", "--set", "--trials", "--workers"]),
     "report": (["study_dir"], ["--level", "--no-plots", "--resamples", "--seed"]),
     "bench": ([], []),
     "bench loader": ([], ["--batch", "--cache", "--dtype", "--json", "--loaders", "--patch", "--prefetch", "--profile",

@@ -85,9 +85,12 @@ class LoopConfig:
     patience: int = 20
     """Stop after this many epochs without an improvement of the selection score."""
     min_delta: float = 1e-5
-    """An epoch improves when its score exceeds the best by more than this."""
-    select_level: Level = "patch"
-    """Level (patch or stack) of the validation F1 of MALADE that drives early stopping and best.pt."""
+    """An epoch improves when its F1 exceeds the best by more than this (F1 over n stacks moves in steps
+    of about 1/n, so 1e-5 means any change); an equal F1 improves on a higher stack ROC-AUC, then a lower
+    validation loss."""
+    select_level: Level = "stack"
+    """Level (stack or patch) of the validation F1 of MALADE that drives early stopping and best.pt; a
+    one-class prediction scores 0. Patch level rewards calling every patch MALADE (see the README)."""
     aggregate: Aggregate = "mean"
     """Per-stack probability from its patches: mean, max or topk (mean of the `topk` highest)."""
     topk: int = 3

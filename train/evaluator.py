@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 from scipy.special import expit
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 from stacktrain.errors import EvalError
 from stacktrain.stores.layout import CLASS_NAMES
@@ -28,25 +35,27 @@ THRESHOLD = 0.5
 AGGREGATES = ("mean", "max", "topk")
 
 
-
-
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
-    """accuracy; precision, recall, F1 per class (SAIN, MALADE); ROC-AUC; confusion matrix [0, 1].
+    """accuracy, balanced accuracy; precision, recall, F1 per class (SAIN, MALADE); the threshold-free
+    ROC-AUC and PR-AUC (average precision of MALADE); confusion matrix [0, 1].
 
     A class never predicted (or never present) scores 0 rather than raising (zero_division=0);
-    ROC-AUC is None when the labels hold a single class.
+    ROC-AUC and PR-AUC are None when the labels hold a single class.
     """
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
     pred = (p >= THRESHOLD).astype(np.int64)
     precision, recall, f1, _ = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
+    both = len(np.unique(y)) == 2
     per_class = lambda v: {name: float(v[i]) for i, name in enumerate(CLASS_NAMES)}  # noqa: E731
     return {
         "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if both else float(accuracy_score(y, pred)),
         "precision": per_class(precision),
         "recall": per_class(recall),
         "f1": per_class(f1),
-        "roc_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+        "roc_auc": float(roc_auc_score(y, p)) if both else None,
+        "pr_auc": float(average_precision_score(y, p)) if both else None,
         "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
     }
 
@@ -63,6 +72,28 @@ def aggregate_probabilities(probabilities: np.ndarray, how: str = "mean", topk: 
     raise ValueError(f"aggregate {how!r}; choose one of {', '.join(AGGREGATES)}")
 
 
+def degenerate(metrics: dict[str, Any]) -> bool:
+    """True when every item was predicted as one class (a column of the confusion matrix is empty)."""
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    return tn + fn == 0 or tp + fp == 0
+
+
+def selection_score(metrics: dict[str, Any]) -> float:
+    """Validation F1 of MALADE, except 0 when every item was predicted as one class.
+
+    A model that calls everything MALADE scores F1 = 2p / (1 + p) at prevalence p (0.667 at 50 %),
+    more than many honest models; it carries no information, so it scores 0 and never wins.
+    """
+    return 0.0 if degenerate(metrics) else float(metrics["f1"]["MALADE"])
+
+
+def selection_key(metrics: dict[str, Any], stack_metrics: dict[str, Any], val_loss: float) -> tuple[float, ...]:
+    """(selection score, stack ROC-AUC, -validation loss): compared in that order, so that the frequent
+    ties of F1 over a few stacks break deterministically on the threshold-free AUC, then on the loss."""
+    auc = stack_metrics.get("roc_auc")
+    return (selection_score(metrics), -1.0 if auc is None else float(auc), -float(val_loss))
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
     val_loss: float
@@ -75,9 +106,13 @@ class EvalResult:
     """{stack_id, aggregated_probability, predicted_label, label, n_patches}, in stack order."""
 
     def score(self, level: str) -> float:
-        """The selection score: validation F1 of MALADE at `level` ("patch" or "stack")."""
-        metrics = {"patch": self.patch_metrics, "stack": self.volume_metrics}[level]
-        return metrics["f1"]["MALADE"]
+        """The selection score at `level` ("patch" or "stack"): see `selection_score`."""
+        return selection_score(self.patch_metrics if level == "patch" else self.volume_metrics)
+
+    def selection_key(self, level: str) -> tuple[float, float, float]:
+        """What early stopping and studies rank epochs on: see `selection_key`."""
+        return selection_key(self.patch_metrics if level == "patch" else self.volume_metrics,
+                             self.volume_metrics, self.val_loss)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,6 +205,17 @@ class Evaluator:
             volume_metrics=binary_metrics(np.array([v["label"] for v in volumes]),
                                           np.array([v["aggregated_probability"] for v in volumes])),
             samples=samples, volumes=volumes)
+
+
+def check_coverage(index: Any, where: str = "validation") -> None:
+    """Refuse, before any training, a patch index (PatchIndex) that leaves a stack without a patch:
+    the foreground filter must never remove a validation stack from the evaluation."""
+    counts = np.bincount(np.asarray(index.stack), minlength=len(index.stack_ids))
+    empty = [sid for sid, n in zip(index.stack_ids, counts) if n == 0]
+    if empty:
+        raise EvalError(f"patch.foreground_min leaves {where} stack(s) {', '.join(map(repr, empty[:5]))} "
+                        f"({len(empty)} in all) without a patch; lower patch.foreground_min (0 keeps every "
+                        "patch), or leave those stacks out of the split")
 
 
 def _bce_with_logits(logit: np.ndarray, label: np.ndarray, pos_weight: float | None) -> float:

@@ -1,9 +1,10 @@
 """The training loop: `train(cfg, run_dir=...)` -> RUN_DIR/training_results.json.
 
 Per epoch: train on the train part (BCEWithLogits, Adam, mixed precision), evaluate every validation
-patch (predictions gathered across DDP ranks, aggregated per stack), early-stop on validation F1 of
-MALADE at `train.select_level`, then, on rank 0 only, rewrite the results file, best.pt (when
-improved) and last.pt, in that order: a kill -9 at any point leaves a results file that holds
+patch (predictions gathered across DDP ranks, aggregated per stack), early-stop on the selection key
+(evaluator.selection_key: F1 of MALADE at `train.select_level`, ties on stack ROC-AUC, then validation
+loss), then, on rank 0 only, append the epoch to the results file, write best.pt (when improved) and
+last.pt, in that order: a kill -9 at any point leaves a results file that holds
 every epoch of last.pt or one more, and `resume` redoes the epoch after last.pt.
 Optional pieces are plain objects: Runtime (device, DDP), Precision, Monitor (bar, log, TensorBoard).
 """
@@ -22,19 +23,12 @@ from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from stacktrain.train.data import make_loader, open_data, resolve_norm
 from stacktrain.train.early_stopping import EarlyStopping
-from stacktrain.train.evaluator import EvalResult, Evaluator
+from stacktrain.train.evaluator import EvalResult, Evaluator, check_coverage
 from stacktrain.train.models import build_model
 from stacktrain.train.monitor import Monitor
 from stacktrain.train.precision import Precision
-from stacktrain.train.results import (
-    RESULTS_NAME,
-    environment_info,
-    epoch_entry,
-    load_results,
-    new_results,
-    record_epoch,
-    write_results,
-)
+from stacktrain.train.results import RESULTS_NAME, environment_info, epoch_entry, load_results, new_results, now
+from stacktrain.train.results_io import ResultsWriter
 from stacktrain.train.runtime import Runtime, cpu_threads, deterministic_algorithms, seed_everything, setup_runtime
 from stacktrain.train.step import TrainStep, to_model_input
 
@@ -77,9 +71,11 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
                 return results_path  # it had finished: its results file already says why
         train_loader = stack.enter_context(make_loader(cfg, store, train_ids, train=True, rt=rt))
         val_loader = stack.enter_context(make_loader(cfg, store, val_ids, train=False, rt=rt))
+        check_coverage(val_loader.index)  # the foreground filter never drops a validation stack
         if rt.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run_dir / CONFIG_NAME)
+            writer = ResultsWriter(results_path, results)  # a resume rewrites it once, with the epochs kept
         monitor = Monitor(run_dir, enabled=rt.is_main, epochs=cfg.train.epochs,
                           log_interval=cfg.train.log_interval, device=rt.device)
         stack.callback(monitor.close)
@@ -94,15 +90,14 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
             train_loss, throughput = train_epoch(train_net, train_loader, epoch, optimizer=optimizer,
                                                  criterion=criterion, prec=prec, rt=rt, monitor=monitor)
             evaluation = evaluate(net, val_loader, cfg, prec=prec, rt=rt, monitor=monitor, epoch=epoch)
-            improved = stopper.step(evaluation.score(level), epoch)
+            improved = stopper.step(evaluation.selection_key(level), epoch)
             last = epoch + 1 == cfg.train.epochs
             stop_reason = "early_stopping" if stopper.should_stop else "max_epochs" if last else None
             entry = epoch_entry(epoch=epoch, train_loss=rt.mean(train_loss), lr=optimizer.param_groups[0]["lr"],
                                 evaluation=evaluation, throughput=throughput, wall_s=time.perf_counter() - t0)
             pruned = False
             if rt.is_main:
-                record_epoch(results, entry, best_epoch=stopper.best_epoch, stop_reason=stop_reason)
-                write_results(results_path, results)
+                writer.append(entry, best_epoch=stopper.best_epoch, stop_reason=stop_reason, updated_at=now())
                 state = dict(model=model, optimizer=optimizer, scaler=prec.scaler, epoch=epoch,
                              early_stopping=stopper, config=config, model_name=cfg.model.name,
                              model_tiny=cfg.model.tiny)
@@ -112,12 +107,13 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
                 monitor.epoch_line(entry, improved=improved, level=level)
                 if on_epoch is not None and on_epoch(epoch, entry) and stop_reason is None:
                     pruned = True
-                    results["stop_reason"] = "pruned"
-                    write_results(results_path, results)
+                    writer.append(None, best_epoch=stopper.best_epoch, stop_reason="pruned", updated_at=now())
             if rt.broadcast(pruned) or stop_reason is not None:
                 break
-        monitor.print(f"stopped: {results['stop_reason']}; best epoch {results['best_epoch']} (val F1 MALADE "
-                      f"at {level} level {stopper.best_score or 0.0:.4f}); results: {results_path}")
+        best = stopper.best_score[0] if isinstance(stopper.best_score, tuple) else stopper.best_score or 0.0
+        if rt.is_main:
+            monitor.print(f"stopped: {writer.stop_reason}; best epoch {writer.best_epoch} (val F1 MALADE at "
+                          f"{level} level {best:.4f}); results: {results_path}")
     return results_path
 
 
@@ -132,7 +128,7 @@ def train_epoch(net: nn.Module, loader, epoch: int, *, optimizer, criterion, pre
         loss_sum += step(batch)
         meter.step(loss_sum)
     train_loss = loss_sum.item() / max(meter.steps, 1)  # waits for the device: the timing below is true
-    return train_loss, meter.finish(rt.world_size)
+    return train_loss, {**meter.finish(rt.world_size), "optimizer_steps": meter.steps}  # the run's budget
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
-"""`RUN_DIR/training_results.json`: its schema, how an epoch entry is built, and its atomic rewrite.
+"""`RUN_DIR/training_results.json`: its schema, how an epoch entry is built, and how it is read.
 
-The file is rewritten whole after every epoch (temp file + fsync + rename), so a reader, or a run
-killed with -9, never sees it partial. Timing fields (`TIMING_KEYS`) are the only ones that differ
+The byte layout (one JSON document, appended one epoch line at a time, O(that epoch) per write) is
+results_io.py: `ResultsWriter` appends, `load_results` reads (optionally the best epoch's samples
+only). The schema is checked by `validate_results` (tests, tools), never while training. Timing
+fields (`TIMING_KEYS`) are the only ones that differ
 between two runs of the same config on the CPU; `strip_timing` removes them for comparisons.
 `RESULTS_SCHEMA` is the JSON Schema of the file (generated from the pydantic models below).
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import importlib.metadata
-import json
 import os
 import platform
 from pathlib import Path
@@ -22,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from stacktrain.choices import StopReason, options
 from stacktrain.errors import ResultsError
-from stacktrain.io import atomic_write
+from stacktrain.io import atomic_write  # noqa: F401  (re-exported: tests write files with it)
+from stacktrain.train.results_io import ResultsWriter, read_results
 
 SCHEMA_VERSION = 1
 RESULTS_NAME = "training_results.json"
@@ -30,9 +32,6 @@ TIMING_KEYS = frozenset({"throughput", "wall_s", "started_at", "updated_at"})
 STOP_REASONS = options(StopReason)  # pruned: an Optuna study stopped it
 PACKAGES = ("torch", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "zarr", "numcodecs", "monai",
             "numpy", "scikit-learn")
-
-
-
 
 # -- the schema ------------------------------------------------------------------------------------
 class _Strict(BaseModel):
@@ -47,10 +46,12 @@ class PerClass(_Strict):
 class Metrics(_Strict):
     """Binary metrics at one level (patch or stack); predicted label = probability >= 0.5."""
     accuracy: float
+    balanced_accuracy: float | None = Field(None, description="mean recall of the two classes")
     precision: PerClass
     recall: PerClass
     f1: PerClass
     roc_auc: float | None = Field(description="None when the true labels hold one class only")
+    pr_auc: float | None = Field(None, description="average precision of MALADE; None with one class")
     confusion_matrix: list[list[int]] = Field(description="rows true [SAIN, MALADE], columns predicted")
 
 
@@ -86,7 +87,8 @@ class Epoch(BaseModel):
     throughput: Throughput
     patch_metrics: Metrics
     volume_metrics: Metrics
-    samples: list[Sample]
+    samples: list[Sample] = Field(description="in the file for every epoch (load_results(samples='best') "
+                                  "leaves it out of the other epochs)")
     volumes: list[Volume]
 
 
@@ -115,7 +117,8 @@ def validate_results(results: dict[str, Any], where: str = RESULTS_NAME) -> None
 
 
 # -- building ----------------------------------------------------------------------------------------
-def _now() -> str:
+def now() -> str:
+    """The time stamp of `started_at` / `updated_at`: UTC, ISO 8601, seconds."""
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
@@ -180,9 +183,9 @@ class RunResults(dict):
 
 
 def new_results(config: dict[str, Any], environment: dict[str, Any]) -> RunResults:
-    now = _now()
-    return RunResults(schema_version=SCHEMA_VERSION, config=config, environment=environment, started_at=now,
-                      updated_at=now, best_epoch=None, stop_reason=None, epochs=[])
+    stamp = now()
+    return RunResults(schema_version=SCHEMA_VERSION, config=config, environment=environment, started_at=stamp,
+                      updated_at=stamp, best_epoch=None, stop_reason=None, epochs=[])
 
 
 def epoch_entry(*, epoch: int, train_loss: float, lr: float, evaluation: Any, throughput: dict[str, Any],
@@ -201,28 +204,25 @@ def record_epoch(results: dict[str, Any], entry: dict[str, Any], *, best_epoch: 
     if stop_reason is not None and stop_reason not in STOP_REASONS:
         raise ValueError(f"stop_reason {stop_reason!r}; use one of {STOP_REASONS}")
     results["epochs"].append(entry)
-    results.update(best_epoch=best_epoch, stop_reason=stop_reason, updated_at=_now())
+    results.update(best_epoch=best_epoch, stop_reason=stop_reason, updated_at=now())
     return results
 
 
 # -- files -------------------------------------------------------------------------------------------
 def write_results(path: str | Path, results: dict[str, Any]) -> None:
-    """Validate and atomically (re)write the results file; no NaN/inf (they are not JSON)."""
-    validate_results(results, str(path))
-    text = json.dumps(results, indent=1, allow_nan=False).encode()
-    atomic_write(path, lambda f: f.write(text))
+    """Atomically (re)write the whole results file (no NaN/inf: they are not JSON); the training loop
+    appends with `ResultsWriter` instead."""
+    ResultsWriter(path, results)
 
 
-def load_results(path: str | Path, *, upto_epoch: int | None = None) -> RunResults:
-    """Read a results file; with `upto_epoch`, drop later epochs (resume from a checkpoint)."""
+def load_results(path: str | Path, *, upto_epoch: int | None = None, samples: str = "all",
+                 validate: bool = False) -> RunResults:
+    """Read a results file; with `upto_epoch`, drop later epochs (resume from a checkpoint); `samples`
+    "best" keeps only the best epoch's samples (reports over many runs), "none" none of them."""
     path = Path(path)
-    try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: no results file; is this a run directory?") from None
-    except json.JSONDecodeError as e:
-        raise ResultsError(f"{path}: not valid JSON ({e})") from None
-    validate_results(results, str(path))
+    results = read_results(path, samples=samples)
+    if validate:
+        validate_results(results, str(path))
     if upto_epoch is not None:
         results["epochs"] = [e for e in results["epochs"] if e["epoch"] <= upto_epoch]
         results["stop_reason"] = None

@@ -8,7 +8,11 @@ The split file (JSON):
 `sha256` is the hash of the canonical JSON of `folds` (sorted keys, no spaces): `split_hash`.
 A group (patient) never spans two parts: StratifiedGroupKFold assigns whole groups and balances
 labels as far as the groups allow. Fractions are met to the nearest 1/k of the groups: a part of
-fraction f is one fold of round(1/f) folds. The test part, if any, is the same in every fold.
+fraction f is one fold of round(1/f) folds. The test part, if any, is drawn first, in the same call
+as the folds (`--folds K --test-fraction F`), and the K folds split only the other patients: it is the
+same in every fold and disjoint from every fold's train and val parts (check_split refuses a file
+where it is not). Training reads only data.train_part and data.val_part; the test part is read once,
+by a study's final step (train/study/final.py).
 """
 
 from __future__ import annotations
@@ -122,9 +126,26 @@ def check_split(split: dict[str, Any], store: Store | str | Path, where: str = "
                              f"{', '.join(sorted(parts))} (stacks {', '.join(stacks)}); {len(leaks)} "
                              "group(s) leak in all. A patient must stay in one part: regenerate with "
                              "`stacktrain split`")
+    _check_test_part(folds, metas, where)
     if "sha256" in split and split["sha256"] != split_hash(folds):
         raise SplitError(f"{where}: the parts do not match the recorded sha256 (the file was edited); "
                          "regenerate it with `stacktrain split` or remove the sha256 entry")
+
+
+def _check_test_part(folds: list[dict[str, list[str]]], metas: dict[str, Any], where: str) -> None:
+    """The held-out test part is one set shared by every fold, and no fold trains or validates on its
+    stacks or its patients."""
+    tests = [sorted(f.get("test", [])) for f in folds]
+    if any(t != tests[0] for t in tests):
+        raise SplitError(f"{where}: the folds hold different test parts; the held-out test part is one set "
+                         "shared by every fold: regenerate it with `stacktrain split --folds K --test-fraction F`")
+    test_groups = {metas[s].group for s in tests[0]}
+    for i, fold in enumerate(folds):
+        for part in ("train", "val"):
+            hit = sorted(s for s in fold.get(part, []) if metas[s].group in test_groups)
+            if hit:
+                raise SplitError(f"{where}: fold {i}: {part} holds stack(s) {', '.join(hit[:5])} of a patient of "
+                                 "the held-out test part; regenerate the file with `stacktrain split`")
 
 
 def write_split(split: dict[str, Any], path: str | Path) -> None:

@@ -114,3 +114,34 @@ def test_bad_arguments():
         plan(0)
     with pytest.raises(InputError, match="--shape"):
         plan(3, (4, 32, 32))
+
+
+def test_prevalence_patient_effect_and_difficulty():
+    """Prevalence sets the share of MALADE stacks; a patient's stacks share their staining (so stacks of
+    one patient are closer than stacks of two); difficulty shrinks the lesions' share of the tissue."""
+    import numpy as np
+
+    from stacktrain.stores.synth import plan
+    items = plan(40, (16, 64, 64), seed=1, prevalence=0.25)
+    assert abs(sum(s.label == "MALADE" for s in items) / 40 - 0.25) <= 0.05
+    assert len({s.label for s in items if s.group == items[0].group}) == 1  # labels per patient
+
+    def bases(effect):
+        stacks = plan(30, (16, 64, 64), seed=2, patient_effect=effect)
+        by = {}
+        for s in stacks:
+            by.setdefault(s.group, []).append(s.model.base)
+        within = [np.abs(v[0] - v[1]).mean() for v in by.values() if len(v) > 1]
+        firsts = np.array([v[0] for v in by.values()])
+        between = np.abs(firsts[:, None] - firsts[None]).mean(axis=2)[np.triu_indices(len(firsts), 1)]
+        return np.mean(within), np.mean(between)
+    within, between = bases(2.0)
+    plain_within, plain_between = bases(0.0)
+    assert between > 1.8 * within and plain_between < 1.3 * plain_within  # the effect makes patients differ
+
+    def lesion_share(difficulty):
+        stacks = [s for s in plan(12, (16, 64, 64), seed=3, difficulty=difficulty) if s.label == "MALADE"]
+        return np.mean([s.lesion_mask().mean() for s in stacks])
+    assert lesion_share(1.0) < 0.5 * lesion_share(0.0)
+    with pytest.raises(InputError, match="--prevalence"):
+        plan(4, (16, 64, 64), prevalence=1.0)

@@ -120,3 +120,43 @@ def test_paired_differences_share_the_resamples():
 def test_percentile_ci_ignores_nan_and_reports_nan_when_empty():
     assert stats.percentile_ci(np.r_[np.arange(101.0), np.nan]) == pytest.approx((2.5, 97.5))
     assert all(np.isnan(stats.percentile_ci(np.array([np.nan, np.nan]))))
+
+
+def test_the_resampling_unit_is_the_patient_within_its_class():
+    """Stacks follow their patient: every stack of a patient is drawn as often as the patient, each
+    class redraws as many patients as it has, and nothing else is drawn."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 0, 1])
+    groups = np.array([0, 0, 0, 1, 2, 2, 3, 4, 5])  # p0: 3 SAIN stacks; p2: 2 MALADE stacks
+    counts = stats.resample_counts(labels, 500, np.random.default_rng(0), groups)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        assert (counts[:, members] == counts[:, members[:1]]).all()  # one patient, one count
+    per_patient = np.stack([counts[:, np.flatnonzero(groups == g)[0]] for g in range(6)], axis=1)
+    sain, malade = [0, 1, 4], [2, 3, 5]
+    assert (per_patient[:, sain].sum(1) == 3).all() and (per_patient[:, malade].sum(1) == 3).all()
+    assert counts[:, :3].std() > 0 and counts[:, 0].mean() == pytest.approx(1.0, abs=0.15)
+    # the same generator draws, as the stack bootstrap does, but over patients: the direct computation
+    rng = np.random.default_rng(0)
+    draws = {c: np.array(m)[rng.integers(0, 3, (500, 3))] for c, m in ((0, sain), (1, malade))}
+    want = np.zeros((500, 6))
+    for c in (0, 1):
+        np.add.at(want, (np.arange(500)[:, None], draws[c]), 1.0)
+    np.testing.assert_array_equal(per_patient, want)
+
+
+def test_correlated_stacks_of_a_patient_widen_the_interval():
+    """Four patients per class, five near-identical stacks each: the patient bootstrap's accuracy CI is
+    far wider than a stack bootstrap that treats the 20 stacks of a class as independent."""
+    labels = np.repeat([0, 1], 20)
+    groups = np.repeat(np.arange(8), 5)
+    correct = np.isin(groups, [0, 1, 2, 4, 5, 6])  # one patient per class always wrong, with all its stacks
+    prob = np.where(correct, 0.2 + 0.6 * labels, 0.8 - 0.6 * labels)
+    base = dict(fold=0, stack_ids=tuple(map(str, range(40))), stack_label=labels, stack_prob=prob,
+                patch_stack=np.arange(40), patch_label=labels, patch_prob=prob)
+    by_patient = FoldPredictions(**base, stack_group=groups)
+    by_stack = FoldPredictions(**base)
+    assert by_patient.patients_per_class() == (4, 4) and by_stack.patients_per_class() == (20, 20)
+    def width(fold):
+        lo, hi = stats.percentile_ci(stats.bootstrap([fold], "stack", n_resamples=2000)["accuracy"])
+        return hi - lo
+    assert width(by_patient) > 1.8 * width(by_stack)

@@ -111,3 +111,19 @@ def test_bad_search_spaces_are_refused(tmp_path, fake_data, space, message):
     study = hpo_study(tmp_path, fake_data, f"[hpo]\ntrials = 2\n[hpo.space]\n{space}\n")
     with pytest.raises(StudyError, match=message):
         load_space(load_study(study))
+
+
+@pytest.mark.parametrize("level, key, refused", [("patch", "train.aggregate", True),
+                                                 ("stack", "train.aggregate", False),
+                                                 ("stack", "train.select_level", True)])
+def test_the_space_holds_only_dimensions_that_can_change_the_objective(tmp_path, fake_data, level, key, refused):
+    choices = '["patch", "stack"]' if key == "train.select_level" else '["mean", "topk"]'
+    body = HPO + f'"{key}" = {{ type = "categorical", choices = {choices} }}\n'
+    store, split = fake_data
+    study = load_study(write_study(tmp_path / "s.toml", store, split, body,
+                                   sets=("train.epochs=3", f"train.select_level={level}")))
+    if refused:
+        with pytest.raises(StudyError, match=f"hpo.space.{key}: .*only dimensions that can change the objective"):
+            load_space(study)
+    else:
+        assert key in load_space(study)

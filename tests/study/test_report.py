@@ -113,6 +113,16 @@ def test_cli_prints_the_table_and_refuses_a_non_study_directory(tmp_path, fake_d
     out = study_dir(tmp_path, fake_data, TWINS, name="cli")
     assert main(["report", str(out), "--resamples", "50", "--level", "stack", "--no-plots"]) == 0
     printed = capsys.readouterr().out
-    assert "stack level: mean ± std over folds" in printed and "Best: scale" in printed
+    assert "stack level: mean ± std over runs" in printed and "Best: scale" in printed
     with pytest.raises(StudyError, match="not a study directory"):
         report(tmp_path, console=Console(quiet=True))
+
+
+def test_unequal_optimizer_budgets_are_reported(tmp_path, fake_data):
+    body = TWINS.replace('[variants.scale-again]', '[variants.scale-again]\npatch = { stride = [16, 16, 16] }')
+    out = study_dir(tmp_path, fake_data, body, name="budget")
+    notes = report(out, n_resamples=50, plots=False, console=Console(quiet=True))["notes"]
+    assert any("optimizer budgets differ" in n and "scale 10" in n and "scale-again 40" in n for n in notes)
+    same = report(study_dir(tmp_path, fake_data, TWINS, name="same"), n_resamples=50, plots=False,
+                  console=Console(quiet=True))["notes"]
+    assert not any("budgets differ" in n for n in same)

@@ -137,24 +137,42 @@ def test_cli_parses_study_and_runs_it(tmp_path, fake_data, monkeypatch):
     assert len(res["epochs"]) == 2
 
 
-@pytest.mark.parametrize("name, runs", [("example-cpu", 6), ("phase1-preprocessing", 45),
-                                        ("phase2-architectures", 25), ("phase3-hpo", 0)])
+def fake_parent(path, name, model="resnet3d50"):
+    """A finished study directory as phase 2 / 3 read it: study.json and selection.json."""
+    from stacktrain.train.config import config_to_dict, load_config
+    from stacktrain.train.split import load_split
+    split = load_split("data/splits-5fold.json")
+    cfg = config_to_dict(load_config("seed-gpu", ["data.store=data/store.zarr", "data.split=data/splits-5fold.json",
+                                                  f"model.name={model}"]))
+    path.mkdir(parents=True)
+    (path / "study.json").write_text(json.dumps({"format_version": 1, "name": name, "split_sha256": split["sha256"],
+                                                 "chain": []}))
+    (path / "selection.json").write_text(json.dumps({"label": "x", "variant": "x", "model": model, "score": 0.9,
+                                                     "level": "stack", "config": cfg}))
+
+
+@pytest.mark.parametrize("name, runs", [("example-cpu", 12), ("phase1-preprocessing", 135),
+                                        ("phase2-architectures", 75), ("phase3-hpo", 0)])
 def test_committed_study_files_expand(tmp_path, fake_data, monkeypatch, name, runs):
-    """The README's study files parse, and every run's config is valid (paths as the files give them)."""
-    from stacktrain.train.split import load_split, write_split
+    """The README's study files parse, and every run's config is valid (paths as the files give them);
+    phases 2 and 3 start from the previous phase's study directory."""
+    from stacktrain.train.split import load_split, split_hash, write_split
     from stacktrain.train.study.hpo import base_params, load_space
     split = load_split(fake_data[1])  # 3 folds, as the example expects; 5 for the phase files
     for rel, folds in (("example-out/splits.json", split["folds"]),
                        ("data/splits-5fold.json", split["folds"] + split["folds"][:2])):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        write_split({"folds": folds}, tmp_path / rel)
+        write_split({"folds": folds, "sha256": split_hash(folds)}, tmp_path / rel)
     monkeypatch.chdir(tmp_path)
+    fake_parent(tmp_path / "studies/phase1", "phase1-preprocessing")
+    fake_parent(tmp_path / "studies/phase2", "phase2-architectures", model="resnet3d18")
     study = load_study(ROOT / f"train/study/presets/{name}.toml")
     if study.hpo is None:
         specs = study.runs(tmp_path / "out", tmp_path / "split.json")
         assert len(specs) == runs and study.baseline in {s.label for s in specs}
     else:
         space = load_space(study)
+        assert study.parent["name"] == "phase2-architectures" and list(study.models) == ["resnet3d18"]
         assert base_params(study, space) == {"optim.lr": 1e-3, "optim.weight_decay": 1e-4, "loader.batch_size": 64,
                                              "optim.pos_weight": 1.0, "train.aggregate": "mean"}
 

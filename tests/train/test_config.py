@@ -29,7 +29,7 @@ def test_defaults_are_the_seed_values():
     assert cfg.model.name == "resnet3d50" and cfg.patch.size == (32, 256, 256)
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.pos_weight) == (1e-3, 1e-4, None)
     assert (cfg.train.epochs, cfg.train.patience, cfg.train.min_delta) == (100, 20, 1e-5)
-    assert cfg.loader.batch_size == 64 and cfg.train.select_level == "patch" and cfg.train.aggregate == "mean"
+    assert cfg.loader.batch_size == 64 and cfg.train.select_level == "stack" and cfg.train.aggregate == "mean"
     assert load_config(None) == cfg
 
 

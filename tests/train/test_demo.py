@@ -1,6 +1,6 @@
 """The demo, reduced (fewer and smaller stacks, 2 epochs): every step runs and the table is printed.
 
-The full demo's claims (under 3 minutes on 2 cores, stack-level F1 of MALADE >= 0.8) are measured
+The full demo's figures (wall time, stack-level scores against the trivial classifiers) are measured
 by running `stacktrain demo` itself; see the README.
 """
 

@@ -66,3 +66,17 @@ def test_bad_arguments():
         EarlyStopping(mode="best")
     with pytest.raises(ValueError, match="patience"):
         EarlyStopping(patience=0)
+
+
+def test_ties_break_on_the_next_scores_in_order_and_reset_patience():
+    """Keys (F1, AUC, -loss): an equal F1 with a higher AUC, or equal F1 and AUC with a lower loss, is a
+    new best; a lower F1 never is, whatever its AUC."""
+    stopper = EarlyStopping(patience=2, min_delta=1e-5)
+    keys = [(0.5, 0.7, -0.6), (0.5, 0.8, -0.9), (0.5, 0.8, -0.5), (0.4, 1.0, -0.1), (0.5, 0.8, -0.5),
+            (0.5, 0.8, -0.7)]
+    flags, stopped = run(stopper, keys)
+    assert flags == [True, True, True, False, False] and stopped == 4 and stopper.best_epoch == 2
+    state = stopper.state_dict()
+    again = EarlyStopping(patience=2, min_delta=1e-5)
+    again.load_state_dict(state)
+    assert again.best_score == (0.5, 0.8, -0.5) and not again.is_improvement((0.5, 0.8, -0.5))

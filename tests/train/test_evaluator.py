@@ -117,3 +117,59 @@ def test_refusals():
         outside.finalize()
     with pytest.raises(ValueError, match="aggregate 'median'"):
         Evaluator(["A"], aggregate="median")
+
+
+def _stack_eval(stack_probs, labels, patch_probs=None):
+    """One patch per stack (or the given patch probabilities) -> an EvalResult."""
+    ids = [f"s{i}" for i in range(len(labels))]
+    ev = Evaluator(ids)
+    for i, (p, y) in enumerate(zip(stack_probs, labels)):
+        for j, q in enumerate(patch_probs[i] if patch_probs else [p]):
+            ev.add([i], [[0, 0, 16 * j]], [math.log(q / (1 - q))], [y])
+    return ev.finalize()
+
+
+def test_a_constant_malade_model_never_wins_selection_at_stack_level():
+    """Calling every stack MALADE scores F1 0.667 on balanced stacks, more than this honest model's 0.6;
+    the selection key still ranks the honest model first, and the degenerate model scores 0."""
+    from stacktrain.train.early_stopping import EarlyStopping
+    labels = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    honest = _stack_eval([0.2, 0.6, 0.6, 0.4, 0.1, 0.7, 0.8, 0.4, 0.3, 0.9], labels)
+    constant = _stack_eval([0.9] * 10, labels)
+    assert constant.volume_metrics["f1"]["MALADE"] == pytest.approx(2 / 3)
+    assert honest.volume_metrics["f1"]["MALADE"] == pytest.approx(0.6)
+    assert constant.score("stack") == 0.0 and honest.score("stack") == pytest.approx(0.6)
+    for order in ((constant, honest), (honest, constant)):
+        stopper = EarlyStopping(patience=5, min_delta=1e-5)
+        for epoch, ev in enumerate(order):
+            stopper.step(ev.selection_key("stack"), epoch)
+        assert order[stopper.best_epoch] is honest
+
+
+def test_threshold_free_stack_metrics_are_sklearns():
+    from sklearn.metrics import average_precision_score, balanced_accuracy_score
+    labels = [0, 0, 0, 1, 1, 1, 1]
+    probs = [0.2, 0.55, 0.4, 0.45, 0.8, 0.6, 0.51]
+    m = _stack_eval(probs, labels).volume_metrics
+    assert m["pr_auc"] == pytest.approx(average_precision_score(labels, probs))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, np.array(probs) >= 0.5))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(labels, probs))
+
+
+def test_the_foreground_filter_may_not_remove_a_validation_stack(tmp_path):
+    """A validation stack without a patch is refused before training, by name."""
+    from stacktrain.pipelines.config import PatchConfig
+    from stacktrain.pipelines.patches import build_index
+    from stacktrain.stores.reader import Store
+    from stacktrain.testing import tissue, write_array
+    from stacktrain.train.evaluator import check_coverage
+    store_path = tmp_path / "s.zarr"
+    write_array(store_path, "full", tissue((3, 16, 32, 32), seed=0) | 1, label="SAIN", group="p0",
+                chunk_zyx=(16, 32, 32), shard_zyx=(16, 32, 32))
+    write_array(store_path, "empty", np.zeros((3, 16, 32, 32), np.uint8), label="MALADE", group="p1",
+                chunk_zyx=(16, 32, 32), shard_zyx=(16, 32, 32))
+    store = Store(store_path)
+    index = build_index(store, ["full", "empty"], PatchConfig(size=(16, 32, 32), foreground_min=0.5))
+    with pytest.raises(EvalError, match=r"validation stack\(s\) 'empty' \(1 in all\) without a patch"):
+        check_coverage(index)
+    check_coverage(build_index(store, ["full", "empty"], PatchConfig(size=(16, 32, 32))))  # no filter: fine

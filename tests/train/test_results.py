@@ -23,6 +23,7 @@ from stacktrain.train.results import (
     validate_results,
     write_results,
 )
+from stacktrain.train.results_io import ResultsWriter, epoch_line
 
 
 def evaluation(seed):
@@ -72,9 +73,9 @@ def test_schema_refuses_malformed_results(tmp_path):
     del bad["epochs"][0]["patch_metrics"]["f1"]["MALADE"]
     with pytest.raises(ResultsError, match=r"2 problems.*epochs.0.patch_metrics.f1.MALADE: Field required"):
         validate_results(bad)
-    with pytest.raises(ResultsError):
-        write_results(tmp_path / "r.json", bad)
-    assert not (tmp_path / "r.json").exists()
+    write_results(tmp_path / "r.json", bad)  # no schema check while writing (the hot path) ...
+    with pytest.raises(ResultsError, match="2 problems"):
+        load_results(tmp_path / "r.json", validate=True)  # ... but on request when reading
     with pytest.raises(ResultsError, match="no results file"):
         load_results(tmp_path / "missing.json")
     epoch = RESULTS_SCHEMA["$defs"]["Epoch"]
@@ -82,6 +83,50 @@ def test_schema_refuses_malformed_results(tmp_path):
             "samples", "volumes"} <= set(epoch["required"])
     assert set(RESULTS_SCHEMA["$defs"]["Metrics"]["required"]) == {
         "accuracy", "precision", "recall", "f1", "roc_auc", "confusion_matrix"}
+    assert {"balanced_accuracy", "pr_auc"} <= set(RESULTS_SCHEMA["$defs"]["Metrics"]["properties"])
+
+
+def test_appending_an_epoch_writes_that_epoch_only_and_stays_valid_json(tmp_path):
+    """The file is one JSON document after every epoch; an append writes about one epoch's bytes."""
+    path = tmp_path / "training_results.json"
+    full = results_with_epochs(4)
+    writer = ResultsWriter(path, {**full, "epochs": [], "best_epoch": None, "stop_reason": None})
+    sizes = [path.stat().st_size]
+    for i, entry in enumerate(full["epochs"]):
+        writer.append(entry, best_epoch=i, stop_reason="max_epochs" if i == 3 else None,
+                      updated_at=full["updated_at"])
+        back = json.loads(path.read_text())  # plain json.load reads it after every epoch
+        assert [e["epoch"] for e in back["epochs"]] == list(range(i + 1)) and back["best_epoch"] == i
+        assert back["epochs"][-1] == json.loads(json.dumps(entry))
+        sizes.append(path.stat().st_size)
+    growth = np.diff(sizes)
+    line = [len(epoch_line(e)) for e in full["epochs"]]
+    assert all(abs(g - n) <= 20 for g, n in zip(growth, line))  # the new line, its comma, a changed tail
+    validate_results(load_results(path))
+
+
+def test_a_kill_during_an_append_loses_that_epoch_only(tmp_path):
+    path = tmp_path / "training_results.json"
+    write_results(path, results_with_epochs(3))
+    data = path.read_bytes()
+    cut = data.rindex(b"\n,{") + 40  # killed while writing epoch 2's line: no tail, a partial line
+    path.write_bytes(data[:cut])
+    back = load_results(path)
+    assert [e["epoch"] for e in back["epochs"]] == [0, 1]
+    assert back["stop_reason"] is None and back["best_epoch"] is None  # a study sees an unfinished run
+    assert load_results(path, upto_epoch=0)["epochs"][0] == json.loads(data.split(b"\n")[1])
+
+
+def test_reading_only_the_best_epochs_samples(tmp_path):
+    path = tmp_path / "training_results.json"
+    res = results_with_epochs(3)
+    res["best_epoch"] = 1
+    write_results(path, res)
+    light = load_results(path, samples="best")
+    assert [("samples" in e) for e in light["epochs"]] == [False, True, False]
+    assert light.best["samples"] == res["epochs"][1]["samples"]
+    assert light["epochs"][2]["volume_metrics"] == res["epochs"][2]["volume_metrics"]
+    assert all("samples" not in e for e in load_results(path, samples="none")["epochs"])
 
 
 def test_strip_timing_leaves_only_what_must_repeat():

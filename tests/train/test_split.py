@@ -119,3 +119,53 @@ def test_cli_writes_the_file_and_prints_counts(store, tmp_path, capsys):
     check_split(split, store)
     printed = capsys.readouterr().out
     assert "MALADE" in printed and "train" in printed and f"wrote {out}" in printed.replace("\n", "")
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    """30 stacks of 14 patients with 1-4 stacks each, 40 % MALADE patients."""
+    path = tmp_path_factory.mktemp("uneven") / "u.zarr"
+    sizes = [1, 4, 2, 3, 1, 1, 2, 4, 3, 1, 2, 2, 3, 1]
+    i = 0
+    for patient, n in enumerate(sizes):
+        for _ in range(n):
+            write_array(path, f"u{i:02d}", np.full((1, 8, 16, 16), i, np.uint8),
+                        label="MALADE" if patient % 5 in (1, 3) else "SAIN", group=f"p{patient:02d}")
+            i += 1
+    return Store(path)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_one_call_makes_a_test_part_disjoint_from_every_fold(uneven, seed):
+    """Test part and K folds in one call: the test patients never appear in any fold's train or val,
+    every other stack is validated exactly once, both classes are in the test part."""
+    split = make_splits(uneven, folds=3, test_fraction=0.25, seed=seed)
+    folds = split["folds"]
+    test = set(folds[0]["test"])
+    assert test and {uneven.meta(s).label for s in test} == {"SAIN", "MALADE"}
+    test_patients = groups_of(uneven, test)
+    for f in folds:
+        assert set(f["test"]) == test
+        assert not (set(f["train"]) | set(f["val"])) & test
+        assert not (groups_of(uneven, f["train"]) | groups_of(uneven, f["val"])) & test_patients
+        assert sorted(f["train"] + f["val"] + f["test"]) == sorted(uneven.stack_ids)
+    vals = sorted(s for f in folds for s in f["val"])
+    assert vals == sorted(set(uneven.stack_ids) - test)
+
+
+def test_check_split_refuses_a_test_part_that_leaks_into_a_fold(uneven):
+    split = make_splits(uneven, folds=3, test_fraction=0.25, seed=0)
+    folds = json.loads(json.dumps(split["folds"]))
+    folds[1]["test"].pop()  # fold 1 holds out one stack fewer
+    with pytest.raises(SplitError, match="different test parts"):
+        check_split({"folds": folds}, uneven)
+    folds = json.loads(json.dumps(split["folds"]))
+    patient = uneven.meta(folds[0]["test"][0]).group
+    mates = [s for s in uneven.stack_ids if uneven.meta(s).group == patient]
+    if len(mates) > 1:  # a patient split between the test part and a fold's train part
+        for f in folds:
+            f["test"] = [s for s in f["test"] if s != mates[-1]]
+        folds[2]["train"] = [*folds[2]["train"], mates[-1]]
+        folds[2]["val"] = [s for s in folds[2]["val"] if s != mates[-1]]
+        with pytest.raises(SplitError, match=r"p01.* is in parts test, train|held-out test part"):
+            check_split({"folds": folds}, uneven)

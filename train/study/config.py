@@ -3,11 +3,13 @@
 ```toml
 [study]
 name = "phase1-preprocessing"       # names the study (Optuna study name, report title)
-base = "../presets/seed-gpu.toml"   # base training config, relative to this file
+base = "../presets/seed-gpu.toml"   # base training config, relative to this file; or a previous
+                                    # phase's study directory ("studies/phase1"): its selected run's config
 split = "splits.json"               # K-fold split file (`stacktrain split --folds K`); every run uses it
 folds = "all"                       # or a list of fold numbers
 baseline = "scale"                  # the label that paired differences are taken against
 set = ["train.epochs=50"]           # section.key=value overrides for every run
+seeds = [0, 1, 2]                   # every run repeated per seed (train.seed and loader.seed)
 
 [variants.scale]                    # a named preprocessing variant: tables of patch/preprocess/loader
 preprocess = { normalize = "scale" }
@@ -18,7 +20,10 @@ store = "resampled.zarr"            # a variant that needs another store names i
 ```
 
 Relative store and split paths are taken from the current directory (as in the presets). A run is
-one (variant, model, fold); its label in the report is the axes that vary (variant, model, or both).
+one (variant, model, fold, seed); its label in the report is the axes that vary (variant, model, or
+both). A `base` that is a study directory (relative to the study file or the current directory)
+chains the phases: the base config is the recorded config of that study's selected run
+(DIR/selection.json, written when it finished), and its chain is recorded in this study's study.json.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class StudyTable:
     """The label paired differences are taken against; empty: the first run's label."""
     set: tuple[str, ...] = ()
     """section.key=value overrides of the base config, for every run."""
+    seeds: tuple[int, ...] = ()
+    """Repeat every run once per seed (train.seed and loader.seed); empty: the base config's seed, once."""
 
     def __post_init__(self):
         folds = self.folds  # "all" or fold numbers: a union that `build` cannot check by annotation
@@ -114,6 +121,7 @@ class RunSpec:
     run_dir: Path
     config: TrainConfig
     trial: int | None = None
+    seed: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,6 +140,10 @@ class Study:
     baseline: str
     hpo: HpoConfig | None
     """The `[hpo]` table, checked; None for a grid study."""
+    seeds: tuple[int, ...] = ()
+    """study.seeds: every run repeated per seed; empty: once, with the base config's seed."""
+    parent: dict[str, Any] | None = None
+    """When `base` names a previous phase's study directory: {dir, name, selected, split_sha256, chain}."""
 
     def label(self, variant: str, model: str) -> str:
         if len(self.variants) > 1 and len(self.models) > 1:
@@ -139,7 +151,7 @@ class Study:
         return model if len(self.models) > 1 else variant
 
     def raw_config(self, variant: str, model: str, fold: int, out: Path, run_name: str,
-                   split_copy: Path) -> dict[str, Any]:
+                   split_copy: Path, seed: int | None = None) -> dict[str, Any]:
         """The run's raw config: base, then the variant's tables, the model, fold, store and paths."""
         raw = copy.deepcopy(self.base_raw)
         spec = self.variants[variant]
@@ -151,19 +163,23 @@ class Study:
         store = spec.store or data.get("store")
         data.update(store=str(Path(store).resolve()) if store else "", split=str(split_copy.resolve()), fold=fold)
         raw.setdefault("train", {}).update(out_dir=str(out.resolve()), run_name=run_name)
+        if seed is not None:
+            raw["train"]["seed"] = seed
+            raw.setdefault("loader", {})["seed"] = seed
         return raw
 
     def runs(self, out: Path, split_copy: Path) -> list[RunSpec]:
-        """Every (variant, model, fold) run of a grid study, in a stable order (folds innermost)."""
+        """Every (variant, model, fold, seed) run of a grid study, in a stable order (seeds innermost)."""
         specs = []
         for variant in self.variants:
             for model in self.models:
                 for fold in self.folds:
-                    name = f"runs/{variant}--{model}--fold{fold}"
-                    raw = self.raw_config(variant, model, fold, out, name, split_copy)
-                    cfg = build_config(raw, f"{self.path}: variant {variant!r}, model {model!r}")
-                    specs.append(RunSpec(label=self.label(variant, model), variant=variant, model=model,
-                                         fold=fold, run_dir=out / name, config=cfg))
+                    for seed in self.seeds or (None,):
+                        name = f"runs/{variant}--{model}--fold{fold}" + ("" if seed is None else f"--seed{seed}")
+                        raw = self.raw_config(variant, model, fold, out, name, split_copy, seed)
+                        cfg = build_config(raw, f"{self.path}: variant {variant!r}, model {model!r}")
+                        specs.append(RunSpec(label=self.label(variant, model), variant=variant, model=model,
+                                             fold=fold, run_dir=out / name, config=cfg, seed=seed))
         return specs
 
 
@@ -211,15 +227,23 @@ def _check_folds(key: str, folds: tuple[int, ...], n_folds: int, split_file: Pat
                          f"0..{n_folds - 1}, each listed once")
 
 
-def _base_raw(path: Path, head: StudyTable, overrides: list[str], where: str) -> dict[str, Any]:
-    """The base config's raw tables, with study.set, the command line's overrides and study.store."""
-    base_path = path.parent / head.base
-    if not base_path.exists():  # a packaged preset's name (demo, seed-gpu)
-        try:
-            base_path = resolve_file(head.base, "stacktrain.train", "base training config (study.base)")
-        except ConfigError as e:
-            raise StudyError(f"{where}: study.base: {e}") from None
-    base_raw = _read_toml(base_path, "base training config (study.base, relative to the study file)")
+def _base_raw(path: Path, head: StudyTable, overrides: list[str],
+              where: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The base config's raw tables, with study.set, the command line's overrides and study.store; and
+    the parent study when `base` is a previous phase's study directory."""
+    from stacktrain.train.study.selection import parent_base
+    parent = None
+    study_dirs = [d for d in (path.parent / head.base, Path(head.base)) if (d / "study.json").is_file()]
+    if study_dirs:
+        base_raw, parent = parent_base(study_dirs[0], where)
+    else:
+        base_path = path.parent / head.base
+        if not base_path.exists():  # a packaged preset's name (demo, seed-gpu)
+            try:
+                base_path = resolve_file(head.base, "stacktrain.train", "base training config (study.base)")
+            except ConfigError as e:
+                raise StudyError(f"{where}: study.base: {e}") from None
+        base_raw = _read_toml(base_path, "base training config (study.base, relative to the study file)")
     try:
         for override in [*head.set, *overrides]:
             apply_override(base_raw, override)
@@ -227,7 +251,7 @@ def _base_raw(path: Path, head: StudyTable, overrides: list[str], where: str) ->
         raise StudyError(f"{where}: {e}") from None
     if head.store:
         base_raw.setdefault("data", {})["store"] = head.store
-    return base_raw
+    return base_raw, parent
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
@@ -242,7 +266,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     if head is None:
         raise StudyError(f"{where}: no [study] table; it names the base config and the split file")
     name = _check_name("study", head.name or path.stem, where)
-    base_raw = _base_raw(path, head, overrides, where)
+    base_raw, parent = _base_raw(path, head, overrides, where)
     split_file = Path(head.split or base_raw.get("data", {}).get("split") or "")
     if not str(split_file) or str(split_file) == ".":
         raise StudyError(f"{where}: no split file: set study.split (make one with `stacktrain split STORE "
@@ -259,7 +283,8 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
             raise StudyError(f"{where}: an [hpo] study tunes one variant and one model (the ones phases 1 "
                              f"and 2 chose); it has variants {list(variants)} and models {list(models)}")
     study = Study(path=path, name=name, base_raw=base_raw, split_file=split_file, folds=folds,
-                  variants=variants, models=models, baseline="", hpo=spec.hpo)
+                  variants=variants, models=models, baseline="", hpo=spec.hpo, seeds=tuple(head.seeds),
+                  parent=parent)
     labels = [study.label(v, m) for v in variants for m in models]
     baseline = head.baseline or labels[0]
     if study.hpo is None and baseline not in labels:

@@ -15,9 +15,11 @@ pruner = { kind = "median", startup_trials = 5, warmup_epochs = 5 }   # or kind 
 ```
 
 Each trial trains its folds one after the other in `DIR/trials/trial-NNNN/foldK`. After every epoch it
-reports the validation F1 of MALADE (at train.select_level) at step `fold position * epochs + epoch`
+reports the selection score (validation F1 of MALADE at train.select_level, stack by default; 0 for a
+one-class prediction) at step `fold position * epochs + epoch`
 and stops the training when the pruner says so (stop_reason "pruned"). The objective is the mean over
-folds of the best epoch's F1. A trial whose process died (same host, pid gone; or, with heartbeat_s,
+folds of the best epoch's score. A searched key that cannot change it (train.aggregate at patch level)
+is refused. A trial whose process died (same host, pid gone; or, with heartbeat_s,
 any machine) is failed and re-enqueued with its parameters; the new trial resumes its run directories.
 The table's keys, defaults and rules are `HpoConfig` (hpo_config.py), checked when the file is read.
 """
@@ -38,6 +40,8 @@ from stacktrain.train.study.config import RunSpec, Study, StudyError, build_conf
 from stacktrain.train.study.hpo_config import SearchDimension
 
 TRIALS_DIR = "trials"
+NO_EFFECT_AT_PATCH_LEVEL = ("train.aggregate", "train.topk")  # per-stack aggregation only
+NOT_SEARCHABLE = ("train.select_level",)  # the objective's own definition
 DB_NAME = "optuna.db"
 
 
@@ -54,6 +58,14 @@ def load_space(study: Study) -> dict[str, SearchDimension]:
     """The `[hpo.space]` (its types and bounds were checked with the file), tried on the base config:
     every searched key must exist and every choice and bound must make a valid run config."""
     where = f"{study.path}: hpo.space"
+    level = build_config(copy.deepcopy(study.base_raw), str(study.path)).train.select_level
+    for key in study.hpo.space:
+        inert = key in NO_EFFECT_AT_PATCH_LEVEL and level == "patch"
+        if inert or key in NOT_SEARCHABLE:
+            why = ("changes the scale of the objective itself" if key in NOT_SEARCHABLE
+                   else "cannot change a patch-level objective")
+            raise StudyError(f"{where}.{key}: {why}; the space may hold only dimensions that can change the "
+                             f"objective (F1 of MALADE at train.select_level = {level!r})")
     for key, dim in study.hpo.space.items():
         for value in dim.samples():
             raw = copy.deepcopy(study.base_raw)
@@ -169,7 +181,10 @@ def finished_count(ostudy: Any) -> int:
 
 
 def _score(entry: dict[str, Any], level: str) -> float:
-    return entry["patch_metrics" if level == "patch" else "volume_metrics"]["f1"]["MALADE"]
+    """The objective per epoch: the selection score (stack F1 of MALADE by default; 0 for one-class
+    predictions: evaluator.selection_score), what early stopping and best.pt select on."""
+    from stacktrain.train.evaluator import selection_score
+    return selection_score(entry["patch_metrics" if level == "patch" else "volume_metrics"])
 
 
 class Objective:
@@ -198,7 +213,7 @@ class Objective:
             state = run_state(spec, run_record(spec, self.study, self.split))
             level, offset = cfg.train.select_level, position * cfg.train.epochs
             if state != "new":  # epochs trained before a kill (by the failed trial) count for the pruner too
-                for entry in load_results(spec.run_dir / RESULTS_NAME)["epochs"]:
+                for entry in load_results(spec.run_dir / RESULTS_NAME, samples="none")["epochs"]:
                     trial.report(_score(entry, level), offset + entry["epoch"])
             if state != "done":
                 def on_epoch(epoch: int, entry: dict[str, Any]) -> bool:
@@ -206,7 +221,7 @@ class Objective:
                     return trial.should_prune()
                 load_trainer(self.trainer)(cfg, run_dir=spec.run_dir, resume=state == "resume",
                                            on_epoch=on_epoch)
-            results = load_results(spec.run_dir / RESULTS_NAME)
+            results = load_results(spec.run_dir / RESULTS_NAME, samples="none")
             if results["stop_reason"] == "pruned":
                 raise optuna.TrialPruned(f"fold {fold}, epoch {results['epochs'][-1]['epoch']}")
             best = next(e for e in results["epochs"] if e["epoch"] == results["best_epoch"])

@@ -12,7 +12,6 @@ Writes into STUDY_DIR: report.md, report.csv, differences.csv and the PNG plots 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import statistics
@@ -21,16 +20,16 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
-from stacktrain.io import atomic_write
+from stacktrain.io import atomic_write, atomic_write_json
 from stacktrain.train.results import RESULTS_NAME, RunResults, load_results
 from stacktrain.train.study.config import StudyError
-from stacktrain.train.study.runner import read_manifest
+from stacktrain.train.study.manifest import read_manifest
+from stacktrain.train.study.render import markdown, rich_tables, write_csvs
 from stacktrain.train.study.runs import RUN_RECORD
+from stacktrain.train.study.selection import RUN_KEYS, SELECTION, ranking
 from stacktrain.train.study.stats import (
     LEVELS,
-    METRIC_NAMES,
     METRICS,
     FoldPredictions,
     bootstrap,
@@ -43,6 +42,17 @@ from stacktrain.train.study.stats import (
 CONFIDENCE = 0.95
 
 
+_PATIENTS: dict[str, dict[str, str]] = {}
+
+
+def patients(store: str) -> dict[str, str]:
+    """Stack id -> patient (group) of a store, read once per report."""
+    if store not in _PATIENTS:
+        from stacktrain.stores.reader import Store
+        _PATIENTS[store] = {m.stack_id: m.group for m in Store(store).stacks}
+    return _PATIENTS[store]
+
+
 @dataclasses.dataclass
 class Run:
     label: str
@@ -50,13 +60,20 @@ class Run:
     run_dir: Path
     record: dict[str, Any]
     results: RunResults
+    seed: int | None = None
 
     @property
     def best(self) -> dict[str, Any]:
         return self.results.best
 
     def predictions(self) -> FoldPredictions:
-        return fold_predictions(self.best, self.fold)
+        store = self.record["config"]["data"]["store"]
+        return fold_predictions(self.best, self.fold, patients(store) if store and Path(store).exists() else None)
+
+    @property
+    def steps_per_epoch(self) -> float | None:
+        steps = [e["throughput"].get("optimizer_steps") for e in self.results["epochs"]]
+        return float(np.median(steps)) if steps and None not in steps else None
 
     def metrics(self, level: str) -> dict[str, float]:
         return json_metrics(self.results.metrics(level))
@@ -79,6 +96,11 @@ class Row:
     samples: dict[str, np.ndarray]
     best_epochs: list[int]
     throughput: float
+    runs: list[tuple] = dataclasses.field(default_factory=list)
+    """(fold, seed) of every run, in the order of fold_values and best_epochs."""
+    patients: tuple[int, int] = (0, 0)
+    """Fewest validation patients of a class in one fold: (SAIN, MALADE)."""
+    steps_per_epoch: float | None = None
 
 
 @dataclasses.dataclass
@@ -93,27 +115,29 @@ class Diff:
 
 
 # -- collecting ------------------------------------------------------------------------------------
-def load_runs(study_dir: Path) -> tuple[dict[str, Any], dict[str, dict[int, Run]], list[str]]:
-    """The manifest, finished runs by label then fold (in study order), and notes on the rest."""
+def load_runs(study_dir: Path, samples: str = "best") -> tuple[dict[str, Any], dict[str, dict[tuple, Run]], list[str]]:
+    """The manifest, finished runs by label then (fold, seed) (in study order), and notes on the rest.
+    Only the best epoch's samples are read (`samples`), so a report over many runs stays small."""
     manifest = read_manifest(study_dir)
     records = [json.loads(p.read_text()) | {"_dir": p.parent} for p in
                [*study_dir.glob(f"runs/*/{RUN_RECORD}"), *study_dir.glob(f"trials/*/*/{RUN_RECORD}")]]
     order = {name: i for i, name in enumerate(manifest["variants"] + manifest["models"])}
     records.sort(key=lambda r: (r["trial"] if r["trial"] is not None else -1, order.get(r["variant"], 0),
-                                order.get(r["model"], 0), r["fold"]))
-    groups: dict[str, dict[int, Run]] = {}
+                                order.get(r["model"], 0), r["fold"], r.get("seed") or -1))
+    groups: dict[str, dict[tuple, Run]] = {}
     unfinished, pruned = [], 0
     for rec in records:
         path = rec["_dir"] / RESULTS_NAME
-        results = load_results(path) if path.exists() else None
+        results = load_results(path, samples=samples) if path.exists() else None
         if results is None or results["stop_reason"] is None or results["best_epoch"] is None:
             unfinished.append(rec["_dir"].relative_to(study_dir).as_posix())
             continue
         if results["stop_reason"] == "pruned":
             pruned += 1
             continue
-        groups.setdefault(rec["label"], {})[rec["fold"]] = Run(rec["label"], rec["fold"], rec["_dir"], rec,
-                                                               results)
+        key = (rec["fold"], rec.get("seed"))
+        groups.setdefault(rec["label"], {})[key] = Run(rec["label"], rec["fold"], rec["_dir"], rec, results,
+                                                       rec.get("seed"))
     notes = []
     if unfinished:
         notes.append(f"{len(unfinished)} run(s) unfinished and left out ({', '.join(unfinished[:4])}"
@@ -129,22 +153,32 @@ def load_runs(study_dir: Path) -> tuple[dict[str, Any], dict[str, dict[int, Run]
     return manifest, groups, notes
 
 
-def summarize(groups: dict[str, dict[int, Run]], *, n_resamples: int, seed: int) -> list[Row]:
+def summarize(groups: dict[str, dict[tuple, Run]], *, n_resamples: int, seed: int) -> list[Row]:
+    """Per label and level: mean ± std over its runs (folds x seeds), and the patient bootstrap CI."""
     rows = []
     for label, runs in groups.items():
-        folds = sorted(runs)
-        preds = [runs[f].predictions() for f in folds]
+        keys = sorted(runs, key=_key_order)
+        preds = [runs[k].predictions() for k in keys]
+        per_fold = {p.fold: p.patients_per_class() for p in preds}
+        fewest = (min(v[0] for v in per_fold.values()), min(v[1] for v in per_fold.values()))
+        steps = [runs[k].steps_per_epoch for k in keys]
         for level in LEVELS:
-            values = {m: [runs[f].metrics(level)[m] for f in folds] for m in METRICS}
+            values = {m: [runs[k].metrics(level)[m] for k in keys] for m in METRICS}
             samples = bootstrap(preds, level, n_resamples=n_resamples, seed=seed)
-            rows.append(Row(label=label, level=level, folds=folds, n_stacks=sum(len(p.stack_ids) for p in preds),
+            rows.append(Row(label=label, level=level, folds=sorted({k[0] for k in keys}),
+                            n_stacks=sum(len(p.stack_ids) for p in preds),
                             mean={m: _nanmean(v) for m, v in values.items()},
                             std={m: _nanstd(v) for m, v in values.items()},
                             ci={m: percentile_ci(samples[m], CONFIDENCE) for m in METRICS},
                             fold_values=values, samples=samples,
-                            best_epochs=[runs[f].results["best_epoch"] for f in folds],
-                            throughput=float(np.mean([runs[f].throughput for f in folds]))))
+                            best_epochs=[runs[k].results["best_epoch"] for k in keys],
+                            throughput=float(np.mean([runs[k].throughput for k in keys])), runs=keys,
+                            patients=fewest, steps_per_epoch=None if None in steps else float(np.mean(steps))))
     return rows
+
+
+def _key_order(key: tuple) -> tuple[int, int]:
+    return key[0], -1 if key[1] is None else key[1]
 
 
 def _nanmean(values: list[float]) -> float:
@@ -161,7 +195,7 @@ def _nanstd(values: list[float]) -> float:
 def difference(groups: dict[str, dict[int, Run]], label: str, other: str, level: str, *,
                n_resamples: int, seed: int) -> Diff | None:
     """label - other on the folds both finished; None when they share none."""
-    folds = sorted(set(groups[label]) & set(groups[other]))
+    folds = sorted(set(groups[label]) & set(groups[other]), key=_key_order)
     if not folds:
         return None
     a, b = [groups[label][f] for f in folds], [groups[other][f] for f in folds]
@@ -176,122 +210,39 @@ def difference(groups: dict[str, dict[int, Run]], label: str, other: str, level:
                 ci={m: percentile_ci(samples[m], CONFIDENCE) for m in METRICS})
 
 
-def verdict(rows: list[Row], groups: dict[str, dict[int, Run]], level: str, *, n_resamples: int, seed: int,
+def verdict(rows: list[Row], groups: dict[str, dict[tuple, Run]], level: str, *, n_resamples: int, seed: int,
             hpo: bool) -> str:
-    """One plain sentence: the best label on F1 MALADE at `level`, and whether it is separated."""
-    ranked = sorted((r for r in rows if r.level == level), key=lambda r: -np.nan_to_num(r.mean["f1_malade"], nan=-1))
-    best = ranked[0]
-    head = (f"Best: {best.label}, {level}-level F1 MALADE {best.mean['f1_malade']:.3f} "
-            f"(mean of {len(best.folds)} fold(s)).")
+    """One plain sentence: the selected label (selection.ranking: the training loop's rule, so a one-class
+    model never wins) and whether the paired patient bootstrap separates it from the runner-up."""
+    ranked = ranking(groups, level)
+    by_label = {r.label: r for r in rows if r.level == level}
+    best = by_label[ranked[0][0]]
+    n = len(best.runs)
+    head = (f"Best: {best.label}, {level}-level F1 MALADE {best.mean['f1_malade']:.3f} (selection score "
+            f"{ranked[0][1][0]:.3f}, mean of {n} run(s): {len(best.folds)} fold(s) x {n // max(1, len(best.folds))} "
+            "seed(s)).")
+    few = min(best.patients)
+    caveat = (f" Caution: the CIs rest on as few as {few} validation patient(s) per class in a fold (fewer than "
+              "about 10), so they are rough." if few < 10 else "")
+    caveat += (f" It was picked among {len(ranked)} trials, so its own score is optimistic; the held-out test "
+               "part (`--final`) is the unbiased check." if hpo else "")
     if len(ranked) == 1:
-        return head + " It is the only finished variant, so there is nothing to separate it from."
-    runner = ranked[1]
+        return head + " It is the only finished variant, so there is nothing to separate it from." + caveat
+    runner = by_label[ranked[1][0]]
     diff = difference(groups, best.label, runner.label, level, n_resamples=n_resamples, seed=seed)
-    caveat = (f" It was picked among {len(ranked)} trials, so its own score is optimistic; confirm it on "
-              "folds the search did not use." if hpo else "")
     if diff is None:
-        return head + f" The runner-up {runner.label} shares no fold with it, so they cannot be compared." + caveat
+        return head + f" The runner-up {runner.label} shares no run with it, so they cannot be compared." + caveat
     lo, hi = diff.ci["f1_malade"]
     gap = (f"its paired difference with the runner-up {runner.label} is {diff.mean['f1_malade']:+.3f} "
-           f"(95% CI [{lo:+.3f}, {hi:+.3f}] over stacks, {len(diff.folds)} fold(s))")
-    if lo == hi and lo != 0:  # every resample agrees: too few stacks per class to resample
+           f"(95% CI [{lo:+.3f}, {hi:+.3f}] over patients, {len(diff.folds)} run(s))")
+    if lo == hi and lo != 0:  # every resample agrees: too few patients per class to resample
         return (f"{head} The evidence cannot say whether it is separated from the runner-up: {gap}, but the "
-                "bootstrap has no spread because the folds hold too few validation stacks per class; use "
-                f"more stacks or folds.{caveat}")
+                "bootstrap has no spread because the folds hold too few validation patients per class; use "
+                f"more patients or folds.{caveat}")
     if lo > 0:
         return f"{head} The evidence separates it from the runner-up: {gap}, which excludes 0.{caveat}"
     return (f"{head} The evidence does not separate it from the runner-up: {gap}, which includes 0; "
-            f"more folds or stacks are needed to tell them apart.{caveat}")
-
-
-# -- rendering -------------------------------------------------------------------------------------
-def _num(x: float, signed: bool = False) -> str:
-    return "–" if x is None or np.isnan(x) else (f"{x:+.3f}" if signed else f"{x:.3f}")
-
-
-def cell(mean: float, std: float, ci: tuple[float, float], signed: bool = False, sep: str = " ") -> str:
-    """`0.812 ± 0.050 [0.700, 0.900]`: mean ± std over folds, then the bootstrap CI."""
-    spread = "" if np.isnan(std) else f" ± {std:.3f}"
-    return f"{_num(mean, signed)}{spread}{sep}[{_num(ci[0], signed)}, {_num(ci[1], signed)}]"
-
-
-def _epochs(values: list[int]) -> str:
-    return ", ".join(map(str, values)) if len(values) <= 5 else f"{np.mean(values):.1f} (mean)"
-
-
-def rich_tables(rows: list[Row], diffs: list[Diff], title: str) -> list[Table]:
-    """One table per level (mean ± std over folds, CI below), then the paired differences per level."""
-    tables = []
-    for level in LEVELS:
-        table = Table(title=f"{title}, {level} level: mean ± std over folds, [95% bootstrap CI over stacks]")
-        for col in ("variant", "folds", "stacks", *(METRIC_NAMES[m] for m in METRICS), "best epoch", "patches/s"):
-            table.add_column(col, justify="left" if col == "variant" else "right")
-        for r in (r for r in rows if r.level == level):
-            table.add_row(r.label, str(len(r.folds)), str(r.n_stacks),
-                          *(cell(r.mean[m], r.std[m], r.ci[m], sep="\n") for m in METRICS),
-                          _epochs(r.best_epochs), f"{r.throughput:.1f}")
-        tables.append(table)
-    for level in LEVELS:
-        level_diffs = [d for d in diffs if d.level == level]
-        if not level_diffs:
-            continue
-        table = Table(title=f"{level} level: paired differences against the baseline {level_diffs[0].other} "
-                            "(same folds, same resampled stacks)")
-        for col in ("variant", "folds", *(f"Δ {METRIC_NAMES[m]}" for m in METRICS)):
-            table.add_column(col, justify="left" if col == "variant" else "right")
-        for d in level_diffs:
-            table.add_row(d.label, str(len(d.folds)),
-                          *(cell(d.mean[m], d.std[m], d.ci[m], signed=True, sep="\n") for m in METRICS))
-        tables.append(table)
-    return tables
-
-
-CAVEAT = ("The bootstrap CIs show the uncertainty that comes from the finite number of validation stacks, "
-          "for the trained models as they are; the spread between trainings (folds, seeds) is in the ± std.")
-
-
-def markdown(rows: list[Row], diffs: list[Diff], sentence: str, notes: list[str], title: str,
-             plots: list[str], descriptions: dict[str, str]) -> str:
-    head = ["variant", "level", "folds", "stacks", *(METRIC_NAMES[m] for m in METRICS), "best epoch", "patches/s"]
-    lines = [f"# Study report: {title}", "", sentence, "",
-             "Mean ± std over folds (each fold's best epoch), then the 95% bootstrap CI over stacks.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([r.label, r.level, str(len(r.folds)), str(r.n_stacks),
-                                 *(cell(r.mean[m], r.std[m], r.ci[m]) for m in METRICS),
-                                 _epochs(r.best_epochs), f"{r.throughput:.1f}"]) + " |" for r in rows]
-    if diffs:
-        head = ["variant", "level", "folds", *(f"Δ {METRIC_NAMES[m]}" for m in METRICS)]
-        lines += ["", f"## Paired differences against the baseline `{diffs[0].other}`", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join([d.label, d.level, str(len(d.folds)),
-                                     *(cell(d.mean[m], d.std[m], d.ci[m], signed=True) for m in METRICS)]) + " |"
-                  for d in diffs]
-    if descriptions:
-        lines += ["", "## Variants", "", *[f"- `{k}`: {v}" for k, v in descriptions.items()]]
-    lines += ["", *[f"- {n}" for n in [CAVEAT, *notes]], "",
-              *[f"![{Path(p).stem}]({Path(p).name})" for p in plots]]
-    return "\n".join(lines) + "\n"
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
-def write_csvs(out: Path, rows: list[Row], diffs: list[Diff]) -> None:
-    stats = ["mean", "std", "ci_low", "ci_high"]
-    metric_cols = [f"{m}_{s}" for m in METRICS for s in stats]
-    flat = lambda x: [v for m in METRICS for v in (x.mean[m], x.std[m], *x.ci[m])]  # noqa: E731
-    _write_csv(out / "report.csv", ["variant", "level", "folds", "n_stacks", *metric_cols, "best_epochs",
-                                    "train_patches_per_s"],
-               [[r.label, r.level, len(r.folds), r.n_stacks, *flat(r), " ".join(map(str, r.best_epochs)),
-                 r.throughput] for r in rows])
-    _write_csv(out / "differences.csv", ["variant", "baseline", "level", "folds", *metric_cols],
-               [[d.label, d.other, d.level, len(d.folds), *flat(d)] for d in diffs])
+            f"more folds or patients are needed to tell them apart.{caveat}")
 
 
 def report(study_dir: str | Path, *, level: str | None = None, n_resamples: int = 2000, seed: int = 0,
@@ -315,20 +266,52 @@ def report(study_dir: str | Path, *, level: str | None = None, n_resamples: int 
     else:
         notes.append(f"the baseline {baseline!r} has no finished run: no paired differences")
     sentence = verdict(rows, groups, level, n_resamples=n_resamples, seed=seed, hpo=hpo)
-    if min(r.n_stacks for r in rows) < 20:
-        notes.append("few validation stacks (< 20 per label): the bootstrap CIs are rough")
+    budgets = {r.label: r.steps_per_epoch for r in rows if r.level == level and r.steps_per_epoch}
+    if budgets and max(budgets.values()) > 1.1 * min(budgets.values()):
+        notes.append("optimizer budgets differ: steps per epoch " + ", ".join(
+            f"{k} {v:.0f}" for k, v in budgets.items()) + " at the same epochs and patience (overlap, foreground "
+            "filter or balancing change the patches per epoch); a gap may come from the budget, not the variant")
+    final_path = study_dir / "final.json"
+    final = json.loads(final_path.read_text()) if final_path.exists() else None
     files = []
     if plots:
         from stacktrain.train.study import plots as plotting
         files = plotting.study_plots(study_dir, rows, groups, manifest, notes)
-    text = markdown(rows, diffs, sentence, notes, manifest["name"], files, manifest.get("descriptions", {}))
+    text = markdown(rows, diffs, sentence, notes, manifest["name"], files, manifest.get("descriptions", {}),
+                    level=level, final=final, chain=manifest.get("chain", []))
     atomic_write(study_dir / "report.md", lambda f: f.write(text.encode()))
     write_csvs(study_dir, rows, diffs)
-    for table in rich_tables(rows, diffs, manifest["name"]):
+    for table in rich_tables(rows, diffs, manifest["name"], level=level, final=final):
         console.print(table)
     console.print(sentence, highlight=False)
     for note in notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     written = ["report.md", "report.csv", "differences.csv", *(Path(f).name for f in files)]
     console.print(f"wrote {', '.join(written)} in {study_dir}", highlight=False)
-    return {"rows": rows, "diffs": diffs, "verdict": sentence, "files": written, "notes": notes}
+    return {"rows": rows, "diffs": diffs, "verdict": sentence, "files": written, "notes": notes, "final": final}
+
+
+def write_selection(study_dir: Path) -> dict[str, Any]:
+    """Rank the finished study's labels and record the winner with its runs and config."""
+    manifest, groups, notes = load_runs(study_dir, samples="none")
+    first = next(iter(next(iter(groups.values())).values()))
+    level = first.record["config"]["train"]["select_level"]
+    ranked = ranking(groups, level)
+    label, key = ranked[0]
+    runs = groups[label]
+    keys = sorted(runs, key=_sort_key)
+    chosen = runs[keys[0]]
+    config = json.loads(json.dumps(chosen.record["config"]))
+    for section, name in RUN_KEYS:
+        config.get(section, {}).pop(name, None)
+    selection = {"label": label, "level": level, "score": key[0], "stack_roc_auc": key[1], "val_loss": -key[2],
+                 "variant": chosen.record["variant"], "model": chosen.record["model"],
+                 "runs": [runs[k].run_dir.relative_to(study_dir).as_posix() for k in keys],
+                 "ranking": [{"label": lb, "score": k[0], "stack_roc_auc": k[1]} for lb, k in ranked],
+                 "config": config, "split_sha256": manifest["split_sha256"], "notes": notes}
+    atomic_write_json(study_dir / SELECTION, selection)
+    return selection
+
+
+def _sort_key(key: tuple[int, int | None]) -> tuple[int, int]:
+    return key[0], -1 if key[1] is None else key[1]

@@ -2,11 +2,13 @@
 
 ```
 DIR/
-  study.json           what was asked: name, kind (grid or hpo), axes, baseline, split hash
+  study.json           what was asked: name, kind (grid or hpo), axes, baseline, split hash, chain of phases
   study.toml           a copy of the study file
   split.json           the split every run reads (copied once; a changed split file is refused)
-  runs/<variant>--<model>--fold<k>/      (grid)   training_results.json, checkpoints, study_run.json
+  runs/<variant>--<model>--fold<k>[--seed<s>]/  (grid)   training_results.json, checkpoints, study_run.json
   trials/trial-<n>/fold<k>/              (hpo)    the same per trial, plus optuna.db
+  selection.json       the selected label and its config (selection.py), when every run has finished
+  final.json           `--final`: the selected label's fold models on the held-out test part (final.py)
 ```
 
 Resume: a run whose results have a stop reason is skipped; one with a checkpoint resumes from it
@@ -16,7 +18,6 @@ refused (change --out, or delete that run). `study_run.json` records the resolve
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -31,9 +32,10 @@ from stacktrain.train.config import config_to_dict
 from stacktrain.train.split import check_split, load_split, split_hash
 from stacktrain.train.study import hpo
 from stacktrain.train.study.config import Study, StudyError, load_study
+from stacktrain.train.study.manifest import FORMAT_VERSION, MANIFEST, read_manifest  # noqa: F401 (re-export)
+from stacktrain.train.study.report import write_selection
 from stacktrain.train.study.runs import (
     DEFAULT_TRAINER,
-    FORMAT_VERSION,
     pool_settings,
     rate,
     run_progress,
@@ -42,8 +44,8 @@ from stacktrain.train.study.runs import (
     train_one,
     worker_setup,
 )
+from stacktrain.train.study.selection import chain_of, check_chain_split
 
-MANIFEST = "study.json"
 SPLIT_COPY = "split.json"
 
 
@@ -55,6 +57,7 @@ def prepare_split(study: Study, out: Path) -> tuple[Path, dict[str, Any]]:
     if split.get("sha256", digest) != digest:
         raise StudyError(f"{study.split_file}: its folds do not match its recorded sha256 (the file was "
                          "edited); regenerate it with `stacktrain split`")
+    check_chain_split(study.parent, digest, study.split_file)
     copy = out / SPLIT_COPY
     if copy.exists():
         kept = load_split(copy)
@@ -73,24 +76,11 @@ def write_manifest(study: Study, out: Path, split: dict[str, Any], kind: str, ex
                 "variants": list(study.variants), "models": list(study.models), "folds": list(study.folds),
                 "descriptions": {name: spec.description for name, spec in study.variants.items()
                                  if spec.description},
-                "split_file": str(study.split_file), "split_sha256": split["sha256"], **extra}
+                "split_file": str(study.split_file), "split_sha256": split["sha256"],
+                "seeds": list(study.seeds), "chain": chain_of(study.parent), **extra}
     atomic_write_json(out / MANIFEST, manifest)
     if study.path.resolve() != (out / "study.toml").resolve():
         shutil.copyfile(study.path, out / "study.toml")
-
-
-def read_manifest(out: str | Path) -> dict[str, Any]:
-    path = Path(out) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise StudyError(f"{path}: not a study directory (no {MANIFEST}); run `stacktrain study STUDY.toml "
-                         f"--out {out}` first") from None
-    except json.JSONDecodeError as e:
-        raise StudyError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StudyError(f"{path}: study format {manifest.get('format_version')}, expected {FORMAT_VERSION}")
-    return manifest
 
 
 def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *, workers: int,
@@ -137,9 +127,10 @@ def check_stores(study: Study, split: dict[str, Any], configs: list[Any]) -> Non
 
 
 def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, overrides: list[str] = (),
-              trials: int | None = None, trainer: str = DEFAULT_TRAINER,
+              trials: int | None = None, trainer: str = DEFAULT_TRAINER, final: bool = False,
               console: Console | None = None) -> Path:
-    """Run (or resume) every run of the study into `out`; returns `out`."""
+    """Run (or resume) every run of the study into `out`, record its selection; with `final`, then
+    evaluate the selected configuration on the held-out test part, once (final.py). Returns `out`."""
     console = console or Console()
     if workers < 1:
         raise StudyError(f"--workers {workers}: give 1 or more")
@@ -160,5 +151,10 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
         check_stores(study, split, [s.config for s in study.runs(out, split_copy)])
         write_manifest(study, out, split, "grid", {})
         run_grid(study, out, split_copy, split, workers=workers, trainer=trainer, console=console)
-    console.print(f"study {study.name} complete in {out}; next: stacktrain report {out}")
+    selection = write_selection(out)
+    console.print(f"study {study.name} complete in {out}: selected {selection['label']} ({selection['level']}-level "
+                  f"score {selection['score']:.3f}); next: stacktrain report {out}", highlight=False)
+    if final:
+        from stacktrain.train.study.final import run_final
+        run_final(out, console=console)
     return out

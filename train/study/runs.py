@@ -18,10 +18,10 @@ from rich.progress import Progress
 from stacktrain import ui
 from stacktrain.io import atomic_write_json
 from stacktrain.train.config import config_to_dict
-from stacktrain.train.results import RESULTS_NAME
+from stacktrain.train.results import RESULTS_NAME, load_results
 from stacktrain.train.study.config import RunSpec, Study, StudyError
+from stacktrain.train.study.manifest import FORMAT_VERSION
 
-FORMAT_VERSION = 1
 RUN_RECORD = "study_run.json"
 DEFAULT_TRAINER = "stacktrain.train.loop:train"
 # Paths that depend on where DIR lives, not on what is trained: a moved study still resumes.
@@ -52,7 +52,8 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def run_record(spec: RunSpec, study: Study, split: dict[str, Any]) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "study": study.name, "label": spec.label,
-            "variant": spec.variant, "model": spec.model, "fold": spec.fold, "trial": spec.trial,
+            "variant": spec.variant, "model": spec.model, "fold": spec.fold, "seed": spec.seed,
+            "trial": spec.trial,
             "split_file": str(study.split_file), "split_sha256": split["sha256"],
             "config": config_to_dict(spec.config), "host": socket.gethostname()}
 
@@ -70,7 +71,7 @@ def run_state(spec: RunSpec, record: dict[str, Any]) -> str:
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, record)
     results = spec.run_dir / RESULTS_NAME
-    if results.exists() and json.loads(results.read_text()).get("stop_reason"):
+    if results.exists() and load_results(results, samples="none").get("stop_reason"):
         return "done"
     from stacktrain.train.checkpoint import LAST  # (torch: imported when a study runs, not for `stacktrain --help`)
     if (spec.run_dir / LAST).exists():

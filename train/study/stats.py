@@ -1,15 +1,20 @@
-"""Bootstrap confidence intervals over stacks, and paired differences between variants, on CV folds.
+"""Bootstrap confidence intervals over patients, and paired differences between variants, on CV folds.
 
 The statistic is what the report's point estimate is: a metric (F1 of MALADE or SAIN, accuracy,
-ROC-AUC) computed on each fold's validation predictions at the best epoch, averaged over folds.
-One bootstrap resample redraws, in every fold, the validation stacks with replacement *within each
-class* (the split is stratified, so class counts stay as the fold has them and every resample keeps
-both classes); a stack drawn twice counts twice, with all its patches at the patch level (a cluster
-bootstrap: patches of one stack are not independent). The CI is the 2.5-97.5 % percentile interval.
+ROC-AUC) computed on each run's validation predictions at the best epoch, averaged over runs (folds,
+and seeds where a study repeats runs per seed). The independent unit is the patient (the split's
+group): one bootstrap resample redraws, in every fold, the validation *patients* with replacement
+within each class (a patient's class is MALADE when any of its stacks is; the split is stratified,
+so every resample keeps both classes), and every stack follows its patient: a patient drawn twice
+counts all its stacks twice, and at the patch level all their patches (a cluster bootstrap: stacks
+of one patient, and patches of one stack, are not independent). The CI is the 2.5-97.5 % percentile
+interval. Without groups, each stack is its own patient.
 
-Resamples are drawn from one seeded generator, fold by fold in the order given, class 0 then
-class 1, as `rng.integers(0, n_class, (n_resamples, n_class))`. Two variants validated on the same
-stacks therefore get the same resamples, so a paired difference is the difference of their samples.
+Resamples are drawn from one seeded generator, fold by fold in the order given (runs of the same
+fold, e.g. other seeds, reuse that fold's resamples), class 0 then class 1, as
+`rng.integers(0, n_patients_of_class, (n_resamples, n_patients_of_class))`. Two variants validated
+on the same stacks therefore get the same resampled patients, so a paired difference is the
+difference of their samples.
 Metrics on a resample are computed from weighted confusion counts and a weighted ROC-AUC, which
 equal scikit-learn's with `sample_weight` (tests/test_bootstrap.py checks it).
 """
@@ -42,16 +47,28 @@ class FoldPredictions:
     """Index into stack_ids of every patch."""
     patch_label: np.ndarray
     patch_prob: np.ndarray
+    stack_group: np.ndarray | None = None
+    """Patient (group) number of every stack; None: every stack is its own patient."""
+
+    def groups(self) -> np.ndarray:
+        return np.arange(len(self.stack_ids)) if self.stack_group is None else self.stack_group
+
+    def patients_per_class(self) -> tuple[int, int]:
+        cls = patient_classes(self.stack_label, self.groups())[1]
+        return int((cls == 0).sum()), int((cls == 1).sum())
 
 
-def fold_predictions(entry: dict[str, Any], fold: int) -> FoldPredictions:
-    """From one `epochs` entry of training_results.json (its `volumes` and `samples`)."""
+def fold_predictions(entry: dict[str, Any], fold: int, groups: dict[str, str] | None = None) -> FoldPredictions:
+    """From one `epochs` entry of training_results.json (its `volumes` and `samples`); `groups` maps a
+    stack id to its patient (the store's `group`)."""
     volumes = sorted(entry["volumes"], key=lambda v: v["stack_id"])
     ids = tuple(v["stack_id"] for v in volumes)
     where = {sid: i for i, sid in enumerate(ids)}
     samples = entry["samples"]
+    names = sorted({groups[s] for s in ids}) if groups else []
     return FoldPredictions(
         fold=fold, stack_ids=ids,
+        stack_group=np.array([names.index(groups[s]) for s in ids], np.int64) if groups else None,
         stack_label=np.array([v["label"] for v in volumes], np.int64),
         stack_prob=np.array([v["aggregated_probability"] for v in volumes], np.float64),
         patch_stack=np.array([where[s["stack_id"]] for s in samples], np.int64),
@@ -67,23 +84,41 @@ def json_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 # -- resampling ------------------------------------------------------------------------------------
-def resample_counts(labels: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_resamples, n) times each item is drawn, resampling with replacement within each class."""
+def patient_classes(labels: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(patient number of every stack, 0..P-1 in first-seen order; class of every patient)."""
+    _, first, patient = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))  # renumber patients in the order their first stack appears
+    patient = order[patient]
+    cls = np.zeros(len(first), np.int64)
+    np.maximum.at(cls, patient, np.asarray(labels, np.int64))
+    return patient, cls
+
+
+def resample_counts(labels: np.ndarray, n_resamples: int, rng: np.random.Generator,
+                    groups: np.ndarray | None = None) -> np.ndarray:
+    """(n_resamples, n stacks): times each stack is drawn, resampling patients with replacement within
+    each class; every stack of a drawn patient is drawn with it."""
     n = len(labels)
-    counts = np.zeros((n_resamples, n), np.float64)
+    patient, cls = patient_classes(labels, np.arange(n) if groups is None else groups)
+    by_patient = np.zeros((n_resamples, len(cls)), np.float64)
     rows = np.arange(n_resamples)[:, None]
-    for cls in (0, 1):
-        members = np.flatnonzero(labels == cls)
+    for c in (0, 1):
+        members = np.flatnonzero(cls == c)
         if len(members) == 0:
             continue
         draws = rng.integers(0, len(members), (n_resamples, len(members)))
-        np.add.at(counts, (rows, members[draws]), 1.0)
-    return counts
+        np.add.at(by_patient, (rows, members[draws]), 1.0)
+    return by_patient[:, patient]
 
 
 def fold_counts(folds: list[FoldPredictions], n_resamples: int, seed: int) -> list[np.ndarray]:
+    """One resample matrix per fold number; runs of the same fold (other seeds) share it."""
     rng = np.random.default_rng(seed)
-    return [resample_counts(f.stack_label, n_resamples, rng) for f in folds]
+    made: dict[int, np.ndarray] = {}
+    for f in folds:
+        if f.fold not in made:
+            made[f.fold] = resample_counts(f.stack_label, n_resamples, rng, f.stack_group)
+    return [made[f.fold] for f in folds]
 
 
 # -- weighted metrics ------------------------------------------------------------------------------
