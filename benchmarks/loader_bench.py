@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from stacktrain.choices import LoaderKind, options
+
 from . import ceilings, data
 from .measure import Tick, available_cores, cuda_sync, measure, measure_interleaved, no_tick
 
-LOADERS = ("dali", "dali-cpu", "torch")
+LOADERS = tuple(k for k in options(LoaderKind) if k != "auto")
 CEILING_OF = {"dali": "bytes", "source-bytes": "bytes", "dali-cpu": "decode", "torch": "decode",
               "naive-zarr": "decode"}
 CEILING_NAMES = {"ram": "(a) numpy crop from RAM", "bytes": "(b) compressed chunk bytes only",

@@ -50,7 +50,7 @@ def resolve_loader(name: str) -> str:
         return "dali" if has_cuda and has_dali else "dali-cpu" if has_dali else "torch"
     if name in ("dali", "dali-cpu") and not has_dali:
         raise PipelineError(f"loader.loader = {name!r} needs NVIDIA DALI, which does not import here; "
-                            "install the `dali` extra or use loader = \"torch\"")
+                            "install nvidia-dali-cuda130 (a dependency on Linux) or use loader = \"torch\"")
     if name == "dali" and not has_cuda:
         raise PipelineError("loader.loader = \"dali\" decodes on the GPU, but torch sees no CUDA device; "
                             "use loader = \"dali-cpu\" (same graph on the CPU), \"torch\" or \"auto\"")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stacktrain.choices import StoredDtype, options
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
 from . import writer
@@ -35,7 +36,7 @@ from .manifest import ManifestRow, read_manifest
 from .options import ConvertOptions
 from .sources import RawSource, StreamingSha256, open_source, read_ahead, source_sha256
 
-KEPT_DTYPES = ("uint8", "uint16")
+KEPT_DTYPES = options(StoredDtype)
 CHANNELS = 3
 LOCK_NAME = "convert.lock"
 

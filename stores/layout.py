@@ -20,7 +20,7 @@ import dataclasses
 import re
 from typing import Any
 
-from stacktrain.choices import Codec, options
+from stacktrain.choices import Codec, Label, options
 
 FORMAT_VERSION = 1
 AXES = ("c", "z", "y", "x")
@@ -41,7 +41,7 @@ PERCENTILES = (0.5, 1.0, 99.0, 99.5)
 CODECS = options(Codec)
 GPU_CODECS = ("lz4",)
 LABELS = {"SAIN": 0, "MALADE": 1}
-CLASS_NAMES = ("SAIN", "MALADE")
+CLASS_NAMES = options(Label)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 

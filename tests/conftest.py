@@ -11,17 +11,29 @@ from stacktrain.testing import tissue, write_array
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # two pytest workers share two cores
 
 
-@pytest.fixture
-def small_store(tmp_path):
-    """Four 3-channel stacks (2 SAIN, 2 MALADE) of uneven sizes, LZ4, tiny chunks; returns (path, arrays)."""
-    path = tmp_path / "small.zarr"
+SMALL_SHAPES = [(20, 40, 48), (16, 32, 32), (24, 50, 36), (17, 33, 40)]
+
+
+def _write_small_store(path):
+    """Four 3-channel stacks (2 SAIN, 2 MALADE, two patients) of uneven sizes, LZ4, tiny chunks."""
     arrays = {}
-    shapes = [(20, 40, 48), (16, 32, 32), (24, 50, 36), (17, 33, 40)]
-    for i, (z, y, x) in enumerate(shapes):
+    for i, (z, y, x) in enumerate(SMALL_SHAPES):
         sid = f"s{i}"
         arrays[sid] = tissue((3, z, y, x), seed=i)
         write_array(path, sid, arrays[sid], label="MALADE" if i % 2 else "SAIN", group=f"p{i // 2}")
     return path, arrays
+
+
+@pytest.fixture
+def small_store(tmp_path):
+    """The small store, fresh for a test that changes it; returns (path, arrays)."""
+    return _write_small_store(tmp_path / "small.zarr")
+
+
+@pytest.fixture(scope="session")
+def shared_small_store(tmp_path_factory):
+    """The same store written once per test process, for tests that only read it."""
+    return _write_small_store(tmp_path_factory.mktemp("shared") / "small.zarr")
 
 
 @pytest.fixture(scope="session")

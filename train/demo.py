@@ -17,6 +17,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from stacktrain import ui
 from stacktrain.train.results import RunResults, level_metrics
 
 PRESET = Path(__file__).parent / "presets" / "demo.toml"
@@ -102,7 +103,7 @@ def run_demo(out: str | Path = "demo-out", *, epochs: int | None = None, stacks:
     from stacktrain.train.loop import train
     from stacktrain.train.results import load_results
 
-    console = console or Console()
+    console = console or ui.console()
     out = Path(out)
     t0 = time.perf_counter()
     store, splits, run_dir = out / "store.zarr", out / "splits.json", out / "runs" / "demo"

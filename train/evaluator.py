@@ -28,11 +28,12 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from stacktrain.choices import Aggregate, options
 from stacktrain.errors import EvalError
 from stacktrain.stores.layout import CLASS_NAMES
 
 THRESHOLD = 0.5
-AGGREGATES = ("mean", "max", "topk")
+AGGREGATES = options(Aggregate)
 
 
 def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:

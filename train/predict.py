@@ -22,6 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from stacktrain import ui
 from stacktrain.io import atomic_write
 from stacktrain.stores.layout import CLASS_NAMES
 from stacktrain.stores.reader import Store
@@ -43,7 +44,7 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
     from stacktrain.train.precision import Precision
     from stacktrain.train.runtime import Runtime, pick_device
 
-    console = console or Console()
+    console = console or ui.console()
     ckpt = ckpts.load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"], where=f"{checkpoint} (its config)")
     st = Store(store)

@@ -17,20 +17,15 @@ from stacktrain.pipelines.loaders import build_loader, channel_mean_std, resolve
 from stacktrain.pipelines.normalize import normalize_images
 from stacktrain.stores import writer
 from stacktrain.stores.reader import Store
-from stacktrain.testing import tissue, write_array
 
 PATCH = PatchConfig(size=(8, 16, 16))
 AUG = PreprocessConfig(flip=(True, True, True), jitter=2)
 
 
-@pytest.fixture(scope="module")
-def store_arrays(tmp_path_factory):
-    """Four small stacks (2 SAIN, 2 MALADE) of uneven sizes, written once for this module."""
-    path = tmp_path_factory.mktemp("loaders") / "s.zarr"
-    arrays = {}
-    for i, (z, y, x) in enumerate([(20, 40, 48), (16, 32, 32), (24, 50, 36), (17, 33, 40)]):
-        arrays[f"s{i}"] = tissue((3, z, y, x), seed=i)
-        write_array(path, f"s{i}", arrays[f"s{i}"], label="MALADE" if i % 2 else "SAIN")
+@pytest.fixture
+def store_arrays(shared_small_store):
+    """conftest's small store (read only here) as (Store, arrays)."""
+    path, arrays = shared_small_store
     return Store(path), arrays
 
 

@@ -19,15 +19,10 @@ SIZE = (6, 12, 20)  # not chunk-aligned (chunks are 8x16x16): every crop has a n
 NO_AUG = dict(flip=(False, False, False), jitter=0)
 
 
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory):
-    """conftest's small_store (uneven shapes, 2 SAIN + 2 MALADE), written once for this module."""
-    path = tmp_path_factory.mktemp("equality") / "small.zarr"
-    arrays = {}
-    for i, (z, y, x) in enumerate([(20, 40, 48), (16, 32, 32), (24, 50, 36), (17, 33, 40)]):
-        arrays[f"s{i}"] = tissue((3, z, y, x), seed=i)
-        write_array(path, f"s{i}", arrays[f"s{i}"], label="MALADE" if i % 2 else "SAIN")
-    return path, arrays
+@pytest.fixture
+def small_store(shared_small_store):
+    """conftest's small store, written once per test process: these tests only read it."""
+    return shared_small_store
 
 
 def make(store, kind, *, train=False, edge="fit", normalize="scale", dtype="fp32", batch_size=16,

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from stacktrain import ui
 from stacktrain.errors import StudyError
 from stacktrain.io import atomic_write_json
 from stacktrain.stores.reader import Store
@@ -55,7 +56,7 @@ def test_part(split: dict[str, Any], where: str) -> list[str]:
 
 def run_final(study_dir: str | Path, *, evaluate: Callable[..., dict[str, float]] = evaluate_checkpoint,
               console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
+    console = console or ui.console()
     study_dir = Path(study_dir)
     path = study_dir / FINAL
     if path.exists():

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from stacktrain import ui
 from stacktrain.io import atomic_write, atomic_write_json
 from stacktrain.train.results import RESULTS_NAME, RunResults, load_results
 from stacktrain.train.study.config import StudyError
@@ -248,7 +249,7 @@ def verdict(rows: list[Row], groups: dict[str, dict[tuple, Run]], level: str, *,
 def report(study_dir: str | Path, *, level: str | None = None, n_resamples: int = 2000, seed: int = 0,
            plots: bool = True, console: Console | None = None) -> dict[str, Any]:
     """Build, print and write the report; returns {rows, diffs, verdict, files}."""
-    console = console or Console()
+    console = console or ui.console()
     study_dir = Path(study_dir)
     manifest, groups, notes = load_runs(study_dir)
     hpo = manifest["kind"] == "hpo"

@@ -27,6 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
+from stacktrain import ui
 from stacktrain.io import atomic_write_json
 from stacktrain.train.config import config_to_dict
 from stacktrain.train.split import check_split, load_split, split_hash
@@ -131,7 +132,7 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
               console: Console | None = None) -> Path:
     """Run (or resume) every run of the study into `out`, record its selection; with `final`, then
     evaluate the selected configuration on the held-out test part, once (final.py). Returns `out`."""
-    console = console or Console()
+    console = console or ui.console()
     if workers < 1:
         raise StudyError(f"--workers {workers}: give 1 or more")
     study = load_study(study_path, overrides)

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from stacktrain.choices import Level, options
 from stacktrain.train.evaluator import THRESHOLD
 
-LEVELS = ("patch", "stack")
+LEVELS = options(Level)
 METRICS = ("f1_malade", "f1_sain", "accuracy", "roc_auc")
 METRIC_NAMES = {"f1_malade": "F1 MALADE", "f1_sain": "F1 SAIN", "accuracy": "accuracy", "roc_auc": "ROC-AUC"}
 _BLOCK_CELLS = 4_000_000  # resamples x items per block: bounds memory at the patch level
