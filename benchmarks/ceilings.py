@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from stacktrain.pipelines.workers import start_method
+from stacktrain.stores.chunks import ABSENT, chunk_decoder, region_grid
+from stacktrain.stores.reader import Store
 
 KINDS = ("ram", "bytes", "decode", "source-bytes")
 TASKS_PER_CORE = 4  # enough tasks to balance the workers, few enough that messaging stays negligible
@@ -43,7 +45,6 @@ class PatchBytes:
 
 def patch_bytes(store, stack_ids, stack: int, box) -> PatchBytes:
     """Look up the byte ranges of every stored chunk covering `box` (absent chunks have none)."""
-    from stacktrain.stores.chunks import ABSENT, region_grid
     sid = stack_ids[stack]
     files = store._shards(sid)
     cz, cy, cx = files.chunk_shape[1:]
@@ -81,7 +82,6 @@ _STATE = types.SimpleNamespace()
 
 
 def _init_worker(kind: str, store_path: str, stack_ids: list[str], patches, source) -> None:
-    from stacktrain.stores.reader import Store
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     st = _STATE
     st.kind, st.patches, st.source, st.fds = kind, patches, source, {}
@@ -131,7 +131,6 @@ def _work(task) -> int:
         elif st.kind == "bytes":
             _read(p)
         else:
-            from stacktrain.stores.chunks import chunk_decoder
             view, decompress = _read(p), chunk_decoder(st.codec)
             for k, (pos, size) in enumerate(p.chunks):
                 decompress(view[pos:pos + size], st.decoded[k])

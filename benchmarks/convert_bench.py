@@ -27,6 +27,7 @@ from typing import Any
 
 from stacktrain.stores.options import DEFAULT_MIN_PATCH_ZYX
 
+from . import data
 from .convert_runs import FORMATS, THINGS, generated_inputs
 from .measure import Tick, available_cores, no_tick
 
@@ -72,7 +73,6 @@ def _summary(runs: list[dict], source_bytes: int, warmup: int) -> dict[str, Any]
 def bench_convert(*, cache: Path | None = None, stacks: int = DEFAULT_STACKS, shape_zyx=DEFAULT_SHAPE_ZYX,
                   formats=FORMATS, workers: int | None = None, segments: int = 3, warmup: int = 1, seed: int = 0,
                   tick: Tick = no_tick) -> dict[str, Any]:
-    from . import data
     cores = available_cores()
     workers = workers or cores
     cache = Path(cache or data.default_cache())

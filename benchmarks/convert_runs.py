@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from stacktrain.stores.convert import ConvertOptions, convert
+
+from . import data
+
 FORMATS = ("tiff", "npy")
 THINGS = {"ceiling": "ceiling", "peer": "peer", "convert 1": "convert", "convert N": "convert"}
 CHUNK = (1, 16, 64, 64)
@@ -31,7 +35,6 @@ TEXTURE_YX = 512
 
 
 def _volume(index: int, shape_zyx, seed: int) -> np.ndarray:
-    from . import data
     z, y, x = shape_zyx
     base = data.tissue_volume(index, (z, min(y, TEXTURE_YX), min(x, TEXTURE_YX)), seed)
     reps = (1, 1, -(-y // base.shape[2]), -(-x // base.shape[3]))
@@ -40,7 +43,6 @@ def _volume(index: int, shape_zyx, seed: int) -> np.ndarray:
 
 def generated_inputs(cache: Path, fmt: str, *, stacks: int, shape_zyx, seed: int) -> tuple[Path, list[Path], int]:
     """(manifest, source paths, source bytes on disk) of the generated inputs, written on first use."""
-    from . import data
     if fmt not in FORMATS:
         raise ValueError(f"unknown input format {fmt!r}; one of {FORMATS}")
     name = (f"convert-in-{fmt}-{data.generator_name()}{data.GENERATOR_VERSION}-{stacks}-"
@@ -139,7 +141,6 @@ def run_one(spec: dict) -> dict:
         Path(spec["out"]).mkdir(parents=True, exist_ok=True)
         _pool_map(_peer_one, [(p, str(Path(spec["out"]) / Path(p).stem)) for p in paths], processes)
     elif thing == "convert":
-        from stacktrain.stores.convert import ConvertOptions, convert
         convert(spec["manifest"], spec["out"], ConvertOptions(workers=processes,
                                                               min_patch_zyx=tuple(spec["min_patch_zyx"])))
     else:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stacktrain.stores import layout
+from stacktrain.stores.reader import Store
 from stacktrain.testing import tissue, write_store
 
 DEFAULT_STACKS = 4
@@ -58,7 +60,6 @@ def generated_store(cache: Path | None = None, *, stacks: int = DEFAULT_STACKS, 
     Written under a unique staging name and renamed into place, so concurrent runs (pytest -n 2)
     never see a partial store; the loser of a race keeps the winner's copy.
     """
-    from stacktrain.stores import layout
 
     cache = Path(cache or default_cache())
     chunk_zyx = tuple(chunk_zyx or layout.DEFAULT_CHUNK_ZYX)
@@ -86,7 +87,6 @@ def generated_store(cache: Path | None = None, *, stacks: int = DEFAULT_STACKS, 
 
 def store_description(path: Path) -> dict:
     """Stacks, shape, codec and on-disk size of a store, for the results."""
-    from stacktrain.stores.reader import Store
     store = Store(path)
     metas = store.stacks
     raw = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in metas)

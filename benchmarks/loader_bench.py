@@ -20,9 +20,17 @@ import numpy as np
 import torch
 
 from stacktrain.choices import LoaderKind, options
+from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
+from stacktrain.pipelines.contract import DTYPES
+from stacktrain.pipelines.loaders import build_loader, dali_available
+from stacktrain.pipelines.normalize import normalize_images, stack_norm_params
+from stacktrain.pipelines.patches import build_index
+from stacktrain.pipelines.source import PatchSource
+from stacktrain.stores.reader import Store
 
 from . import ceilings, data
 from .measure import Tick, available_cores, cuda_sync, measure, measure_interleaved, no_tick
+from .naive import ZarrPatchDataset, naive_loader
 
 LOADERS = tuple(k for k in options(LoaderKind) if k != "auto")
 CEILING_OF = {"dali": "bytes", "source-bytes": "bytes", "dali-cpu": "decode", "torch": "decode",
@@ -36,7 +44,6 @@ CEILING_REPEAT = 4  # epochs per timed segment, for everything measured: the sam
 
 def default_loaders() -> tuple[list[str], dict[str, str]]:
     """The loaders this machine can run, and why the others are left out."""
-    from stacktrain.pipelines.loaders import dali_available
     skipped = {}
     if not dali_available():
         skipped["dali"] = skipped["dali-cpu"] = "NVIDIA DALI does not import"
@@ -60,12 +67,6 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
                  batch: int = 8, workers: int | None = None, prefetch: int = 2, dtype: str | None = None,
                  segments: int = 5, warmup: int = 1, seed: int = 0, profile: bool = False, naive: bool = True,
                  tick: Tick = no_tick) -> dict[str, Any]:
-    from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
-    from stacktrain.pipelines.loaders import build_loader
-    from stacktrain.pipelines.normalize import stack_norm_params
-    from stacktrain.pipelines.patches import build_index
-    from stacktrain.pipelines.source import PatchSource
-    from stacktrain.stores.reader import Store
 
     generated = store is None
     path = data.generated_store(cache, stacks=stacks, shape_zyx=shape_zyx, seed=seed) if generated else Path(store)
@@ -178,8 +179,6 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
 
 def _bench_normalize(batch, device: torch.device, dtype: str, *, segments, warmup, tick) -> dict[str, Any]:
     """The trainer's input step alone: a real batch (already on `device`) -> normalised `dtype` images."""
-    from stacktrain.pipelines.contract import DTYPES
-    from stacktrain.pipelines.normalize import normalize_images
     raw, lo, mul = (t.to(device) for t in (batch.images, batch.lo, batch.mul))
 
     def segment() -> int:
@@ -192,7 +191,6 @@ def _bench_normalize(batch, device: torch.device, dtype: str, *, segments, warmu
 
 
 def _bench_naive(st, ids, epochs, patch, *, batch, workers, prefetch, segments, warmup, tick):
-    from .naive import ZarrPatchDataset, naive_loader
     items = [item for epoch in epochs for item in epoch]
     bounds = np.cumsum([0] + [len(e) for e in epochs])
     dataset = ZarrPatchDataset([str(st.array_path(s)) for s in ids], items, patch)

@@ -16,6 +16,13 @@ import time
 import types
 from typing import Any
 
+from stacktrain.pipelines.config import PatchConfig, PreprocessConfig
+from stacktrain.pipelines.contract import DTYPES
+from stacktrain.pipelines.normalize import normalize_images, stack_norm_params
+from stacktrain.pipelines.patches import build_index
+from stacktrain.pipelines.source import PatchSource, finished_patch
+from stacktrain.stores import chunks
+
 
 def _cpu_ms(fn, repeat: int) -> float:
     fn()  # warm
@@ -27,8 +34,6 @@ def _cpu_ms(fn, repeat: int) -> float:
 
 def worker_side(source, epoch: int, batches: int) -> dict[str, Any]:
     """Per-patch CPU cost of what DALI's parallel workers run, split by function, plus cProfile's top."""
-    from stacktrain.pipelines.source import finished_patch
-    from stacktrain.stores import chunks
     keys = []
     for i in range(batches):
         rows, slots = source.plan(epoch).batch(i)
@@ -99,8 +104,6 @@ def normalize_side(source, epoch: int, *, dtype: str, clip: bool, repeat: int = 
     import numpy as np
     import torch
 
-    from stacktrain.pipelines.contract import DTYPES
-    from stacktrain.pipelines.normalize import normalize_images
     batch = source(types.SimpleNamespace(epoch_idx=epoch - source.epoch_offset, iteration=0))
     fields = dict(zip(source.fields, batch))
     raw = torch.from_numpy(np.stack(fields["patch"]))
@@ -109,10 +112,6 @@ def normalize_side(source, epoch: int, *, dtype: str, clip: bool, repeat: int = 
 
 
 def profile_dali_cpu(store, stack_ids, *, patch, batch: int, dtype: str, seed: int) -> dict[str, Any]:
-    from stacktrain.pipelines.config import PatchConfig, PreprocessConfig
-    from stacktrain.pipelines.normalize import stack_norm_params
-    from stacktrain.pipelines.patches import build_index
-    from stacktrain.pipelines.source import PatchSource
     prep = PreprocessConfig()
     index = build_index(store, stack_ids, PatchConfig(size=tuple(patch)))
     norm, clip = stack_norm_params(store, stack_ids, prep, train=True)

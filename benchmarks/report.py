@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stacktrain import ui
-from stacktrain.io import atomic_write_text
+from stacktrain.io import atomic_write_json, atomic_write_text
 
 from .measure import Tick, machine, no_tick
 
@@ -172,7 +172,6 @@ def markdown(results: dict) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    from stacktrain.io import atomic_write_json
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, obj)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from stacktrain.io import atomic_write
+from stacktrain.stores import chunks
 
 from . import data
 from .measure import Tick, measure_interleaved, no_tick
@@ -99,7 +100,6 @@ def random_boxes(shape_zyx, patch, n: int, *, aligned: bool, seed: int) -> list[
 
 def read_patch(files, box, codec: str) -> np.ndarray:
     """The CPU read path of the loaders, on one ShardFiles: bytes, decode, reassemble, crop."""
-    from stacktrain.stores import chunks
     region = chunks.gather(files, box, codec=codec, dtype="uint8", raw_lz4=False)
     vox = chunks.reassemble(chunks.decode(region), region.grid)
     sl = tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(box, region.origin_zyx))
@@ -111,7 +111,6 @@ def bench_store(*, cache: Path | None = None, shape_zyx=data.DEFAULT_SHAPE_ZYX, 
                 seed: int = 0, tick: Tick = no_tick) -> dict[str, Any]:
     import numcodecs.blosc
 
-    from stacktrain.stores import chunks
 
     numcodecs.blosc.use_threads = False  # one core for every codec
     cache = Path(cache or data.default_cache())

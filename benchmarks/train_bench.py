@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 
+from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
+from stacktrain.pipelines.loaders import build_loader, resolve_loader
+from stacktrain.stores.reader import Store
 from stacktrain.train.precision import Precision
 from stacktrain.train.step import TrainStep
 
@@ -60,9 +63,6 @@ def bench_train(*, store: str | Path | None = None, cache: Path | None = None, s
                 channels_last: bool | None = None, segments: int = 5,
                 warmup: int = 1, steps_per_segment: int | None = None, seed: int = 0,
                 tick: Tick = no_tick) -> dict[str, Any]:
-    from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
-    from stacktrain.pipelines.loaders import build_loader, resolve_loader
-    from stacktrain.stores.reader import Store
 
     cuda = torch.cuda.is_available()
     d = defaults(cuda)

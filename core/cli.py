@@ -18,6 +18,7 @@ from stacktrain import __version__, commands
 from stacktrain.choices import Level, LoaderKind, OutDtype, options
 from stacktrain.errors import StackTrainError
 from stacktrain.stores.options import ConvertOptions
+from stacktrain.ui import print_error
 
 ZYX = ("Z", "Y", "X")
 DHW = ("D", "H", "W")
@@ -278,7 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stacktrain.ui import print_error
 
     args = build_parser().parse_args(argv)
     try:

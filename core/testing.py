@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from stacktrain.stores import writer
+from stacktrain.stores.reader import Store
+
 __all__ = ["tissue", "write_array", "write_store"]
 
 
@@ -35,7 +38,6 @@ def tissue(shape_czyx, seed: int = 0, dtype=np.uint8, empty_corner: bool = True)
 
 def _write(store_path, stack_id: str, arr: np.ndarray, *, label: str, group: str | None, codec: str,
            chunk_zyx, shard_zyx, slab: int | None, spacing):
-    from stacktrain.stores import writer
     depth = slab or shard_zyx[0]
     slabs = ((z0, arr[:, z0:z0 + depth]) for z0 in range(0, arr.shape[1], depth))
     return writer.write_stack(
@@ -49,8 +51,6 @@ def write_array(store_path, stack_id: str, arr: np.ndarray, *, label: str = "SAI
                 spacing=None):
     """Write `arr` (C, Z, Y, X) as one stack of the store (created if needed) and register it beside the
     stacks already there; returns its StackMeta."""
-    from stacktrain.stores import writer
-    from stacktrain.stores.reader import Store
     writer.init_store(store_path)
     meta = _write(store_path, stack_id, arr, label=label, group=group, codec=codec, chunk_zyx=chunk_zyx,
                   shard_zyx=shard_zyx, slab=slab, spacing=spacing)
@@ -65,7 +65,6 @@ def write_array(store_path, stack_id: str, arr: np.ndarray, *, label: str = "SAI
 def write_store(path: str | Path, stacks: Mapping[str, tuple[np.ndarray, str, str]], *, codec: str = "lz4",
                 chunk_zyx=(16, 64, 64), shard_zyx=(32, 256, 256)) -> Path:
     """A whole store from {stack_id: (array, label, group)}, registered once at the end."""
-    from stacktrain.stores import writer
     path = Path(path)
     writer.init_store(path)
     metas = [_write(path, sid, arr, label=label, group=group, codec=codec, chunk_zyx=chunk_zyx,

@@ -28,6 +28,7 @@ from .inflate import inflate_plan
 from .normalize import channel_mean_std, stack_norm_params
 from .patches import build_index
 from .source import PatchSource
+from .torch_loader import TorchLoader
 
 __all__ = ["PatchLoader", "build_loader", "channel_mean_std", "resolve_loader"]
 
@@ -117,7 +118,6 @@ def build_loader(store: Store, stack_ids: list[str], *, train: bool, patch: Patc
                      raw_dtype=RAW_DTYPES[store_dtype], clip=clip, channels_last=cfg.channels_last)
     common = dict(stack_ids=stack_ids, index=index, spec=spec, source=source, cfg=cfg)
     if kind == "torch":
-        from .torch_loader import TorchLoader
         return TorchLoader(device=device, **common)
     from .dali_loader import DaliLoader
     return DaliLoader(gpu=kind == "dali", device=device, store_dtype=store_dtype, **common)

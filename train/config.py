@@ -27,7 +27,7 @@ import tomli_w
 from stacktrain.choices import Aggregate, Device, Level, Precision
 from stacktrain.config import build, check_choices, is_text, parse_value, require, resolve_file, to_dict
 from stacktrain.errors import ConfigError
-from stacktrain.io import read_toml
+from stacktrain.io import atomic_write, read_toml
 from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
 
 
@@ -204,7 +204,6 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as TOML, atomically; `load_config(path)` gives `cfg` back."""
-    from stacktrain.io import atomic_write
     text = tomli_w.dumps(_drop_none(config_to_dict(cfg))).encode()
     atomic_write(path, lambda f: f.write(text))
 

@@ -18,7 +18,13 @@ from rich.console import Console
 from rich.table import Table
 
 from stacktrain import ui
-from stacktrain.train.results import RunResults, level_metrics
+from stacktrain.stores.convert import convert
+from stacktrain.stores.options import ConvertOptions
+from stacktrain.stores.synth import synth
+from stacktrain.train.config import load_config
+from stacktrain.train.loop import train
+from stacktrain.train.results import RunResults, level_metrics, load_results
+from stacktrain.train.split import make_splits, write_split
 
 PRESET = Path(__file__).parent / "presets" / "demo.toml"
 DEMO_STACKS = 20
@@ -69,11 +75,6 @@ def prepare_data(out: str | Path, *, stacks: int = DEMO_STACKS, shape_zyx=DEMO_S
                  console: Console | None = None) -> tuple[Path, Path]:
     """synth -> convert -> split under `out` (raw/, store.zarr, splits.json); returns (store, splits).
     Silent without a console. Reruns reuse the store: convert skips the unchanged stacks."""
-    from stacktrain import ui
-    from stacktrain.stores.convert import convert
-    from stacktrain.stores.options import ConvertOptions
-    from stacktrain.stores.synth import synth
-    from stacktrain.train.split import make_splits, write_split
 
     out = Path(out)
     store, splits = out / "store.zarr", out / "splits.json"
@@ -99,9 +100,6 @@ def run_demo(out: str | Path = "demo-out", *, epochs: int | None = None, stacks:
              shape_zyx: tuple[int, int, int] = DEMO_SHAPE_ZYX, overrides: list[str] = (),
              console: Console | None = None) -> dict[str, Any]:
     """Run the whole demo in `out`; return the results dict (the table is printed on `console`)."""
-    from stacktrain.train.config import load_config
-    from stacktrain.train.loop import train
-    from stacktrain.train.results import load_results
 
     console = console or ui.console()
     out = Path(out)

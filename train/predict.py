@@ -28,7 +28,13 @@ from stacktrain.stores.layout import CLASS_NAMES
 from stacktrain.stores.reader import Store
 from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import config_from_dict
+from stacktrain.train.data import make_loader
 from stacktrain.train.evaluator import THRESHOLD
+from stacktrain.train.loop import evaluate
+from stacktrain.train.models import build_model
+from stacktrain.train.monitor import Monitor
+from stacktrain.train.precision import Precision
+from stacktrain.train.runtime import Runtime, pick_device
 
 PATCH_FIELDS = ("stack_id", "z", "y", "x", "probability", "label")
 STACK_FIELDS = ("stack_id", "aggregated_probability", "predicted_label", "predicted_class", "label", "n_patches")
@@ -38,11 +44,6 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
             loader: str = "auto", device: str = "auto", batch_size: int | None = None,
             console: Console | None = None) -> dict[str, Any]:
     """Predict every patch of `stacks` (all of the store's by default); write DIR's files; return the JSON."""
-    from stacktrain.train.loop import evaluate
-    from stacktrain.train.models import build_model
-    from stacktrain.train.monitor import Monitor
-    from stacktrain.train.precision import Precision
-    from stacktrain.train.runtime import Runtime, pick_device
 
     console = console or ui.console()
     ckpt = ckpts.load_checkpoint(checkpoint)
@@ -62,7 +63,6 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
     prec = Precision.create("auto", rt.device)
     monitor = Monitor(None, enabled=True, epochs=1, log_interval=cfg.train.log_interval, device=rt.device,
                       console=console)
-    from stacktrain.train.data import make_loader
     try:
         with make_loader(cfg, st, ids, train=False, rt=rt, loader_cfg=loader_cfg) as patches:
             result = evaluate(model, patches, cfg, prec=prec, rt=rt, monitor=monitor)

@@ -40,6 +40,7 @@ from stacktrain.errors import StudyError
 from stacktrain.train.config import ConfigError, TrainConfig, apply_override, config_from_dict
 from stacktrain.train.split import load_split
 from stacktrain.train.study.hpo_config import HpoConfig
+from stacktrain.train.study.selection import parent_base
 
 VARIANT_SECTIONS = ("patch", "preprocess", "loader")
 BASE_VARIANT = "base"
@@ -231,7 +232,6 @@ def _base_raw(path: Path, head: StudyTable, overrides: list[str],
               where: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The base config's raw tables, with study.set, the command line's overrides and study.store; and
     the parent study when `base` is a previous phase's study directory."""
-    from stacktrain.train.study.selection import parent_base
     parent = None
     study_dirs = [d for d in (path.parent / head.base, Path(head.base)) if (d / "study.json").is_file()]
     if study_dirs:

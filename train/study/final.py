@@ -25,6 +25,7 @@ from stacktrain.errors import StudyError
 from stacktrain.io import atomic_write_json
 from stacktrain.stores.reader import Store
 from stacktrain.train.evaluator import THRESHOLD, binary_metrics
+from stacktrain.train.predict import predict
 from stacktrain.train.split import load_split
 from stacktrain.train.study.runs import RUN_RECORD
 from stacktrain.train.study.selection import read_selection
@@ -37,7 +38,6 @@ METHOD = ("ensemble of the selected label's runs: each run's best.pt (selected o
 def evaluate_checkpoint(checkpoint: Path, store: str, stacks: list[str], config: dict[str, Any],
                         out: Path) -> dict[str, float]:
     """Stack id -> aggregated probability of one checkpoint on `stacks` (stacktrain.train.predict)."""
-    from stacktrain.train.predict import predict
     result = predict(checkpoint, store, out, stacks=stacks, loader=config["loader"]["loader"],
                      device=config["train"]["device"], console=Console(quiet=True))
     return {v["stack_id"]: float(v["aggregated_probability"]) for v in result["stacks"]}

@@ -36,8 +36,11 @@ from typing import Any
 import tomli_w
 
 from stacktrain.train.config import ConfigError, apply_override
+from stacktrain.train.evaluator import selection_score
+from stacktrain.train.results import RESULTS_NAME, load_results
 from stacktrain.train.study.config import RunSpec, Study, StudyError, build_config
 from stacktrain.train.study.hpo_config import SearchDimension
+from stacktrain.train.study.runs import load_trainer, pool_settings, run_progress, run_record, run_state, worker_setup
 
 TRIALS_DIR = "trials"
 NO_EFFECT_AT_PATCH_LEVEL = ("train.aggregate", "train.topk")  # per-stack aggregation only
@@ -183,7 +186,6 @@ def finished_count(ostudy: Any) -> int:
 def _score(entry: dict[str, Any], level: str) -> float:
     """The objective per epoch: the selection score (stack F1 of MALADE by default; 0 for one-class
     predictions: evaluator.selection_score), what early stopping and best.pt select on."""
-    from stacktrain.train.evaluator import selection_score
     return selection_score(entry["patch_metrics" if level == "patch" else "volume_metrics"])
 
 
@@ -196,8 +198,6 @@ class Objective:
         self.split, self.folds, self.trainer = split, folds, trainer
 
     def __call__(self, trial: Any) -> float:
-        from stacktrain.train.results import RESULTS_NAME, load_results
-        from stacktrain.train.study.runs import load_trainer, run_record, run_state
         optuna = _optuna()
         number = int(trial.user_attrs.get("run_number", trial.number))  # a retried trial keeps its runs
         trial.set_user_attr("run_number", number)
@@ -233,7 +233,6 @@ def _work(study: Study, space: dict[str, SearchDimension], out: Path, split_copy
           trainer: str, target: int, worker: int, setup: tuple | None = None, progress: Any = None) -> int:
     """One worker: run trials until `target` are finished or running (every machine's count)."""
     if setup:  # a worker process: its cores and GPU
-        from stacktrain.train.study.runs import worker_setup
         worker_setup(*setup, worker)
     states = _optuna().trial.TrialState
     ostudy = open_study(study, out, worker)
@@ -267,7 +266,6 @@ def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_co
     console.print(f"study {study.name}: {finished_count(ostudy)} of {target} trials finished"
                   f"{f', {len(revived)} interrupted trial(s) resumed' if revived else ''}; "
                   f"storage {storage_url(study, out).split('@')[-1]}, {workers} worker(s)")
-    from stacktrain.train.study.runs import run_progress
     with run_progress(console) as progress:
         bar = progress.add_task("trials", total=target, completed=finished_count(ostudy), rate="")
         update = lambda done: progress.update(bar, completed=done)  # noqa: E731
@@ -277,7 +275,6 @@ def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_co
             from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
             from multiprocessing import get_context
 
-            from stacktrain.train.study.runs import pool_settings
             setup = pool_settings(workers)
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 pending = {pool.submit(_work, study, space, out, split_copy, split, trainer, target, w, setup)

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from stacktrain import ui
 from stacktrain.io import atomic_write, atomic_write_json
+from stacktrain.stores.reader import Store
 from stacktrain.train.results import RESULTS_NAME, RunResults, load_results
 from stacktrain.train.study.config import StudyError
 from stacktrain.train.study.manifest import read_manifest
@@ -49,7 +50,6 @@ _PATIENTS: dict[str, dict[str, str]] = {}
 def patients(store: str) -> dict[str, str]:
     """Stack id -> patient (group) of a store, read once per report."""
     if store not in _PATIENTS:
-        from stacktrain.stores.reader import Store
         _PATIENTS[store] = {m.stack_id: m.group for m in Store(store).stacks}
     return _PATIENTS[store]
 

@@ -33,6 +33,7 @@ from stacktrain.train.config import config_to_dict
 from stacktrain.train.split import check_split, load_split, split_hash
 from stacktrain.train.study import hpo
 from stacktrain.train.study.config import Study, StudyError, load_study
+from stacktrain.train.study.final import run_final
 from stacktrain.train.study.manifest import FORMAT_VERSION, MANIFEST, read_manifest  # noqa: F401 (re-export)
 from stacktrain.train.study.report import write_selection
 from stacktrain.train.study.runs import (
@@ -156,6 +157,5 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
     console.print(f"study {study.name} complete in {out}: selected {selection['label']} ({selection['level']}-level "
                   f"score {selection['score']:.3f}); next: stacktrain report {out}", highlight=False)
     if final:
-        from stacktrain.train.study.final import run_final
         run_final(out, console=console)
     return out

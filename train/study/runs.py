@@ -17,7 +17,8 @@ from rich.progress import Progress
 
 from stacktrain import ui
 from stacktrain.io import atomic_write_json
-from stacktrain.train.config import config_to_dict
+from stacktrain.train.checkpoint import LAST
+from stacktrain.train.config import config_from_dict, config_to_dict
 from stacktrain.train.results import RESULTS_NAME, load_results
 from stacktrain.train.study.config import RunSpec, Study, StudyError
 from stacktrain.train.study.manifest import FORMAT_VERSION
@@ -73,7 +74,6 @@ def run_state(spec: RunSpec, record: dict[str, Any]) -> str:
     results = spec.run_dir / RESULTS_NAME
     if results.exists() and load_results(results, samples="none").get("stop_reason"):
         return "done"
-    from stacktrain.train.checkpoint import LAST  # (torch: imported when a study runs, not for `stacktrain --help`)
     if (spec.run_dir / LAST).exists():
         return "resume"
     results.unlink(missing_ok=True)  # killed inside its first epoch, before last.pt: start it afresh
@@ -109,7 +109,6 @@ def pool_settings(workers: int) -> tuple[int, list[str]]:
 
 def train_one(trainer: str, config: dict[str, Any], run_dir: str, resume: bool) -> str:
     """One training in this process (a worker's task): the study's config, run directory and resume."""
-    from stacktrain.train.config import config_from_dict
     cfg = config_from_dict(config, f"{run_dir}/{RUN_RECORD}")
     load_trainer(trainer)(cfg, run_dir=Path(run_dir), resume=resume)
     return run_dir
