@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,23 @@ def load_checkpoint(path: str | Path, *, model_name: str | None = None, model_ti
                               f"builds {want}; set model.name/model.tiny to match the checkpoint or "
                               "start a new run directory")
     return ckpt
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """best.pt as an atomic copy of the last.pt just written (the same epoch, the same bytes)."""
+    with open(src, "rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
+def repair_best(run_dir: Path, *, best_epoch: int | None, last_epoch: int) -> None:
+    """On resume: when last.pt's best epoch is its own epoch but best.pt holds another (a kill between
+    the two writes), copy last.pt over best.pt, so best.pt is always the results' best_epoch."""
+    best, last = Path(run_dir) / BEST, Path(run_dir) / LAST
+    if best_epoch != last_epoch:
+        return
+    have = torch.load(best, map_location="cpu", weights_only=True).get("epoch") if best.exists() else None
+    if have != last_epoch:
+        copy_checkpoint(last, best)
 
 
 def restore(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -24,6 +24,9 @@ def open_data(cfg: TrainConfig) -> tuple[Store, list[str], list[str]]:
     split = load_split(where)
     check_split(split, store, where)
     parts = split_parts(split, cfg.data.fold, where)
+    if cfg.data.val_part == cfg.data.train_part or "test" in (cfg.data.train_part, cfg.data.val_part):
+        raise ConfigError(f"data.train_part = {cfg.data.train_part!r}, data.val_part = {cfg.data.val_part!r}: "
+                          "two different parts, neither the held-out \"test\" part (no selection may see it)")
     ids = {}
     for key in ("train_part", "val_part"):
         name = getattr(cfg.data, key)

@@ -12,6 +12,7 @@ Optional pieces are plain objects: Runtime (device, DDP), Precision, Monitor (ba
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stacktrain.errors import EvalError
 from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from stacktrain.train.data import make_loader, open_data, resolve_norm
@@ -52,6 +54,11 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
         stack.enter_context(cpu_threads(rt, cfg.loader.workers))
         store, train_ids, val_ids = open_data(cfg)
         cfg = resolve_norm(cfg, store, train_ids)
+        if resume and not (run_dir / ckpts.LAST).exists() and rt.is_main:
+            # killed inside its first epoch, before any last.pt: nothing to continue, so start afresh
+            (run_dir / RESULTS_NAME).unlink(missing_ok=True)
+            resume = False
+        resume = rt.broadcast(resume)
         _check_run_dir(run_dir, resume)
         seed_everything(cfg.train.seed)
         model, net, train_net, notice = _build_model(cfg, rt)
@@ -66,9 +73,15 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
             ckpt = ckpts.load_checkpoint(run_dir / ckpts.LAST, model_name=cfg.model.name, model_tiny=cfg.model.tiny)
             start = ckpts.restore(ckpt, model=model, optimizer=optimizer, scaler=prec.scaler,
                                   early_stopping=stopper) + 1
-            results = {**load_results(results_path, upto_epoch=start - 1), "config": config}
-            if stopper.should_stop or start >= cfg.train.epochs:
-                return results_path  # it had finished: its results file already says why
+            results = {**load_results(results_path, upto_epoch=start - 1), "config": config,
+                       "best_epoch": stopper.best_epoch}  # last.pt's, not a dropped epoch's
+            if rt.is_main:
+                ckpts.repair_best(run_dir, best_epoch=stopper.best_epoch, last_epoch=start - 1)
+            if stopper.should_stop or start >= cfg.train.epochs:  # it had finished: make the file say why
+                if rt.is_main and results.get("stop_reason") is None:
+                    results["stop_reason"] = "early_stopping" if stopper.should_stop else "max_epochs"
+                    ResultsWriter(results_path, results)
+                return results_path
         train_loader = stack.enter_context(make_loader(cfg, store, train_ids, train=True, rt=rt))
         val_loader = stack.enter_context(make_loader(cfg, store, val_ids, train=False, rt=rt))
         check_coverage(val_loader.index)  # the foreground filter never drops a validation stack
@@ -95,15 +108,23 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
             stop_reason = "early_stopping" if stopper.should_stop else "max_epochs" if last else None
             entry = epoch_entry(epoch=epoch, train_loss=rt.mean(train_loss), lr=optimizer.param_groups[0]["lr"],
                                 evaluation=evaluation, throughput=throughput, wall_s=time.perf_counter() - t0)
+            if not (math.isfinite(entry["train_loss"]) and math.isfinite(entry["val_loss"])):
+                raise EvalError(f"{run_dir}: epoch {epoch} diverged (train loss {entry['train_loss']}, val loss "
+                                f"{entry['val_loss']}); lower optim.lr or set optim.pos_weight, then start "
+                                "afresh or --resume from the last good epoch")
             pruned = False
             if rt.is_main:
-                writer.append(entry, best_epoch=stopper.best_epoch, stop_reason=stop_reason, updated_at=now())
-                state = dict(model=model, optimizer=optimizer, scaler=prec.scaler, epoch=epoch,
-                             early_stopping=stopper, config=config, model_name=cfg.model.name,
-                             model_tiny=cfg.model.tiny)
+                # The epoch, then last.pt, then best.pt (a copy of it), and only then the stop reason: a kill
+                # anywhere leaves a run that --resume (or a study rerun) completes, never a "finished" run
+                # whose checkpoints disagree with its results.
+                writer.append(entry, best_epoch=stopper.best_epoch, stop_reason=None, updated_at=now())
+                ckpts.save_checkpoint(run_dir / ckpts.LAST, model=model, optimizer=optimizer, scaler=prec.scaler,
+                                      epoch=epoch, early_stopping=stopper, config=config,
+                                      model_name=cfg.model.name, model_tiny=cfg.model.tiny)
                 if improved:
-                    ckpts.save_checkpoint(run_dir / ckpts.BEST, **state)
-                ckpts.save_checkpoint(run_dir / ckpts.LAST, **state)
+                    ckpts.copy_checkpoint(run_dir / ckpts.LAST, run_dir / ckpts.BEST)
+                if stop_reason is not None:
+                    writer.append(None, best_epoch=stopper.best_epoch, stop_reason=stop_reason, updated_at=now())
                 monitor.epoch_line(entry, improved=improved, level=level)
                 if on_epoch is not None and on_epoch(epoch, entry) and stop_reason is None:
                     pruned = True

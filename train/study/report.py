@@ -249,6 +249,9 @@ def verdict(rows: list[Row], groups: dict[str, dict[tuple, Run]], level: str, *,
 def report(study_dir: str | Path, *, level: str | None = None, n_resamples: int = 2000, seed: int = 0,
            plots: bool = True, console: Console | None = None) -> dict[str, Any]:
     """Build, print and write the report; returns {rows, diffs, verdict, files}."""
+    if n_resamples < 1:
+        raise StudyError(f"--resamples {n_resamples}: give at least 1 bootstrap resample (default 2000; "
+                         "1,000 or more for a CI worth reading)")
     console = console or ui.console()
     study_dir = Path(study_dir)
     manifest, groups, notes = load_runs(study_dir)
