@@ -54,13 +54,14 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
         st.meta(sid)  # an unknown id: StoreError listing some of the store's
     rt = Runtime(device=pick_device(device))
     cpu = rt.device.type == "cpu"
-    loader_cfg = dataclasses.replace(cfg.loader, loader=loader, batch_size=batch_size or cfg.loader.batch_size,
+    batch = cfg.loader.batch_size if batch_size is None else batch_size
+    loader_cfg = dataclasses.replace(cfg.loader, loader=loader, batch_size=batch,
                                      dtype="fp32" if cpu else cfg.loader.dtype, channels_last=not cpu and
                                      cfg.loader.channels_last)
     model = build_model(ckpt["model_name"], tiny=ckpt["model_tiny"], options=cfg.model.options)
     ckpts.restore(ckpt, model=model, rng=False)
     model = model.to(rt.device).eval()
-    prec = Precision.create("auto", rt.device)
+    prec = Precision.create("fp32" if cpu else cfg.train.precision, rt.device)  # the arithmetic it was selected with
     monitor = Monitor(None, enabled=True, epochs=1, log_interval=cfg.train.log_interval, device=rt.device,
                       console=console)
     try:
