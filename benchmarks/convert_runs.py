@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import resource
-import shutil
 import sys
 import time
-import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from stacktrain.io import build_once
 from stacktrain.stores.convert import ConvertOptions, convert
 
 from . import data
@@ -49,10 +47,8 @@ def generated_inputs(cache: Path, fmt: str, *, stacks: int, shape_zyx, seed: int
             f"{'x'.join(map(str, shape_zyx))}-{seed}")
     folder = Path(cache) / name
     suffix = ".tif" if fmt == "tiff" else ".npy"
-    if not (folder / "labels.csv").exists():
-        staging = Path(cache) / f".{name}.{uuid.uuid4().hex[:8]}"
-        staging.mkdir(parents=True)
-        try:
+    with build_once(folder, "labels.csv") as staging:
+        if staging is not None:
             rows = []
             for i in range(stacks):
                 vol = _volume(i, shape_zyx, seed)
@@ -64,13 +60,6 @@ def generated_inputs(cache: Path, fmt: str, *, stacks: int, shape_zyx, seed: int
                 rows.append((f"s{i:02d}{suffix}", f"s{i:02d}", "MALADE" if i % 2 else "SAIN", f"g{i:02d}"))
             with open(staging / "labels.csv", "w", newline="") as f:
                 csv.writer(f).writerows([("path", "stack_id", "label", "group"), *rows])
-            try:
-                os.rename(staging, folder)
-            except OSError:  # another run finished first: use its inputs
-                if not (folder / "labels.csv").exists():
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     paths = sorted(folder.glob(f"s*{suffix}"))
     return folder / "labels.csv", paths, sum(p.stat().st_size for p in paths)
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 
+from stacktrain.io import build_once
 from stacktrain.stores import layout
 from stacktrain.stores.reader import Store
 from stacktrain.testing import tissue, write_store
@@ -67,21 +66,11 @@ def generated_store(cache: Path | None = None, *, stacks: int = DEFAULT_STACKS, 
     key = "-".join(map(str, (stacks, *shape_zyx, seed, codec, *chunk_zyx, *shard_zyx)))
     name = f"gen-{generator_name()}{GENERATOR_VERSION}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.zarr"
     path = cache / name
-    if (path / "zarr.json").exists():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    staging = cache / f".{name}.{uuid.uuid4().hex[:8]}"
-    try:
-        write_store(staging, {f"gen{i:02d}": (tissue_volume(i, shape_zyx, seed), "MALADE" if i % 2 else "SAIN",
-                                              f"g{i:02d}") for i in range(stacks)},
-                    codec=codec, chunk_zyx=chunk_zyx, shard_zyx=shard_zyx)
-        try:
-            os.rename(staging, path)
-        except OSError:  # another run finished first: use its store
-            if not (path / "zarr.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with build_once(path, "zarr.json") as staging:
+        if staging is not None:
+            write_store(staging, {f"gen{i:02d}": (tissue_volume(i, shape_zyx, seed), "MALADE" if i % 2 else "SAIN",
+                                                  f"g{i:02d}") for i in range(stacks)},
+                        codec=codec, chunk_zyx=chunk_zyx, shard_zyx=shard_zyx)
     return path
 
 

@@ -8,17 +8,21 @@ and checkpoints. Readers of user files raise `ConfigError` naming the file and w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import tomllib
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from stacktrain.errors import ConfigError
 
-__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "current_umask", "read_json", "read_toml"]
+__all__ = ["atomic_write", "atomic_write_json", "atomic_write_text", "build_once", "current_umask", "read_json",
+           "read_toml"]
 
 
 def current_umask() -> int:
@@ -62,6 +66,28 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+@contextlib.contextmanager
+def build_once(final: str | Path, marker: str) -> Iterator[Path | None]:
+    """A cached folder built once, never seen partial: yields None when `final/marker` exists, else a
+    fresh staging folder beside `final` that is renamed into place when the block ends without error.
+    When a concurrent builder renamed its copy first (pytest -n 2), that copy is kept."""
+    final = Path(final)
+    if (final / marker).exists():
+        yield None
+        return
+    staging = final.parent / f".{final.name}.{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        try:
+            os.rename(staging, final)
+        except OSError:  # another process finished first: use its copy
+            if not (final / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _read_text(path: Path, what: str) -> str:
