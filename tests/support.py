@@ -178,3 +178,7 @@ def tiny_config(store: Path, splits: Path, *overrides: str) -> TrainConfig:
     return load_config(None, [f"data.store={store}", f"data.split={splits}", *TINY, *overrides])
 
 
+def hpo_body(trials: int) -> str:
+    """A phase-3 study body: an Optuna search over the learning rate on folds 0-1, no pruning."""
+    return (f'\n[hpo]\ntrials = {trials}\nfolds = [0, 1]\npruner = {{ kind = "none" }}\n[hpo.space]\n'
+            '"optim.lr" = { type = "float", low = 1e-4, high = 1e-3, log = true }\n')

@@ -19,18 +19,11 @@ from stacktrain.train.study.report import report
 from stacktrain.train.study.runner import read_manifest, run_study
 from stacktrain.train.study.runs import RUN_RECORD
 from stacktrain.train.study.selection import read_selection
-from tests.support import FAKE, VARIANTS, make_store, write_study
+from tests.support import FAKE, VARIANTS, hpo_body, make_store, write_study
 
 QUIET = Console(quiet=True)
 PHASE2 = "[models.resnet3d18]\n[models.resnet3d50]\n"
-PHASE3 = """
-[hpo]
-trials = 2
-folds = [0, 1]
-pruner = { kind = "none" }
-[hpo.space]
-"optim.lr" = { type = "float", low = 1e-4, high = 1e-3, log = true }
-"""
+PHASE3 = hpo_body(trials=2)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from stacktrain.testing import tissue, write_array
 from stacktrain.train.split import make_splits, write_split
 from stacktrain.train.study.report import report
 from stacktrain.train.study.runner import read_manifest, run_study
-from tests.support import REAL, VARIANTS, write_study
+from tests.support import REAL, VARIANTS, hpo_body, write_study
 
 QUIET = Console(quiet=True)
 SETS = ("train.epochs=1", "loader.batch_size=4", "loader.workers=0", "train.log_interval=1")
@@ -31,14 +31,7 @@ def test_three_phases_and_the_final_step_on_the_cpu(tmp_path):
                    trainer=REAL, console=QUIET)
     p2_file = write_study(tmp_path / "p2.toml", store, None, "[models.resnet3d18]\n", sets=SETS, base=p1)
     p2 = run_study(p2_file, tmp_path / "phase2", trainer=REAL, console=QUIET)
-    p3_file = write_study(tmp_path / "p3.toml", store, None, """
-[hpo]
-trials = 1
-folds = [0, 1]
-pruner = { kind = "none" }
-[hpo.space]
-"optim.lr" = { type = "float", low = 1e-4, high = 1e-3, log = true }
-""", sets=SETS, base=p2)
+    p3_file = write_study(tmp_path / "p3.toml", store, None, hpo_body(trials=1), sets=SETS, base=p2)
     p3 = run_study(p3_file, tmp_path / "phase3", trainer=REAL, final=True, console=QUIET)
 
     chosen = json.loads((p1 / "selection.json").read_text())["config"]["preprocess"]["normalize"]
