@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-slow install clean
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 2 --timeout 900 tests
+	$(BIN)/python -m pytest -q -n 2 --timeout 900 -m "not slow" tests
+
+# The large-stack kill tests (marked slow): CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --timeout 1800 -m slow tests
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
