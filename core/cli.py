@@ -155,6 +155,9 @@ def _study(sub) -> None:
     p.add_argument("--final", action="store_true", default=KEEP,
                    help="then evaluate the selected configuration on the split's held-out test part, once "
                         "(its fold models as an ensemble; DIR/final.json)")
+    p.add_argument("--storage", default=KEEP, metavar="URL",
+                   help="phase 3: the Optuna storage shared by every machine (else $STACKTRAIN_STORAGE, else "
+                        "hpo.storage, else sqlite in DIR); its password is never written to a file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override for every run, after the study file's own (repeatable)")
     p.set_defaults(func=commands.study)
@@ -171,6 +174,8 @@ def _study(sub) -> None:
                    help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=KEEP, help="bootstrap seed (default 0)")
     p.add_argument("--no-plots", dest="plots", action="store_false", default=KEEP, help="skip the PNG plots")
+    p.add_argument("--storage", default=KEEP, metavar="URL",
+                   help="a search's Optuna storage, when its recorded URL had a password (else $STACKTRAIN_STORAGE)")
     p.set_defaults(func=commands.report)
 
 

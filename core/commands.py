@@ -160,14 +160,14 @@ def demo(args: Namespace) -> int:
 def study(args: Namespace) -> int:
     from stacktrain.train.study.runner import run_study
 
-    run_study(args.study, args.out, overrides=args.overrides, **_given(args, "workers", "trials", "final"))
+    run_study(args.study, args.out, overrides=args.overrides, **_given(args, "workers", "trials", "final", "storage"))
     return 0
 
 
 def report(args: Namespace) -> int:
     from stacktrain.train.study.report import report as run_report
 
-    run_report(args.study_dir, **_given(args, "level", "n_resamples", "seed", "plots"))
+    run_report(args.study_dir, **_given(args, "level", "n_resamples", "seed", "plots", "storage"))
     return 0
 
 

@@ -4,8 +4,8 @@
 [hpo]
 trials = 40                 # total finished (complete + pruned) trials; a rerun tops up to this
 folds = [0]                 # folds each trial trains (default: study.folds); objective = their mean
-storage = ""                # default sqlite:///DIR/optuna.db; any SQLAlchemy URL (postgresql://...)
-seed = 0                    # TPE seed (worker w of a run uses seed + w)
+storage = ""                # default sqlite:///DIR/optuna.db; or --storage / $STACKTRAIN_STORAGE (storage.py)
+seed = 0                    # TPE seed: trial n samples with (seed, n), so machines never repeat a trial
 enqueue_base = true         # trial 0 = the base config's values: the baseline of the report
 heartbeat_s = 0             # > 0: trials of dead machines are failed after 2 beats and retried
 pruner = { kind = "median", startup_trials = 5, warmup_epochs = 5 }   # or kind = "none"
@@ -21,15 +21,18 @@ and stops the training when the pruner says so (stop_reason "pruned"). The objec
 folds of the best epoch's score. A searched key that cannot change it (train.aggregate at patch level)
 is refused. A trial whose process died (same host, pid gone; or, with heartbeat_s,
 any machine) is failed and re-enqueued with its parameters; the new trial resumes its run directories.
+Several processes (machines) share a search through one storage and one study directory on a shared
+filesystem: storage.py says how creation, sampling and errors stay safe; the process that creates the
+study enqueues the base trial (user attribute `base`), so it exists once.
 The table's keys, defaults and rules are `HpoConfig` (hpo_config.py), checked when the file is read.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import socket
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ import tomli_w
 from stacktrain.train.config import ConfigError, apply_override
 from stacktrain.train.evaluator import selection_score
 from stacktrain.train.results import RESULTS_NAME, load_results
+from stacktrain.train.study import storage as storages
 from stacktrain.train.study.config import RunSpec, Study, StudyError, build_config
 from stacktrain.train.study.hpo_config import SearchDimension
 from stacktrain.train.study.runs import load_trainer, pool_settings, run_progress, run_record, run_state, worker_setup
@@ -45,7 +49,6 @@ from stacktrain.train.study.runs import load_trainer, pool_settings, run_progres
 TRIALS_DIR = "trials"
 NO_EFFECT_AT_PATCH_LEVEL = ("train.aggregate", "train.topk")  # per-stack aggregation only
 NOT_SEARCHABLE = ("train.select_level",)  # the objective's own definition
-DB_NAME = "optuna.db"
 
 
 def _literal(value: Any) -> str:
@@ -106,15 +109,35 @@ def run_dir_name(number: int, fold: int) -> str:
     return f"{TRIALS_DIR}/trial-{number:04d}/fold{fold}"
 
 
-def storage_url(study: Study, out: Path) -> str:
-    return study.hpo.storage or f"sqlite:///{(out / DB_NAME).resolve()}"
+def with_storage(study: Study, out: Path, given: str | None = None) -> Study:
+    """The study with hpo.storage resolved (--storage, $STACKTRAIN_STORAGE, the file's, the default)."""
+    url = storages.resolve_url(study.hpo.storage, out, given)
+    return dataclasses.replace(study, hpo=dataclasses.replace(study.hpo, storage=url))
 
 
 def manifest_entry(study: Study, space: dict[str, SearchDimension], out: Path) -> dict[str, Any]:
     """What `stacktrain report` needs to open the Optuna study again."""
-    return {"storage": storage_url(study, out), "study_name": study.name,
+    return {"storage": storages.redact(study.hpo.storage), "study_name": study.name,
             "space": {key: dim.as_table() for key, dim in space.items()},
             "folds": list(trial_folds(study)), "trials": study.hpo.trials}
+
+
+def listed_trials(manifest: dict[str, Any], study_dir: Path, given: str | None) -> tuple[str, dict[str, Any], str]:
+    """For the report, from the storage (every machine's trials, not only this directory's folders):
+    (storage URL, {label: finished trial}, the base trial's label)."""
+    url = manifest["hpo"]["storage"]
+    if given or os.environ.get(storages.ENV):
+        url = storages.resolve_url("", study_dir, given)
+    elif storages.is_redacted(url):
+        raise StudyError(f"{study_dir}: the search's storage {url} was recorded without its password; give it "
+                         f"with --storage URL or ${storages.ENV}")
+    ostudy = storages.load(manifest["hpo"]["study_name"], url)
+    states = _optuna().trial.TrialState
+    with storages.database_errors(url):
+        trials = ostudy.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+    listed = {f"trial-{t.user_attrs.get('run_number', t.number)}": t for t in trials}
+    base = next((label for label, t in listed.items() if t.user_attrs.get("base")), "trial-0")
+    return url, listed, base
 
 
 def base_params(study: Study, space: dict[str, SearchDimension]) -> dict[str, Any] | None:
@@ -133,27 +156,26 @@ def base_params(study: Study, space: dict[str, SearchDimension]) -> dict[str, An
 
 # -- the search ------------------------------------------------------------------------------------
 def _optuna():
-    import optuna
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna
+    return storages._optuna()
 
 
-def open_study(study: Study, out: Path, worker: int = 0):
-    """Create or load the Optuna study (TPE sampler, median pruner) on its storage."""
+def open_study(study: Study) -> tuple[Any, bool]:
+    """Create or load the Optuna study (per-trial seeded TPE, median pruner) on its (resolved) storage;
+    and whether this call created it (that process alone enqueues the base trial)."""
     optuna = _optuna()
-    hpo = study.hpo
-    url = storage_url(study, out)
-    beat = hpo.heartbeat_s
-    kwargs: dict[str, Any] = {"engine_kwargs": {"connect_args": {"timeout": 120}}} if url.startswith("sqlite") else {}
-    if beat > 0:
-        kwargs.update(heartbeat_interval=beat, grace_period=2 * beat,
-                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3))
-    storage = optuna.storages.RDBStorage(url, **kwargs)
+    hpo, url = study.hpo, study.hpo.storage
+    storage = storages.open_storage(url, hpo.heartbeat_s)
     pruner = (optuna.pruners.NopPruner() if hpo.pruner.kind == "none" else optuna.pruners.MedianPruner(
         n_startup_trials=hpo.pruner.startup_trials, n_warmup_steps=hpo.pruner.warmup_epochs))
-    sampler = optuna.samplers.TPESampler(seed=hpo.seed + worker)
-    return optuna.create_study(study_name=study.name, storage=storage, sampler=sampler, pruner=pruner,
-                               direction="maximize", load_if_exists=True)
+    sampler = storages.trial_seeded_sampler(hpo.seed)
+    with storages.database_errors(url):
+        try:  # the database's unique study name decides which process created it
+            created = optuna.create_study(study_name=study.name, storage=storage, sampler=sampler, pruner=pruner,
+                                          direction="maximize", load_if_exists=False)
+            return created, True
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+    return storages.create_or_load(study.name, storage, url, sampler, pruner), False
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -173,7 +195,8 @@ def recover_dead_trials(ostudy: Any) -> list[int]:
     for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.user_attrs.get("host") == host and not _pid_alive(t.user_attrs.get("pid")):
             ostudy.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            ostudy.enqueue_trial(t.params, user_attrs={"run_number": t.user_attrs.get("run_number", t.number)})
+            ostudy.enqueue_trial(t.params, user_attrs={"run_number": t.user_attrs.get("run_number", t.number),
+                                                      "base": bool(t.user_attrs.get("base"))})
             revived.append(t.number)
     return revived
 
@@ -181,6 +204,10 @@ def recover_dead_trials(ostudy: Any) -> list[int]:
 def finished_count(ostudy: Any) -> int:
     states = _optuna().trial.TrialState
     return len(ostudy.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
+
+
+class SurplusTrial(Exception):
+    """Raised by a sampled trial that another machine's trials already made one too many (failed, not run)."""
 
 
 def _score(entry: dict[str, Any], level: str) -> float:
@@ -193,16 +220,29 @@ class Objective:
     """Train one trial's folds; report per-epoch F1 for pruning; return the mean best F1 over folds."""
 
     def __init__(self, study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path,
-                 split: dict[str, Any], folds: tuple[int, ...], trainer: str):
+                 split: dict[str, Any], folds: tuple[int, ...], trainer: str, target: int):
         self.study, self.space, self.out, self.split_copy = study, space, out, split_copy
-        self.split, self.folds, self.trainer = split, folds, trainer
+        self.split, self.folds, self.trainer, self.target = split, folds, trainer, target
+
+    def _surplus(self, trial: Any) -> bool:
+        """A sampled trial (not an enqueued one: those always run) behind `target` earlier live trials:
+        machines that checked the count at the same moment started one trial too many."""
+        if "run_number" in trial.user_attrs or trial.user_attrs.get("base"):
+            return False
+        states = _optuna().trial.TrialState
+        live = (states.COMPLETE, states.PRUNED, states.RUNNING)
+        ahead = [t for t in trial.study.get_trials(deepcopy=False, states=live) if t.number < trial.number]
+        return len(ahead) >= self.target
 
     def __call__(self, trial: Any) -> float:
         optuna = _optuna()
+        if self._surplus(trial):
+            raise SurplusTrial(f"trial {trial.number}: the search already has {self.target} trials")
         number = int(trial.user_attrs.get("run_number", trial.number))  # a retried trial keeps its runs
         trial.set_user_attr("run_number", number)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("sampler_seed", storages.trial_seed(self.study.hpo.seed, trial.number))
         params = {key: suggest(trial, key, spec) for key, spec in self.space.items()}
         values = []
         for position, fold in enumerate(self.folds):
@@ -235,8 +275,8 @@ def _work(study: Study, space: dict[str, SearchDimension], out: Path, split_copy
     if setup:  # a worker process: its cores and GPU
         worker_setup(*setup, worker)
     states = _optuna().trial.TrialState
-    ostudy = open_study(study, out, worker)
-    objective = Objective(study, space, out, split_copy, split, trial_folds(study), trainer)
+    ostudy, _ = open_study(study)
+    objective = Objective(study, space, out, split_copy, split, trial_folds(study), trainer, target)
     ran = 0
     while True:
         trials = ostudy.get_trials(deepcopy=False)
@@ -244,7 +284,7 @@ def _work(study: Study, space: dict[str, SearchDimension], out: Path, split_copy
         taken = sum(t.state in (states.COMPLETE, states.PRUNED, states.RUNNING) for t in trials)
         if not waiting and taken >= target:
             return ran
-        ostudy.optimize(objective, n_trials=1, catch=())
+        ostudy.optimize(objective, n_trials=1, catch=(SurplusTrial,))
         ran += 1
         if progress is not None:
             progress(finished_count(ostudy))
@@ -255,17 +295,17 @@ def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_co
     target = trials if trials is not None else study.hpo.trials  # hpo.folds and trials: checked with the file
     if target < 1:
         raise StudyError(f"--trials {target}: give 1 or more")
-    ostudy = open_study(study, out)
+    ostudy, created = open_study(study)
     revived = recover_dead_trials(ostudy)
-    if not ostudy.trials and study.hpo.enqueue_base:
+    if created and study.hpo.enqueue_base:
         params = base_params(study, space)
         if params is not None:
-            ostudy.enqueue_trial(params, skip_if_exists=True)
+            ostudy.enqueue_trial(params, user_attrs={"base": True})
         else:
             console.print("[yellow]note:[/] the base config's values lie outside hpo.space; no base trial")
     console.print(f"study {study.name}: {finished_count(ostudy)} of {target} trials finished"
                   f"{f', {len(revived)} interrupted trial(s) resumed' if revived else ''}; "
-                  f"storage {storage_url(study, out).split('@')[-1]}, {workers} worker(s)")
+                  f"storage {storages.redact(study.hpo.storage)}, {workers} worker(s)")
     with run_progress(console) as progress:
         bar = progress.add_task("trials", total=target, completed=finished_count(ostudy), rate="")
         update = lambda done: progress.update(bar, completed=done)  # noqa: E731

@@ -26,6 +26,7 @@ from stacktrain.io import atomic_write, atomic_write_json
 from stacktrain.stores.reader import Store
 from stacktrain.train.results import RESULTS_NAME, RunResults, load_results
 from stacktrain.train.study.config import StudyError
+from stacktrain.train.study.hpo import listed_trials as hpo_trials
 from stacktrain.train.study.manifest import read_manifest
 from stacktrain.train.study.render import markdown, rich_tables, write_csvs
 from stacktrain.train.study.runs import RUN_RECORD
@@ -116,8 +117,10 @@ class Diff:
 
 
 # -- collecting ------------------------------------------------------------------------------------
-def load_runs(study_dir: Path, samples: str = "best") -> tuple[dict[str, Any], dict[str, dict[tuple, Run]], list[str]]:
+def load_runs(study_dir: Path, samples: str = "best", storage: str | None = None
+              ) -> tuple[dict[str, Any], dict[str, dict[tuple, Run]], list[str]]:
     """The manifest, finished runs by label then (fold, seed) (in study order), and notes on the rest.
+    A search's trials are listed from its storage (`storage`: the URL when the recorded one was redacted).
     Only the best epoch's samples are read (`samples`), so a report over many runs stays small."""
     manifest = read_manifest(study_dir)
     records = [json.loads(p.read_text()) | {"_dir": p.parent} for p in
@@ -146,8 +149,14 @@ def load_runs(study_dir: Path, samples: str = "best") -> tuple[dict[str, Any], d
     if pruned:
         notes.append(f"{pruned} pruned trial run(s) left out of the table (they stopped early)")
     if manifest["kind"] == "hpo":  # trials whose folds are not all finished are not comparable
+        manifest["hpo"]["storage"], listed, manifest["baseline"] = hpo_trials(manifest, study_dir, storage)
         want = len(manifest["hpo"]["folds"])
         groups = {k: v for k, v in groups.items() if len(v) == want}
+        away = [label for label, t in listed.items() if t.state.name == "COMPLETE" and label not in groups]
+        if away:
+            notes.append(f"{len(away)} trial(s) finished in the storage but have no finished runs under {study_dir}"
+                         f"/trials ({', '.join(away[:6])}{', ...' if len(away) > 6 else ''}): trained on another "
+                         "machine? keep the study directory on a filesystem every machine shares")
     if not groups:
         raise StudyError(f"{study_dir}: no finished run to report; run `stacktrain study ... --out "
                          f"{study_dir}` first (or let it finish)")
@@ -247,16 +256,16 @@ def verdict(rows: list[Row], groups: dict[str, dict[tuple, Run]], level: str, *,
 
 
 def report(study_dir: str | Path, *, level: str | None = None, n_resamples: int = 2000, seed: int = 0,
-           plots: bool = True, console: Console | None = None) -> dict[str, Any]:
+           plots: bool = True, storage: str | None = None, console: Console | None = None) -> dict[str, Any]:
     """Build, print and write the report; returns {rows, diffs, verdict, files}."""
     if n_resamples < 1:
         raise StudyError(f"--resamples {n_resamples}: give at least 1 bootstrap resample (default 2000; "
                          "1,000 or more for a CI worth reading)")
     console = console or ui.console()
     study_dir = Path(study_dir)
-    manifest, groups, notes = load_runs(study_dir)
+    manifest, groups, notes = load_runs(study_dir, storage=storage)
     hpo = manifest["kind"] == "hpo"
-    baseline = ("trial-0" if "trial-0" in groups else next(iter(groups))) if hpo else manifest["baseline"]
+    baseline = manifest["baseline"]
     first = next(iter(next(iter(groups.values())).values()))
     level = level or first.record["config"]["train"]["select_level"]
     rows = summarize(groups, n_resamples=n_resamples, seed=seed)
@@ -295,9 +304,9 @@ def report(study_dir: str | Path, *, level: str | None = None, n_resamples: int 
     return {"rows": rows, "diffs": diffs, "verdict": sentence, "files": written, "notes": notes, "final": final}
 
 
-def write_selection(study_dir: Path) -> dict[str, Any]:
+def write_selection(study_dir: Path, storage: str | None = None) -> dict[str, Any]:
     """Rank the finished study's labels and record the winner with its runs and config."""
-    manifest, groups, notes = load_runs(study_dir, samples="none")
+    manifest, groups, notes = load_runs(study_dir, samples="none", storage=storage)
     first = next(iter(next(iter(groups.values())).values()))
     level = first.record["config"]["train"]["select_level"]
     ranked = ranking(groups, level)

@@ -18,7 +18,6 @@ refused (change --out, or delete that run). `study_run.json` records the resolve
 
 from __future__ import annotations
 
-import shutil
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -28,7 +27,7 @@ from typing import Any
 from rich.console import Console
 
 from stacktrain import ui
-from stacktrain.io import atomic_write_json
+from stacktrain.io import atomic_write, atomic_write_json
 from stacktrain.train.config import config_to_dict
 from stacktrain.train.split import check_split, load_split, split_hash
 from stacktrain.train.study import hpo
@@ -47,6 +46,7 @@ from stacktrain.train.study.runs import (
     worker_setup,
 )
 from stacktrain.train.study.selection import chain_of, check_chain_split
+from stacktrain.train.study.storage import redact_text
 
 SPLIT_COPY = "split.json"
 
@@ -82,7 +82,8 @@ def write_manifest(study: Study, out: Path, split: dict[str, Any], kind: str, ex
                 "seeds": list(study.seeds), "chain": chain_of(study.parent), **extra}
     atomic_write_json(out / MANIFEST, manifest)
     if study.path.resolve() != (out / "study.toml").resolve():
-        shutil.copyfile(study.path, out / "study.toml")
+        text = redact_text(study.path.read_text())  # never a password in a file we write
+        atomic_write(out / "study.toml", lambda f: f.write(text.encode()))
 
 
 def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *, workers: int,
@@ -130,7 +131,7 @@ def check_stores(study: Study, split: dict[str, Any], configs: list[Any]) -> Non
 
 def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, overrides: list[str] = (),
               trials: int | None = None, trainer: str = DEFAULT_TRAINER, final: bool = False,
-              console: Console | None = None) -> Path:
+              storage: str | None = None, console: Console | None = None) -> Path:
     """Run (or resume) every run of the study into `out`, record its selection; with `final`, then
     evaluate the selected configuration on the held-out test part, once (final.py). Returns `out`."""
     console = console or ui.console()
@@ -138,6 +139,10 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
         raise StudyError(f"--workers {workers}: give 1 or more")
     study = load_study(study_path, overrides)
     out = Path(out)
+    if study.hpo is not None:
+        study = hpo.with_storage(study, out, storage)
+    elif storage is not None:
+        raise StudyError(f"--storage: only a study with an [hpo] table uses an Optuna storage; {study.path} has none")
     out.mkdir(parents=True, exist_ok=True)
     split_copy, split = prepare_split(study, out)
     if study.hpo is not None:
@@ -153,7 +158,7 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
         check_stores(study, split, [s.config for s in study.runs(out, split_copy)])
         write_manifest(study, out, split, "grid", {})
         run_grid(study, out, split_copy, split, workers=workers, trainer=trainer, console=console)
-    selection = write_selection(out)
+    selection = write_selection(out, study.hpo.storage if study.hpo is not None else None)
     console.print(f"study {study.name} complete in {out}: selected {selection['label']} ({selection['level']}-level "
                   f"score {selection['score']:.3f}); next: stacktrain report {out}", highlight=False)
     if final:
