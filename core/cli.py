@@ -155,6 +155,8 @@ def _study(sub) -> None:
     p.add_argument("--final", action="store_true", default=KEEP,
                    help="then evaluate the selected configuration on the split's held-out test part, once "
                         "(its fold models as an ensemble; DIR/final.json)")
+    p.add_argument("--print-runs", dest="print_only", action="store_true", default=KEEP,
+                   help="list the runs (index, state, holder, directory) and exit: for a scheduler's array size")
     p.add_argument("--storage", default=KEEP, metavar="URL",
                    help="phase 3: the Optuna storage shared by every machine (else $STACKTRAIN_STORAGE, else "
                         "hpo.storage, else sqlite in DIR); its password is never written to a file")

@@ -160,7 +160,8 @@ def demo(args: Namespace) -> int:
 def study(args: Namespace) -> int:
     from stacktrain.train.study.runner import run_study
 
-    run_study(args.study, args.out, overrides=args.overrides, **_given(args, "workers", "trials", "final", "storage"))
+    run_study(args.study, args.out, overrides=args.overrides,
+              **_given(args, "workers", "trials", "final", "storage", "print_only"))
     return 0
 
 

@@ -24,7 +24,7 @@ COMMANDS = {
     "train": (["config"], ["--resume", "--run-dir", "--set"]),
     "predict": (["checkpoint", "store"], ["--batch-size", "--device", "--loader", "--out", "--stacks"]),
     "demo": ([], ["--epochs", "--out"]),
-    "study": (["study"], ["--final", "--out", "--set", "--storage", "--trials", "--workers"]),
+    "study": (["study"], ["--final", "--out", "--print-runs", "--set", "--storage", "--trials", "--workers"]),
     "report": (["study_dir"], ["--level", "--no-plots", "--resamples", "--seed", "--storage"]),
     "bench": ([], []),
     "bench loader": ([], ["--batch", "--cache", "--dtype", "--json", "--loaders", "--patch", "--prefetch", "--profile",

@@ -10,6 +10,7 @@ folds = "all"                       # or a list of fold numbers
 baseline = "scale"                  # the label that paired differences are taken against
 set = ["train.epochs=50"]           # section.key=value overrides for every run
 seeds = [0, 1, 2]                   # every run repeated per seed (train.seed and loader.seed)
+heartbeat_s = 30                    # grid on many machines: claim heartbeat; silent 3 beats = taken over
 
 [variants.scale]                    # a named preprocessing variant: tables of patch/preprocess/loader
 preprocess = { normalize = "scale" }
@@ -67,8 +68,11 @@ class StudyTable:
     """section.key=value overrides of the base config, for every run."""
     seeds: tuple[int, ...] = ()
     """Repeat every run once per seed (train.seed and loader.seed); empty: the base config's seed, once."""
+    heartbeat_s: float = 30.0
+    """Grid: a run's claim is touched this often; a claim silent for 3 beats is taken over (claims.py)."""
 
     def __post_init__(self):
+        require(self.heartbeat_s > 0, "study.heartbeat_s", self.heartbeat_s, "give seconds > 0 (default 30)")
         folds = self.folds  # "all" or fold numbers: a union that `build` cannot check by annotation
         ok = folds == "all" or (isinstance(folds, (list, tuple)) and bool(folds)
                                 and all(isinstance(f, int) and not isinstance(f, bool) for f in folds))
@@ -143,6 +147,8 @@ class Study:
     """The `[hpo]` table, checked; None for a grid study."""
     seeds: tuple[int, ...] = ()
     """study.seeds: every run repeated per seed; empty: once, with the base config's seed."""
+    heartbeat_s: float = 30.0
+    """study.heartbeat_s: how often a grid run's claim is touched (claims.py)."""
     parent: dict[str, Any] | None = None
     """When `base` names a previous phase's study directory: {dir, name, selected, split_sha256, chain}."""
 
@@ -284,7 +290,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
                              f"and 2 chose); it has variants {list(variants)} and models {list(models)}")
     study = Study(path=path, name=name, base_raw=base_raw, split_file=split_file, folds=folds,
                   variants=variants, models=models, baseline="", hpo=spec.hpo, seeds=tuple(head.seeds),
-                  parent=parent)
+                  heartbeat_s=head.heartbeat_s, parent=parent)
     labels = [study.label(v, m) for v in variants for m in models]
     baseline = head.baseline or labels[0]
     if study.hpo is None and baseline not in labels:

@@ -30,18 +30,19 @@ from stacktrain import ui
 from stacktrain.io import atomic_write, atomic_write_json
 from stacktrain.train.config import config_to_dict
 from stacktrain.train.split import check_split, load_split, split_hash
-from stacktrain.train.study import hpo
+from stacktrain.train.study import claims, hpo
 from stacktrain.train.study.config import Study, StudyError, load_study
 from stacktrain.train.study.final import run_final
 from stacktrain.train.study.manifest import FORMAT_VERSION, MANIFEST, read_manifest  # noqa: F401 (re-export)
 from stacktrain.train.study.report import write_selection
 from stacktrain.train.study.runs import (
     DEFAULT_TRAINER,
+    check_record,
+    peek_state,
     pool_settings,
     rate,
     run_progress,
     run_record,
-    run_state,
     train_one,
     worker_setup,
 )
@@ -88,37 +89,85 @@ def write_manifest(study: Study, out: Path, split: dict[str, Any], kind: str, ex
 
 def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *, workers: int,
              trainer: str, console: Console) -> dict[str, int]:
+    """Train every run not yet done. Runs are claimed (claims.py), so other processes pointed at the same
+    DIR (other machines) share the grid: each run is trained once, and this process waits for the runs
+    others hold, taking over any whose holder died."""
     specs = study.runs(out, split_copy)
-    states = {spec.run_dir: run_state(spec, run_record(spec, study, split)) for spec in specs}
-    todo = [s for s in specs if states[s.run_dir] != "done"]
+    records = {spec.run_dir: run_record(spec, study, split) for spec in specs}
+    for spec in specs:  # refuse a changed study before training anything
+        check_record(spec.run_dir, records[spec.run_dir])
+    states = {spec.run_dir: peek_state(spec.run_dir) for spec in specs}
     counts = {k: sum(v == k for v in states.values()) for k in ("done", "resume", "new")}
     console.print(f"study {study.name}: {len(specs)} runs ({counts['done']} finished, {counts['resume']} "
                   f"to resume, {counts['new']} to start), {workers} worker(s)")
-    tasks = [(trainer, config_to_dict(s.config), str(s.run_dir), states[s.run_dir] == "resume") for s in todo]
-    started, done = time.monotonic(), 0
+    tasks = {s.run_dir: (trainer, config_to_dict(s.config), str(s.run_dir), records[s.run_dir], study.heartbeat_s)
+             for s in specs if states[s.run_dir] != "done"}
+    started, done, taken = time.monotonic(), 0, []
+
+    def finished(run_dir: Path, outcome: str) -> None:
+        nonlocal done
+        if outcome == "taken":
+            taken.append(run_dir)
+            return
+        done += 1
+        progress.update(bar, advance=1, rate=rate(done, started))
+
     with run_progress(console) as progress:
         bar = progress.add_task("runs", total=len(tasks), rate="")
         if workers == 1:
-            for task in tasks:
-                train_one(*task)
-                done += 1
-                progress.update(bar, advance=1, rate=rate(done, started))
+            for run_dir, task in tasks.items():
+                finished(run_dir, train_one(*task))
         elif tasks:
             ctx = get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_setup,
                                      initargs=(*pool_settings(workers), ctx.Value("i", 0))) as pool:
-                pending = {pool.submit(train_one, *task) for task in tasks}
+                pending = {pool.submit(train_one, *task): run_dir for run_dir, task in tasks.items()}
                 try:
                     while pending:
-                        finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                        for future in finished:
-                            future.result()
-                            done += 1
-                            progress.update(bar, advance=1, rate=rate(done, started))
+                        ready, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                        for future in ready:
+                            finished(pending.pop(future), future.result())
                 except BaseException:  # runs in flight finish (they resume later); the others never start
                     pool.shutdown(cancel_futures=True)
                     raise
+        if taken:
+            holders = sorted({claims.describe(h) for d in taken if (h := claims.holder(d))})
+            console.print(f"{len(taken)} run(s) are trained by other processes ({', '.join(holders[:4])}); waiting "
+                          f"for them (one silent for {claims.STALE_BEATS * study.heartbeat_s:g} s is taken over)")
+            _wait_for_others(taken, tasks, study.heartbeat_s, finished)
     return counts
+
+
+def _wait_for_others(taken: list[Path], tasks: dict[Path, tuple], beat_s: float, finished) -> None:
+    """Until every run held by another process is done: train here any whose claim was released
+    unfinished or went stale. Polls once a beat: a claim changes no faster."""
+    pending = list(taken)
+    while pending:
+        for run_dir in list(pending):
+            info = claims.holder(run_dir)
+            if peek_state(run_dir) == "done" and info is None:
+                pending.remove(run_dir)
+                finished(run_dir, "done")
+            elif info is None or claims.is_stale(info, beat_s):
+                outcome = train_one(*tasks[run_dir])
+                if outcome != "taken":
+                    pending.remove(run_dir)
+                    finished(run_dir, outcome)
+        if pending:
+            time.sleep(min(beat_s, 2.0))
+
+
+def print_runs(study: Study, out: Path, split_copy: Path, console: Console) -> None:
+    """`--print-runs`: one line per run (index, state, holder, run directory), for a scheduler to size an
+    array of processes that all run the same `stacktrain study` command."""
+    if study.hpo is not None:
+        console.print(f"search {study.name}: {study.hpo.trials} trials over folds {list(hpo.trial_folds(study))}; "
+                      "start any number of processes with the same command and storage", highlight=False)
+        return
+    for i, spec in enumerate(study.runs(out, split_copy)):
+        info = claims.holder(spec.run_dir)
+        who = claims.describe(info) if info else "-"
+        print(f"{i}\t{peek_state(spec.run_dir)}\t{who}\t{spec.run_dir}")  # plain tabs, for scripts
 
 
 def check_stores(study: Study, split: dict[str, Any], configs: list[Any]) -> None:
@@ -131,7 +180,7 @@ def check_stores(study: Study, split: dict[str, Any], configs: list[Any]) -> Non
 
 def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, overrides: list[str] = (),
               trials: int | None = None, trainer: str = DEFAULT_TRAINER, final: bool = False,
-              storage: str | None = None, console: Console | None = None) -> Path:
+              storage: str | None = None, print_only: bool = False, console: Console | None = None) -> Path:
     """Run (or resume) every run of the study into `out`, record its selection; with `final`, then
     evaluate the selected configuration on the held-out test part, once (final.py). Returns `out`."""
     console = console or ui.console()
@@ -145,6 +194,9 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
         raise StudyError(f"--storage: only a study with an [hpo] table uses an Optuna storage; {study.path} has none")
     out.mkdir(parents=True, exist_ok=True)
     split_copy, split = prepare_split(study, out)
+    if print_only:
+        print_runs(study, out, split_copy, console)
+        return out
     if study.hpo is not None:
         space = hpo.load_space(study)
         check_stores(study, split, [hpo.trial_config(study, space, {}, out, split_copy, 0, study.folds[0])])

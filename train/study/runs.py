@@ -20,6 +20,7 @@ from stacktrain.io import atomic_write_json
 from stacktrain.train.checkpoint import LAST
 from stacktrain.train.config import config_from_dict, config_to_dict
 from stacktrain.train.results import RESULTS_NAME, load_results
+from stacktrain.train.study.claims import Claim
 from stacktrain.train.study.config import RunSpec, Study, StudyError
 from stacktrain.train.study.manifest import FORMAT_VERSION
 
@@ -59,25 +60,42 @@ def run_record(spec: RunSpec, study: Study, split: dict[str, Any]) -> dict[str, 
             "config": config_to_dict(spec.config), "host": socket.gethostname()}
 
 
-def run_state(spec: RunSpec, record: dict[str, Any]) -> str:
-    """"done", "resume" or "new"; writes the run record, refusing a run made with another config."""
-    path = spec.run_dir / RUN_RECORD
+def check_record(run_dir: Path, record: dict[str, Any]) -> None:
+    """Refuse a run directory made with another config or split (reads only)."""
+    path = run_dir / RUN_RECORD
     if path.exists():
         old = json.loads(path.read_text())
         diffs = config_differences(old["config"], record["config"])
         if diffs or old.get("split_sha256") != record["split_sha256"]:
             what = "; ".join(diffs[:5]) or "the split file"
-            raise StudyError(f"{spec.run_dir}: this run was made with another config ({what}); the study "
+            raise StudyError(f"{run_dir}: this run was made with another config ({what}); the study "
                              "file changed since: use a new --out directory, or delete this run to redo it")
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, record)
-    results = spec.run_dir / RESULTS_NAME
+
+
+def peek_state(run_dir: Path) -> str:
+    """"done", "resume" or "new", reading only (another process may be training it)."""
+    results = run_dir / RESULTS_NAME
     if results.exists() and load_results(results, samples="none").get("stop_reason"):
         return "done"
-    if (spec.run_dir / LAST).exists():
-        return "resume"
-    results.unlink(missing_ok=True)  # killed inside its first epoch, before last.pt: start it afresh
-    return "new"
+    return "resume" if (run_dir / LAST).exists() else "new"
+
+
+def claimed_state(run_dir: Path, record: dict[str, Any]) -> str:
+    """The state of a run this process now trains (it holds the run's claim, or the trial): writes the
+    run record; a run killed inside its first epoch, before last.pt, starts afresh."""
+    check_record(run_dir, record)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / RUN_RECORD, record)
+    state = peek_state(run_dir)
+    if state == "new":
+        (run_dir / RESULTS_NAME).unlink(missing_ok=True)
+    return state
+
+
+def run_state(spec: RunSpec, record: dict[str, Any]) -> str:
+    """"done", "resume" or "new" of a run this process trains; writes the run record, refusing a run
+    made with another config."""
+    return claimed_state(spec.run_dir, record)
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -107,11 +125,18 @@ def pool_settings(workers: int) -> tuple[int, list[str]]:
     return max(1, (os.cpu_count() or 1) // workers), visible_gpus()
 
 
-def train_one(trainer: str, config: dict[str, Any], run_dir: str, resume: bool) -> str:
-    """One training in this process (a worker's task): the study's config, run directory and resume."""
-    cfg = config_from_dict(config, f"{run_dir}/{RUN_RECORD}")
-    load_trainer(trainer)(cfg, run_dir=Path(run_dir), resume=resume)
-    return run_dir
+def train_one(trainer: str, config: dict[str, Any], run_dir: str, record: dict[str, Any], beat_s: float) -> str:
+    """One grid run in this process (a worker's task), under its claim (claims.py): "trained", "done"
+    (another process finished it), or "taken" (another live process holds it)."""
+    with Claim(Path(run_dir), beat_s) as claim:
+        if not claim.held:
+            return "taken"
+        state = claimed_state(Path(run_dir), record)
+        if state == "done":
+            return "done"
+        cfg = config_from_dict(config, f"{run_dir}/{RUN_RECORD}")
+        load_trainer(trainer)(cfg, run_dir=Path(run_dir), resume=state == "resume")
+    return "trained"
 
 
 def run_progress(console: Console) -> Progress:
