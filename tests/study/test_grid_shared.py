@@ -115,3 +115,26 @@ def test_heartbeat_must_be_positive(tmp_path, fake_data, beat):
     from stacktrain.train.study.config import StudyError, load_study
     with pytest.raises(StudyError, match="study.heartbeat_s"):
         load_study(grid(tmp_path, fake_data, beat))
+
+
+def _hparams_sessions(logdir):
+    """Per event file under `logdir`: the HParams session's hyper-parameters, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    start = data.session_start_info.hparams
+    return {k: (v.string_value or v.number_value) for k, v in start.items()}, acc.Tags()["scalars"]
+
+
+def test_every_study_run_has_tensorboard_hparams(tmp_path, fake_data):
+    out = run_study(grid(tmp_path, fake_data), tmp_path / "out", trainer=FAKE, console=Console(file=io.StringIO()))
+    run = out / "runs/percentile--resnet3d50--fold1"
+    hp, scalars = _hparams_sessions(run / "tensorboard")
+    assert hp["variant"] == "percentile" and hp["model"] == "resnet3d50" and hp["fold"] == 1
+    assert hp["preprocess.normalize"] == "percentile"
+    assert {"best/stack_f1_MALADE", "best/val_loss"} <= set(scalars)
+    results = load_results(run / RESULTS_NAME)
+    assert hp["train.seed"] == results["config"]["train"]["seed"]

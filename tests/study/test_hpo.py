@@ -59,6 +59,11 @@ def test_three_trials_run_prune_and_top_up(tmp_path, fake_data, monkeypatch):
     assert record["label"] == "trial-1" and record["config"]["optim"]["lr"] == first[1].params["optim.lr"]
     assert record["config"]["loader"]["batch_size"] == first[1].params["loader.batch_size"]
 
+    from tests.study.test_grid_shared import _hparams_sessions
+    hp, _ = _hparams_sessions(out / "trials/trial-0000/fold1/tensorboard")  # TensorBoard's HParams row
+    assert hp["optim.lr"] == pytest.approx(1e-3) and hp["trial"] == 0 and hp["fold"] == 1
+    assert not (out / "trials/trial-0001/fold0/tensorboard").exists()  # a pruned run has no row
+
     log.unlink()
     run_study(study, out, trainer=FAKE)  # hpo.trials = 3: one more, nothing redone
     assert len(trials_of(out)) == 3

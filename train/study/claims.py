@@ -31,12 +31,13 @@ CLAIM = "claim.json"
 STALE_BEATS = 3
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether process `pid` of this host exists (a malformed pid counts as alive: never steal on doubt)."""
     try:
-        os.kill(pid, 0)
+        os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except (PermissionError, TypeError, ValueError, OverflowError):
         return True
     return True
 
@@ -56,7 +57,7 @@ def holder(run_dir: Path) -> dict | None:
 
 def is_stale(info: dict, beat_s: float) -> bool:
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) and info["pid"] > 0:
-        return not _pid_alive(info["pid"])
+        return not pid_alive(info["pid"])
     return info["age_s"] > STALE_BEATS * beat_s
 
 

@@ -43,6 +43,7 @@ from stacktrain.train.evaluator import selection_score
 from stacktrain.train.results import RESULTS_NAME, load_results
 from stacktrain.train.study import storage as storages
 from stacktrain.train.study.config import RunSpec, Study, StudyError, build_config
+from stacktrain.train.study.hparams import record_hparams
 from stacktrain.train.study.hpo_config import SearchDimension
 from stacktrain.train.study.runs import load_trainer, pool_settings, run_progress, run_record, run_state, worker_setup
 
@@ -122,24 +123,6 @@ def manifest_entry(study: Study, space: dict[str, SearchDimension], out: Path) -
             "folds": list(trial_folds(study)), "trials": study.hpo.trials}
 
 
-def listed_trials(manifest: dict[str, Any], study_dir: Path, given: str | None) -> tuple[str, dict[str, Any], str]:
-    """For the report, from the storage (every machine's trials, not only this directory's folders):
-    (storage URL, {label: finished trial}, the base trial's label)."""
-    url = manifest["hpo"]["storage"]
-    if given or os.environ.get(storages.ENV):
-        url = storages.resolve_url("", study_dir, given)
-    elif storages.is_redacted(url):
-        raise StudyError(f"{study_dir}: the search's storage {url} was recorded without its password; give it "
-                         f"with --storage URL or ${storages.ENV}")
-    ostudy = storages.load(manifest["hpo"]["study_name"], url)
-    states = _optuna().trial.TrialState
-    with storages.database_errors(url):
-        trials = ostudy.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
-    listed = {f"trial-{t.user_attrs.get('run_number', t.number)}": t for t in trials}
-    base = next((label for label, t in listed.items() if t.user_attrs.get("base")), "trial-0")
-    return url, listed, base
-
-
 def base_params(study: Study, space: dict[str, SearchDimension]) -> dict[str, Any] | None:
     """The base config's value of every searched key, when all lie inside the space (else None)."""
     cfg = build_config(copy.deepcopy(study.base_raw), str(study.path))
@@ -176,34 +159,6 @@ def open_study(study: Study) -> tuple[Any, bool]:
         except optuna.exceptions.DuplicatedStudyError:
             pass
     return storages.create_or_load(study.name, storage, url, sampler, pruner), False
-
-
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    return True
-
-
-def recover_dead_trials(ostudy: Any) -> list[int]:
-    """Fail this host's RUNNING trials whose process is gone and enqueue them again (they resume)."""
-    optuna = _optuna()
-    host, revived = socket.gethostname(), []
-    for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if t.user_attrs.get("host") == host and not _pid_alive(t.user_attrs.get("pid")):
-            ostudy.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            ostudy.enqueue_trial(t.params, user_attrs={"run_number": t.user_attrs.get("run_number", t.number),
-                                                      "base": bool(t.user_attrs.get("base"))})
-            revived.append(t.number)
-    return revived
-
-
-def finished_count(ostudy: Any) -> int:
-    states = _optuna().trial.TrialState
-    return len(ostudy.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
 
 
 class SurplusTrial(Exception):
@@ -250,7 +205,8 @@ class Objective:
             spec = RunSpec(label=f"trial-{number}", variant=next(iter(self.study.variants)),
                            model=next(iter(self.study.models)), fold=fold,
                            run_dir=self.out / run_dir_name(number, fold), config=cfg, trial=number)
-            state = run_state(spec, run_record(spec, self.study, self.split))
+            record = run_record(spec, self.study, self.split)
+            state = run_state(spec, record)
             level, offset = cfg.train.select_level, position * cfg.train.epochs
             if state != "new":  # epochs trained before a kill (by the failed trial) count for the pruner too
                 for entry in load_results(spec.run_dir / RESULTS_NAME, samples="none")["epochs"]:
@@ -261,6 +217,7 @@ class Objective:
                     return trial.should_prune()
                 load_trainer(self.trainer)(cfg, run_dir=spec.run_dir, resume=state == "resume",
                                            on_epoch=on_epoch)
+            record_hparams(spec.run_dir, record, params)
             results = load_results(spec.run_dir / RESULTS_NAME, samples="none")
             if results["stop_reason"] == "pruned":
                 raise optuna.TrialPruned(f"fold {fold}, epoch {results['epochs'][-1]['epoch']}")
@@ -287,7 +244,7 @@ def _work(study: Study, space: dict[str, SearchDimension], out: Path, split_copy
         ostudy.optimize(objective, n_trials=1, catch=(SurplusTrial,))
         ran += 1
         if progress is not None:
-            progress(finished_count(ostudy))
+            progress(storages.finished_count(ostudy))
 
 
 def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path, split: dict[str, Any], *,
@@ -296,18 +253,18 @@ def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_co
     if target < 1:
         raise StudyError(f"--trials {target}: give 1 or more")
     ostudy, created = open_study(study)
-    revived = recover_dead_trials(ostudy)
+    revived = storages.recover_dead_trials(ostudy)
     if created and study.hpo.enqueue_base:
         params = base_params(study, space)
         if params is not None:
             ostudy.enqueue_trial(params, user_attrs={"base": True})
         else:
             console.print("[yellow]note:[/] the base config's values lie outside hpo.space; no base trial")
-    console.print(f"study {study.name}: {finished_count(ostudy)} of {target} trials finished"
+    console.print(f"study {study.name}: {storages.finished_count(ostudy)} of {target} trials finished"
                   f"{f', {len(revived)} interrupted trial(s) resumed' if revived else ''}; "
                   f"storage {storages.redact(study.hpo.storage)}, {workers} worker(s)")
     with run_progress(console) as progress:
-        bar = progress.add_task("trials", total=target, completed=finished_count(ostudy), rate="")
+        bar = progress.add_task("trials", total=target, completed=storages.finished_count(ostudy), rate="")
         update = lambda done: progress.update(bar, completed=done)  # noqa: E731
         if workers == 1:
             _work(study, space, out, split_copy, split, trainer, target, 0, progress=update)
@@ -323,7 +280,7 @@ def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_co
                     finished, pending = wait(pending, timeout=30, return_when=FIRST_EXCEPTION)
                     for future in finished:
                         future.result()
-                    update(finished_count(ostudy))
+                    update(storages.finished_count(ostudy))
     if any(t.state.name == "COMPLETE" for t in ostudy.get_trials(deepcopy=False)):
         best = ostudy.best_trial
         console.print(f"best trial {best.user_attrs.get('run_number', best.number)}: objective "

@@ -26,7 +26,6 @@ from stacktrain.io import atomic_write, atomic_write_json
 from stacktrain.stores.reader import Store
 from stacktrain.train.results import RESULTS_NAME, RunResults, load_results
 from stacktrain.train.study.config import StudyError
-from stacktrain.train.study.hpo import listed_trials as hpo_trials
 from stacktrain.train.study.manifest import read_manifest
 from stacktrain.train.study.render import markdown, rich_tables, write_csvs
 from stacktrain.train.study.runs import RUN_RECORD
@@ -41,6 +40,7 @@ from stacktrain.train.study.stats import (
     paired_bootstrap,
     percentile_ci,
 )
+from stacktrain.train.study.storage import listed_trials as hpo_trials
 
 CONFIDENCE = 0.95
 

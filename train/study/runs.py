@@ -22,6 +22,7 @@ from stacktrain.train.config import config_from_dict, config_to_dict
 from stacktrain.train.results import RESULTS_NAME, load_results
 from stacktrain.train.study.claims import Claim
 from stacktrain.train.study.config import RunSpec, Study, StudyError
+from stacktrain.train.study.hparams import record_hparams
 from stacktrain.train.study.manifest import FORMAT_VERSION
 
 RUN_RECORD = "study_run.json"
@@ -132,11 +133,11 @@ def train_one(trainer: str, config: dict[str, Any], run_dir: str, record: dict[s
         if not claim.held:
             return "taken"
         state = claimed_state(Path(run_dir), record)
-        if state == "done":
-            return "done"
-        cfg = config_from_dict(config, f"{run_dir}/{RUN_RECORD}")
-        load_trainer(trainer)(cfg, run_dir=Path(run_dir), resume=state == "resume")
-    return "trained"
+        if state != "done":
+            cfg = config_from_dict(config, f"{run_dir}/{RUN_RECORD}")
+            load_trainer(trainer)(cfg, run_dir=Path(run_dir), resume=state == "resume")
+        record_hparams(Path(run_dir), record)
+    return "trained" if state != "done" else "done"
 
 
 def run_progress(console: Console) -> Progress:

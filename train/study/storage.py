@@ -21,6 +21,7 @@ import contextlib
 import os
 import random
 import re
+import socket
 import time
 import warnings
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from stacktrain.errors import StudyError
+from stacktrain.train.study.claims import pid_alive
 
 ENV = "STACKTRAIN_STORAGE"
 DB_NAME = "optuna.db"
@@ -174,3 +176,40 @@ def trial_seeded_sampler(seed: int):
             self._inner.reseed_rng()
 
     return TrialSeeded()
+
+
+# -- the trials on it --------------------------------------------------------------------------------
+def recover_dead_trials(ostudy: Any) -> list[int]:
+    """Fail this host's RUNNING trials whose process is gone and enqueue them again (they resume)."""
+    optuna = _optuna()
+    host, revived = socket.gethostname(), []
+    for t in ostudy.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t.user_attrs.get("host") == host and not pid_alive(t.user_attrs.get("pid")):
+            ostudy.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            ostudy.enqueue_trial(t.params, user_attrs={"run_number": t.user_attrs.get("run_number", t.number),
+                                                      "base": bool(t.user_attrs.get("base"))})
+            revived.append(t.number)
+    return revived
+
+
+def finished_count(ostudy: Any) -> int:
+    states = _optuna().trial.TrialState
+    return len(ostudy.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
+
+
+def listed_trials(manifest: dict[str, Any], study_dir: Path, given: str | None) -> tuple[str, dict[str, Any], str]:
+    """For the report, from the storage (every machine's trials, not only this directory's folders):
+    (storage URL, {label: finished trial}, the base trial's label)."""
+    url = manifest["hpo"]["storage"]
+    if given or os.environ.get(ENV):
+        url = resolve_url("", study_dir, given)
+    elif is_redacted(url):
+        raise StudyError(f"{study_dir}: the search's storage {url} was recorded without its password; give it "
+                         f"with --storage URL or ${ENV}")
+    ostudy = load(manifest["hpo"]["study_name"], url)
+    states = _optuna().trial.TrialState
+    with database_errors(url):
+        trials = ostudy.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+    listed = {f"trial-{t.user_attrs.get('run_number', t.number)}": t for t in trials}
+    base = next((label for label, t in listed.items() if t.user_attrs.get("base")), "trial-0")
+    return url, listed, base
