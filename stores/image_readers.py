@@ -70,6 +70,10 @@ class TiffReader:
             if damage or not n_pages:
                 raise InputError(f"{path}: TIFF structure is damaged ({(damage or ['no pages'])[0]}); the file "
                                  "is truncated or corrupt, re-export it")
+            if len(tif.series) > 1:  # pages of other shapes: reading series 0 would silently drop them
+                shapes = ", ".join(f"{s.axes} {tuple(s.shape)}" for s in tif.series[:4])
+                raise InputError(f"{path}: holds {len(tif.series)} image series ({shapes}); a stack is one series of "
+                                 "pages of one shape: export each series to its own file")
             series = tif.series[0]
             self.shape, self.dtype, self.tiff_axes = tuple(series.shape), series.dtype, series.axes
             declared(self.name, self.shape, self.dtype.itemsize, "the TIFF")
