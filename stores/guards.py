@@ -137,7 +137,7 @@ def _one_line(text: str, limit: int = 160) -> str:
 
 def with_warnings(message: str, heard: list[tuple[str, str]]) -> str:
     """`message` with the first distinct library warnings appended, still one line."""
-    seen = list(dict.fromkeys(heard))[:2]
+    seen = [(lib, text) for lib, text in dict.fromkeys(heard) if _one_line(text) not in message][:2]
     return message + "".join(f"; {lib} warned: {_one_line(text)}" for lib, text in seen)
 
 

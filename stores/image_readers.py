@@ -6,6 +6,7 @@ bytes can hold is refused by name, instead of tifffile filling it with zeros."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,11 @@ class TiffReader:
                 raise InputError(f"{path}: TIFF structure is damaged ({(damage or ['no pages'])[0]}); the file "
                                  "is truncated or corrupt, re-export it")
             if len(tif.series) > 1:  # pages of other shapes: reading series 0 would silently drop them
-                shapes = ", ".join(f"{s.axes} {tuple(s.shape)}" for s in tif.series[:4])
+                kinds = Counter(f"{s.axes} {tuple(s.shape)} {s.dtype}" for s in tif.series)
+                shapes = ", ".join(f"{n} x {kind}" for kind, n in kinds.most_common(4))
                 raise InputError(f"{path}: holds {len(tif.series)} image series ({shapes}); a stack is one series of "
-                                 "pages of one shape: export each series to its own file")
+                                 "pages of one shape and type: write it with one tifffile.imwrite(path, stack), or "
+                                 "export each series to its own file")
             series = tif.series[0]
             self.shape, self.dtype, self.tiff_axes = tuple(series.shape), series.dtype, series.axes
             declared(self.name, self.shape, self.dtype.itemsize, "the TIFF")
@@ -82,8 +85,8 @@ class TiffReader:
                 if series.dataoffset + series.nbytes > size:
                     raise InputError(f"{path}: TIFF data runs past the end of the file ({size} bytes); "
                                      "the file is truncated, re-export it")
-            else:
-                check_tiff_pages(self.name, series.pages, size)
+            pages = series.pages if series.dataoffset is None else [p for p in series.pages if p is not None]
+            check_tiff_pages(self.name, pages, size)  # contiguous: tifffile may list only the first page
             self.spacing_zyx = self._spacing(tif)
         self.inferred_axes = tiff_axes(self.tiff_axes)
 
@@ -129,6 +132,11 @@ PIL_MODES = {"L": ((), "uint8"), "LA": ((2,), "uint8"), "RGB": ((3,), "uint8"), 
              "I": ((), "int32"), "F": ((), "float32")}
 
 
+def _unreadable(path: Path, e: Exception) -> InputError:
+    return InputError(f"{path}: cannot read this slice ({type(e).__name__}: {' '.join(str(e).split())}); the file "
+                      "is truncated, corrupt or not an image, re-export it")
+
+
 def slice_header(path: Path) -> tuple[tuple[int, ...], str]:
     """(shape, dtype) of one 2-D slice file, from its header only."""
     try:
@@ -139,7 +147,8 @@ def slice_header(path: Path) -> tuple[tuple[int, ...], str]:
                 series = tif.series[0]
                 if len(tif.pages) > 1 or series.axes not in ("YX", "YXS", "SYX"):
                     raise InputError(f"{path}: a slice must be one 2-D image, got TIFF axes {series.axes} "
-                                     f"shape {series.shape}")
+                                     f"shape {series.shape}; give a 3-D TIFF as a file of its own, not in a "
+                                     "slice folder")
                 check_tiff_pages(str(path), series.pages, path.stat().st_size)
                 shape = series.shape[1:] + series.shape[:1] if series.axes == "SYX" else series.shape
                 return tuple(shape), str(series.dtype)
@@ -157,7 +166,7 @@ def slice_header(path: Path) -> tuple[tuple[int, ...], str]:
     except InputError:
         raise
     except Exception as e:
-        raise InputError(f"{path}: cannot read this slice ({type(e).__name__}: {e})") from e
+        raise _unreadable(path, e) from e
 
 
 def read_slice(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -173,8 +182,7 @@ def read_slice(path: Path, dtype: np.dtype) -> np.ndarray:
         with Image.open(path) as im:
             return np.asarray(im).astype(dtype, copy=False)
     except Exception as e:
-        raise InputError(f"{path}: cannot read this slice ({type(e).__name__}: {e}); the file is truncated "
-                         "or corrupt, re-export it") from e
+        raise _unreadable(path, e) from e
 
 
 class SliceFolderReader(FrameReader):

@@ -90,7 +90,7 @@ class NpzReader:
         with zipfile.ZipFile(path) as zf:
             members = [n for n in zf.namelist() if n.endswith(".npy")]
             if not members:
-                raise InputError(f"{path}: no array inside this .npz")
+                raise InputError(f"{path}: no array inside this .npz; save the stack with numpy.savez(path, stack)")
             self.member = members[0]
             # With several arrays, say which one is used wherever the file is named.
             self.name = f"{path}[{self.member[:-4]}]" if len(members) > 1 else str(path)
