@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +75,7 @@ def convert_bad(folder: Path, store: Path, bad: str, **opts) -> str:
 
 
 R3 = {"replicate_channels": True}
+CT = {**R3, "scale": "minmax"}  # the real CT is int16
 # (id, maker(folder) -> manifest path, convert options, words the error line must hold)
 CASES = [
     # .npy
@@ -136,7 +141,8 @@ CASES = [
      ["(16, 40, 3)", "strips hold 768 bytes"]),
     ("tiff-bomb-zlib", lambda d: mk.tiff_patched(d, "ImageWidth", 60000, pages=range(8), compression="zlib"), {},
      ["1032:1"]),
-    ("tiff-page-of-other-shape", mk.tiff_two_shapes, {}, ["holds 8 image series", "5 x YXS (16, 16, 3) uint8", "3 x YXS (16, 20, 3)"]),
+    ("tiff-page-of-other-shape", mk.tiff_two_shapes, {},
+     ["holds 8 image series", "5 x YXS (16, 16, 3) uint8", "3 x YXS (16, 20, 3)"]),
     ("tiff-float32", lambda d: mk.tiff(d, arr=V.transpose(1, 2, 3, 0).astype(np.float32)), {}, ["float32", "--scale"]),
     ("tiff-two-channels", lambda d: mk.tiff(d, arr=V[:2].transpose(1, 0, 2, 3).copy()), {}, ["axes"]),
     ("tiff-garbage", lambda d: (d / "g.tif").write_bytes(b"II*\x00" + os.urandom(500)) and "g.tif", {},
@@ -212,3 +218,119 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, store, make, opts, w
     assert "Traceback" not in error
     if os.environ.get("SHOW_ERRORS"):
         print("\nERROR:", error)
+
+
+# -- DICOM gaps, accepted with --allow-gaps ---------------------------------------------------------
+def test_allow_gaps_converts_the_series_and_records_the_gap(tmp_path):
+    folder = mk.real_ct_series(tmp_path, drop="2693")
+    manifest = write_manifest(tmp_path, [(folder, "ct", "SAIN", "p1")])
+    report = convert(manifest, tmp_path / "s.zarr", ConvertOptions(**TINY, **CT, allow_gaps=True))
+    meta = report.outcomes[0].meta
+    assert meta.shape == (3, 4, 16, 16) and meta.gaps == [[1.2625, 6.2625]]
+    stored = json.loads((tmp_path / "s.zarr" / "ct" / "zarr.json").read_text())["attributes"]["stacktrain"]
+    assert stored["gaps"] == [[1.2625, 6.2625]]
+    (tmp_path / "again").mkdir()
+    whole = mk.real_ct_series(tmp_path / "again")  # the same series complete: no gap, 5 slices
+    report = convert(write_manifest(tmp_path / "again", [(whole, "full", "SAIN", "p2")]), tmp_path / "s.zarr",
+                     ConvertOptions(**TINY, **CT))
+    assert report.outcomes[0].meta.gaps is None and report.outcomes[0].meta.shape[1] == 5
+
+
+# -- library warnings: quiet on success, part of the line on failure ---------------------------------
+def test_nibabel_warning_is_logged_quietly_on_success(tmp_path, capfd, caplog):
+    name = mk.nifti_with_dims(tmp_path, "odd.nii", (16, 16, 8), sizeof_hdr=349)
+    caplog.set_level(logging.INFO, logger="stacktrain.inputs")
+    convert(write_manifest(tmp_path, [(name, "odd", "SAIN", "p1")]), tmp_path / "s.zarr", ConvertOptions(**TINY, **R3))
+    assert "sizeof_hdr" not in capfd.readouterr().err
+    assert any("nibabel warned: sizeof_hdr should be 348" in r.getMessage() and "odd.nii" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_pillow_warnings_are_kept_out_of_the_output_and_named_in_the_error(tmp_path, store, monkeypatch, caplog):
+    from PIL import Image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 16 x 16 = 256 pixels: Pillow warns, but reads
+    caplog.set_level(logging.INFO, logger="stacktrain.inputs")
+    mk.pngs(tmp_path, "ok")
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        convert(write_manifest(tmp_path, [("ok", "ok", "SAIN", "p1")]), tmp_path / "ok.zarr", ConvertOptions(**TINY))
+    assert not [w for w in escaped if "decompression bomb" in str(w.message)]
+    assert any("PIL warned: Image size (256 pixels) exceeds limit" in r.getMessage() for r in caplog.records)
+    mk.cut(mk.pngs(tmp_path, "cut") / "img6.png", 0.5)
+    error = convert_bad(tmp_path, store, "cut")
+    assert "img6.png: cannot read this slice" in error and "; PIL warned: Image size (256 pixels)" in error
+
+
+def test_tifffile_warning_joins_the_error_line(tmp_path, store):
+    error = convert_bad(tmp_path, store, mk.tiff_patched(tmp_path, "ImageWidth", 40, pages=range(8)))
+    assert error.endswith("; tifffile warned: <tifffile.TiffFile 'patched.tif'> shaped series shape does not "
+                          "match page shape")
+
+
+# -- memory and permissions ------------------------------------------------------------------------
+def test_a_stack_larger_than_the_free_memory_is_refused_before_reading(tmp_path, store, monkeypatch):
+    from stacktrain.stores import guards
+    monkeypatch.setattr(guards, "available_memory", lambda: 40_000)  # 6 slabs of the good stack fit, not more
+    error = convert_bad(tmp_path, store, mk.tiff(tmp_path, arr=tissue((8, 32, 32, 3))))
+    assert "a.tif: a stack of shape (c,z,y,x) = (3, 8, 32, 32) needs about 147472 bytes of memory" in error
+    assert "but 40000 bytes are available" in error
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_unreadable_permissions(tmp_path, store, kind):
+    """chmod 000: refused by name for a normal user; root reads anyway (CAP_DAC_OVERRIDE), so it converts."""
+    path = mk.pngs(tmp_path) if kind == "folder" else tmp_path / mk.tiff(tmp_path)
+    path.chmod(0)
+    try:
+        if os.geteuid() == 0:
+            report = convert(write_manifest(tmp_path, [(path.name, "x", "SAIN", "p1")]), store, ConvertOptions(**TINY))
+            assert report.outcomes[0].status == "converted" and registered(store) == ["prior", "x"]
+        else:
+            assert "not readable (permission denied)" in convert_bad(tmp_path, store, path.name)
+    finally:
+        path.chmod(0o755)
+
+
+# -- the command line: exit code 2, one line per failed stack and one error line, no traceback -------
+CLI_CASES = [
+    ("npz-bomb", mk.npz_bomb, [], ["bomb.npz", "1032:1"]),
+    ("niigz-bomb", lambda d: mk.nifti_with_dims(d, "bomb.nii.gz", (30000, 30000, 30000)), [],
+     ["bomb.nii.gz", "1032:1"]),
+    ("npy-empty-with-pad", lambda d: mk.npy(d, "e.npy", np.zeros((3, 0, 16, 16), np.uint8)), ["--pad"],
+     ["e.npy", "empty"]),
+    ("dicom-gap", lambda d: mk.dicom_series(d, zs=[0, 1, 2, 3, 6, 7, 8, 9]).name, [], ["--allow-gaps"]),
+]
+
+
+def run_cli(manifest: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    small = ["--chunk", "4", "16", "16", "--shard", "8", "16", "16", "--min-patch", "4", "16", "16"]
+    return subprocess.run([sys.executable, "-m", "stacktrain", "convert", str(manifest), "--out", str(out), *small,
+                           "--workers", "1", "--no-progress", *extra], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "80"})
+
+
+@pytest.mark.parametrize("make, extra, words", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, make, extra, words):
+    bad = make(tmp_path)
+    proc = run_cli(write_manifest(tmp_path, [(bad, "bad", "SAIN", "p1")]), tmp_path / "s.zarr", *extra)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(lines) == 2 and lines[0].startswith("failed: stack 'bad'") and lines[1].startswith("error: 1 of 1")
+    assert all(w in lines[0] for w in words)
+    assert registered(tmp_path / "s.zarr") == [] and not (tmp_path / "s.zarr" / "bad").exists()
+
+
+def test_cli_manifest_problem_is_a_single_line(tmp_path):
+    (tmp_path / "m.csv").write_text("path,stack_id,label,group\na\0b.npy,a,SAIN,p1\n", encoding="utf-8")
+    proc = run_cli(tmp_path / "m.csv", tmp_path / "s.zarr")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "contains a NUL character" in proc.stderr and "m.csv" in proc.stderr
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_cli_allow_gaps_converts(tmp_path):
+    folder = mk.dicom_series(tmp_path, zs=[0, 1, 2, 3, 6, 7, 8, 9])
+    proc = run_cli(write_manifest(tmp_path, [(folder.name, "d", "SAIN", "p1")]), tmp_path / "s.zarr", "--allow-gaps")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "s.zarr" / "d" / "zarr.json").read_text())["attributes"]["stacktrain"]
+    assert meta["gaps"] == [[4.5, 9.0]] and meta["shape"] == [3, 8, 16, 16]
