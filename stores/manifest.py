@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import os
 import stat
+from collections import Counter
 from pathlib import Path
 
 from stacktrain.errors import InputError
@@ -78,12 +79,23 @@ def _read_records(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
             raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header must "
                              f"have {', '.join(REQUIRED_COLUMNS)} (and optionally axes), separated by "
                              "commas, semicolons or tabs")
-        unknown = [c for c in columns if c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+        unknown = [c for c in columns if c and c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
         if unknown:
             raise InputError(f"{csv_path}: unknown column(s) {', '.join(map(repr, unknown))}; the known ones "
                              f"are {', '.join((*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS))}")
-        return [(reader.line_num, {EXTRA if k is None else k.strip().lower(): _cell(v) for k, v in rec.items()})
-                for rec in reader]
+        if twice := sorted(c for c, n in Counter(columns).items() if n > 1 and c):
+            raise InputError(f"{csv_path}: column(s) {', '.join(map(repr, twice))} appear more than once in the "
+                             "header; keep one of each")
+        records = []
+        for rec in reader:
+            cells = {EXTRA if k is None else k.strip().lower(): _cell(v) for k, v in rec.items()}
+            if not any(cells.values()):  # a spreadsheet's blank row (",,,")
+                continue
+            if cells.pop("", ""):  # Excel's trailing unnamed columns are fine while they are empty
+                raise InputError(f"{csv_path}: line {reader.line_num} has a value in a column without a header "
+                                 "name; name the column or clear it")
+            records.append((reader.line_num, cells))
+        return records
 
 
 def _cell(value) -> str:

@@ -1,10 +1,14 @@
 """Bad raw inputs, made in the test's own folder: each maker writes one input and returns the path the
-manifest names (relative to the folder). Small: 8 slices of 16 x 16 voxels, 3 channels."""
+manifest names (relative to the folder). Small: 8 slices of 16 x 16 voxels, 3 channels. Also the
+fault suite's manifests and stores (a store that already holds one stack, 'prior')."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
+import json
+import shutil
 import struct
 import zipfile
 import zlib
@@ -16,12 +20,38 @@ import pydicom
 import tifffile
 from PIL import Image
 
+from stacktrain.stores.convert import convert
+from stacktrain.stores.options import ConvertOptions
 from stacktrain.testing import tissue
 from tests.stores.test_sources import write_dicom
 
 SHAPE = (3, 8, 16, 16)  # c, z, y, x
 VOL = tissue(SHAPE, seed=5)
 BOMB = (3, 100_000, 100_000, 100_000)  # 3e15 bytes claimed
+TINY = dict(workers=1, chunk_zyx=(4, 16, 16), shard_zyx=(8, 16, 16), min_patch_zyx=(4, 16, 16))
+GOOD = tissue((3, 8, 16, 16), seed=1)
+
+
+def write_manifest(folder: Path, rows, name: str = "labels.csv") -> Path:
+    with (folder / name).open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "stack_id", "label", "group"), *rows])
+    return folder / name
+
+
+def registered(store: Path) -> list[str]:
+    return [e["stack_id"] for e in json.loads((store / "zarr.json").read_text())["attributes"]["stacktrain"]["stacks"]]
+
+
+def prior_store(folder: Path) -> Path:
+    """A store that already holds one stack ('prior'), from an earlier manifest."""
+    np.save(folder / "p.npy", tissue((3, 8, 16, 16), seed=9))
+    convert(write_manifest(folder, [("p.npy", "prior", "SAIN", "p0")]), folder / "s.zarr", ConvertOptions(**TINY))
+    return folder / "s.zarr"
+
+
+def copy_store(store: Path, folder: Path) -> Path:
+    shutil.copytree(store, folder / "s.zarr")
+    return folder / "s.zarr"
 
 
 def cut(path: Path, keep: float = 0.6) -> Path:

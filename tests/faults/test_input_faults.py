@@ -8,11 +8,9 @@ and a few CLI runs (exit code 2, one line per failed stack plus the summary, no 
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -28,34 +26,18 @@ from stacktrain.stores.options import ConvertOptions
 from stacktrain.testing import tissue
 from tests.faults import input_makers as mk
 
-TINY = dict(workers=1, chunk_zyx=(4, 16, 16), shard_zyx=(8, 16, 16), min_patch_zyx=(4, 16, 16))
-GOOD = tissue((3, 8, 16, 16), seed=1)
 V = mk.VOL
-
-
-def write_manifest(folder: Path, rows, name: str = "labels.csv") -> Path:
-    with (folder / name).open("w", newline="") as f:
-        csv.writer(f).writerows([("path", "stack_id", "label", "group"), *rows])
-    return folder / name
-
-
-def registered(store: Path) -> list[str]:
-    return [e["stack_id"] for e in json.loads((store / "zarr.json").read_text())["attributes"]["stacktrain"]["stacks"]]
+GOOD, TINY, registered, write_manifest = mk.GOOD, mk.TINY, mk.registered, mk.write_manifest
 
 
 @pytest.fixture(scope="module")
 def prior_store(tmp_path_factory):
-    """A store that already holds one stack ('prior'), from an earlier manifest."""
-    folder = tmp_path_factory.mktemp("prior")
-    np.save(folder / "p.npy", tissue((3, 8, 16, 16), seed=9))
-    convert(write_manifest(folder, [("p.npy", "prior", "SAIN", "p0")]), folder / "s.zarr", ConvertOptions(**TINY))
-    return folder / "s.zarr"
+    return mk.prior_store(tmp_path_factory.mktemp("prior"))
 
 
 @pytest.fixture
 def store(prior_store, tmp_path):
-    shutil.copytree(prior_store, tmp_path / "s.zarr")
-    return tmp_path / "s.zarr"
+    return mk.copy_store(prior_store, tmp_path)
 
 
 def convert_bad(folder: Path, store: Path, bad: str, **opts) -> str:
