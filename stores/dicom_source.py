@@ -139,26 +139,35 @@ class DicomSeries(FrameReader):
             if n < 2:
                 return order, None
             median = float(np.median(gaps))
-            self._check_gaps([files[i].name for i in order], [pos[i] for i in order], gaps, median)
+            self._check_gaps([files[i].name for i in order], [pos[i] for i in order], "mm")
             return order, median
         numbers = [ds.get("InstanceNumber") for ds in headers]
         if all(v is not None for v in numbers):
-            return sorted(range(n), key=lambda i: int(numbers[i])), None
+            order = sorted(range(n), key=lambda i: int(numbers[i]))
+            self._check_gaps([files[i].name for i in order], [int(numbers[i]) for i in order], "InstanceNumber")
+            return order, None
         return list(range(n)), None  # files are already in natural name order
 
-    def _check_gaps(self, names: list[str], pos: list[float], gaps: np.ndarray, median: float) -> None:
-        """Missing slices show as a step wider than GAP_FACTOR x the median: refused unless allowed."""
-        wide = [k for k, g in enumerate(gaps) if g > GAP_FACTOR * median]
+    def _check_gaps(self, names: list[str], pos: list[float], unit: str) -> None:
+        """Missing slices show as a step wider than GAP_FACTOR x the median step (positions in mm, else
+        InstanceNumbers): refused unless allowed, then kept in `self.gaps`."""
+        if len(pos) < 3:  # two slices have one step: nothing to compare it with
+            return
+        steps = np.diff(pos)
+        median = float(np.median(steps))
+        wide = [k for k, g in enumerate(steps) if g > GAP_FACTOR * median]
         if not wide:
             return
         if self.allow_gaps:
-            self.gaps = [[round(pos[k], 6), round(pos[k + 1], 6)] for k in wide]
+            self.gaps = {"unit": unit, "median_step": round(median, 6),
+                         "between": [[round(float(pos[k]), 6), round(float(pos[k + 1]), 6)] for k in wide]}
             return
-        k = wide[0]
+        k, at = wide[0], ("at " if unit == "mm" else f"{unit} ")
+        sfx = " mm" if unit == "mm" else ""
         more = f" (and {len(wide) - 1} more gap(s))" if len(wide) > 1 else ""
-        raise InputError(f"{self.path}: slices are missing between {names[k]} at {pos[k]:.6g} mm and {names[k + 1]} "
-                         f"at {pos[k + 1]:.6g} mm: a step of {gaps[k]:.6g} mm where the series' median spacing is "
-                         f"{median:.6g} mm{more}; add the missing files, or pass --allow-gaps to convert it with the "
+        raise InputError(f"{self.path}: slices are missing between {names[k]} {at}{pos[k]:.6g}{sfx} and {names[k + 1]} "
+                         f"{at}{pos[k + 1]:.6g}{sfx}: a step of {steps[k]:.6g}{sfx} where the series' median step is "
+                         f"{median:.6g}{sfx}{more}; add the missing files, or pass --allow-gaps to convert it with the "
                          "gaps recorded in the stack's metadata")
 
     @staticmethod

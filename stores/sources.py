@@ -44,7 +44,7 @@ class RawSource:
     dtype: np.dtype  # the source's dtype, unchanged (in native byte order)
     spacing_zyx: tuple[float, float, float] | None  # micrometers, when the file says
     axes: str = "zyx"  # the source array's own axis order, over {c, z, y, x}
-    gaps: list[list[float]] | None = None  # DICOM series opened with allow_gaps: [mm before, mm after] per gap
+    gaps: dict[str, Any] | None = None  # DICOM series opened with allow_gaps: where slices are missing
     _reader: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property

@@ -189,6 +189,13 @@ def dicom_series(folder: Path, zs=range(8), name: str = "d", series=lambda z: "1
     return folder / name
 
 
+def dicom_without_positions(folder: Path) -> str:
+    """The series ordered by InstanceNumber only (write_dicom numbers them 100 - z)."""
+    for p in folder.iterdir():
+        dicom_edited(p, ImagePositionPatient=None, ImageOrientationPatient=None)
+    return folder.name
+
+
 def dicom_edited(path: Path, **tags) -> Path:
     ds = pydicom.dcmread(path)
     for key, value in tags.items():

@@ -152,9 +152,12 @@ CASES = [
     ("unknown-suffix", lambda d: (d / "v.raw").write_bytes(b"\0" * 99) and "v.raw", {}, ["unknown input format"]),
     # DICOM
     ("dicom-gap-real-ct", lambda d: mk.real_ct_series(d, drop="2693"), R3,
-     ["slices are missing between", "1.2625 mm", "6.2625 mm", "median spacing is 2.5 mm", "--allow-gaps"]),
+     ["slices are missing between", "1.2625 mm", "6.2625 mm", "median step is 2.5 mm", "--allow-gaps"]),
     ("dicom-gap-written", lambda d: mk.dicom_series(d, zs=[0, 1, 2, 3, 6, 7, 8, 9]).name, {},
      ["s03.dcm at 4.5 mm", "s06.dcm at 9 mm", "--allow-gaps"]),
+    ("dicom-gap-instance-numbers",
+     lambda d: mk.dicom_without_positions(mk.dicom_series(d, zs=[0, 1, 2, 5, 6, 7, 8, 9])), {},
+     ["s05.dcm InstanceNumber 95 and s02.dcm InstanceNumber 98", "median step is 1;", "--allow-gaps"]),
     ("dicom-two-series", lambda d: mk.dicom_series(d, series=lambda z: f"1.2.{z // 4}").name, {}, ["2 DICOM series"]),
     ("dicom-same-position", lambda d: mk.dicom_edited(mk.dicom_series(d) / "s05.dcm", ImagePositionPatient=[0, 0, 6])
      .parent.name, {}, ["s04.dcm and s05.dcm", "same position"]),
@@ -208,9 +211,10 @@ def test_allow_gaps_converts_the_series_and_records_the_gap(tmp_path):
     manifest = write_manifest(tmp_path, [(folder, "ct", "SAIN", "p1")])
     report = convert(manifest, tmp_path / "s.zarr", ConvertOptions(**TINY, **CT, allow_gaps=True))
     meta = report.outcomes[0].meta
-    assert meta.shape == (3, 4, 16, 16) and meta.gaps == [[1.2625, 6.2625]]
+    gaps = {"unit": "mm", "median_step": 2.5, "between": [[1.2625, 6.2625]]}
+    assert meta.shape == (3, 4, 16, 16) and meta.gaps == gaps
     stored = json.loads((tmp_path / "s.zarr" / "ct" / "zarr.json").read_text())["attributes"]["stacktrain"]
-    assert stored["gaps"] == [[1.2625, 6.2625]]
+    assert stored["gaps"] == gaps
     (tmp_path / "again").mkdir()
     whole = mk.real_ct_series(tmp_path / "again")  # the same series complete: no gap, 5 slices
     report = convert(write_manifest(tmp_path / "again", [(whole, "full", "SAIN", "p2")]), tmp_path / "s.zarr",
@@ -315,4 +319,5 @@ def test_cli_allow_gaps_converts(tmp_path):
     proc = run_cli(write_manifest(tmp_path, [(folder.name, "d", "SAIN", "p1")]), tmp_path / "s.zarr", "--allow-gaps")
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "s.zarr" / "d" / "zarr.json").read_text())["attributes"]["stacktrain"]
-    assert meta["gaps"] == [[4.5, 9.0]] and meta["shape"] == [3, 8, 16, 16]
+    assert meta["gaps"] == {"unit": "mm", "median_step": 1.5, "between": [[4.5, 9.0]]}
+    assert meta["shape"] == [3, 8, 16, 16]
