@@ -19,7 +19,7 @@ from pydicom.pixels import iter_pixels
 
 from stacktrain.errors import InputError
 
-from .guards import check_fits, check_ratio
+from .guards import check_fits, check_ratio, one_line
 from .readers import FrameReader, _all_or_none, _um, is_dicom_file, natural_key
 
 GEOMETRY = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PixelRepresentation")
@@ -56,7 +56,7 @@ def _read_header(path: Path, folder: Path | None = None):
         return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:
         where = f"; remove it from the series folder {folder}" if folder else ""
-        raise InputError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e}){where}") from e
+        raise InputError(f"{path}: not a readable DICOM file ({type(e).__name__}: {one_line(e)}){where}") from e
 
 
 def _check_pixels(path: Path, ds, frames: int) -> None:
@@ -175,7 +175,7 @@ class DicomSeries(FrameReader):
         try:
             return pydicom.dcmread(path).pixel_array
         except Exception as e:
-            raise InputError(f"{path}: cannot decode this slice ({type(e).__name__}: {e}); the file is "
+            raise InputError(f"{path}: cannot decode this slice ({type(e).__name__}: {one_line(e)}); the file is "
                              "truncated or corrupt, re-export it") from e
 
     def iter_frames(self, indices: range):

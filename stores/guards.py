@@ -130,15 +130,16 @@ def _library_of(filename: str) -> str | None:
     return next((lib for lib in LIBRARIES if lib in parts), None)
 
 
-def _one_line(text: str, limit: int = 160) -> str:
+def one_line(text, limit: int = 300) -> str:
+    """`text` (or an exception's message) on one line, at most `limit` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def with_warnings(message: str, heard: list[tuple[str, str]]) -> str:
     """`message` with the first distinct library warnings appended, still one line."""
-    seen = [(lib, text) for lib, text in dict.fromkeys(heard) if _one_line(text) not in message][:2]
-    return message + "".join(f"; {lib} warned: {_one_line(text)}" for lib, text in seen)
+    seen = [(lib, text) for lib, text in dict.fromkeys(heard) if one_line(text, 160) not in message][:2]
+    return message + "".join(f"; {lib} warned: {one_line(text, 160)}" for lib, text in seen)
 
 
 @contextlib.contextmanager
@@ -173,7 +174,7 @@ def quiet_libraries(name: str) -> Iterator[list[tuple[str, str]]]:
     for w in _sort(caught, heard):
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     for lib, text in dict.fromkeys(heard):
-        log.info("%s: %s warned: %s", name, lib, _one_line(text, 1000))
+        log.info("%s: %s warned: %s", name, lib, one_line(text, 1000))
 
 
 def _sort(caught: list, heard: list[tuple[str, str]]) -> list:

@@ -13,7 +13,7 @@ import numpy as np
 
 from stacktrain.errors import InputError
 
-from .guards import check_ratio, declared, quiet_libraries
+from .guards import check_ratio, declared, one_line, quiet_libraries
 from .readers import SLICE_SUFFIXES, FrameReader, _all_or_none, _index, _um, natural_key
 
 TIFF_AXES = {"Z": "z", "Y": "y", "X": "x", "C": "c", "S": "c"}
@@ -133,7 +133,7 @@ PIL_MODES = {"L": ((), "uint8"), "LA": ((2,), "uint8"), "RGB": ((3,), "uint8"), 
 
 
 def _unreadable(path: Path, e: Exception) -> InputError:
-    return InputError(f"{path}: cannot read this slice ({type(e).__name__}: {' '.join(str(e).split())}); the file "
+    return InputError(f"{path}: cannot read this slice ({type(e).__name__}: {one_line(e)}); the file "
                       "is truncated, corrupt or not an image, re-export it")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from stacktrain.errors import InputError
 
+from .guards import one_line
 from .layout import LABELS, check_stack_id
 
 REQUIRED_COLUMNS = ("path", "stack_id", "label", "group")
@@ -136,7 +137,7 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> l
     try:
         records = _read_records(csv_path)
     except (UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{csv_path}: not a readable CSV ({e}); save it as UTF-8 CSV") from None
+        raise InputError(f"{csv_path}: not a readable CSV ({one_line(e)}); save it as UTF-8 CSV") from None
     if not records:
         raise InputError(f"{csv_path}: the manifest has no rows; add one row per stack")
 

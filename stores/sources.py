@@ -23,7 +23,7 @@ import numpy as np
 
 from stacktrain.errors import InputError
 
-from .guards import check_memory, declared, quiet_libraries
+from .guards import check_memory, declared, one_line, quiet_libraries
 from .image_readers import SliceFolderReader, TiffReader
 from .layout import DEFAULT_SHARD_ZYX, STATS_CELL_ZYX
 from .readers import SLICE_SUFFIXES, NiftiReader, NpyReader, NpzReader, is_dicom_file
@@ -69,7 +69,7 @@ class RawSource:
                         raise
                     except Exception as e:  # a library error mid-file: truncated or corrupt data
                         raise InputError(f"{self.path}: cannot read slices {z0}-{z1 - 1} ({type(e).__name__}: "
-                                         f"{_one_line(e)}); the file is truncated or corrupt, re-export it") from e
+                                         f"{one_line(e)}); the file is truncated or corrupt, re-export it") from e
                 slab = block.transpose(order)
                 if "c" not in self.axes:
                     slab = slab[np.newaxis]
@@ -97,10 +97,6 @@ def _contiguous(slab: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def _file_suffix(name: str) -> str | None:
     return next((s for s in FILE_SUFFIXES + SLICE_SUFFIXES if name.endswith(s)), None)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def detect_format(path: Path) -> str:
@@ -153,7 +149,7 @@ def open_source(path: str | Path, *, axes: str | None = None, allow_gaps: bool =
         except InputError:
             raise
         except Exception as e:
-            raise InputError(f"{path}: cannot read this {fmt} input ({type(e).__name__}: {_one_line(e)}); "
+            raise InputError(f"{path}: cannot read this {fmt} input ({type(e).__name__}: {one_line(e)}); "
                              "the file is unreadable, truncated or not what its name says") from e
     declared(reader.name, reader.shape, 1)  # every reader checks; this keeps an empty stack out for good
     axes = resolve_axes(reader.name, reader.shape, axes, reader.inferred_axes)
