@@ -193,14 +193,14 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
                 raise InputError(f"{row.where}: already in {store} but {'; '.join(changes)}; "
                                  "pass --overwrite to reconvert it")
             return StackOutcome(row.stack_id, "skipped", meta=present)
-        src = open_source(row.path, axes=row.axes)
+        src = open_source(row.path, axes=row.axes, allow_gaps=opts.allow_gaps, slab_depth=opts.slab_depth)
         shape, dtype = plan_stack(src, row, opts)
         hasher = StreamingSha256(row.path)
         meta = writer.write_stack(
             store, stack_id=row.stack_id, label=row.label, group=row.group, source=str(row.path),
             source_sha256=hasher.hexdigest, shape=shape, dtype=dtype,
             slabs=stored_slabs(src, row, opts, shape, dtype, on_progress, hasher), spacing_zyx=src.spacing_zyx,
-            codec=opts.codec, chunk_zyx=opts.chunk_zyx, shard_zyx=opts.shard_zyx,
+            gaps=src.gaps, codec=opts.codec, chunk_zyx=opts.chunk_zyx, shard_zyx=opts.shard_zyx,
             foreground_threshold=opts.foreground_threshold)
     except (StackTrainError, OSError, ValueError) as e:
         text = str(e)

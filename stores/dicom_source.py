@@ -4,7 +4,9 @@ Slices of a series are ordered by their position along the slice normal (ImagePo
 (row × column direction)), else by InstanceNumber, else by natural file name. Pixel values are the
 stored values as pydicom decodes them (YBR is converted to RGB; no modality rescale is applied).
 Spacing comes from PixelSpacing and the slice positions, SpacingBetweenSlices or SliceThickness (mm),
-reported in micrometers.
+reported in micrometers. A gap between neighbouring positions wider than GAP_FACTOR times the median
+spacing means slices are missing: refused, unless `allow_gaps`, which keeps the gaps in `.gaps`.
+Rows x Columns x frames are held against the file's size before a frame is decoded (guards.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from pydicom.pixels import iter_pixels
 
 from stacktrain.errors import InputError
 
+from .guards import check_fits, check_ratio, one_line
 from .readers import FrameReader, _all_or_none, _um, is_dicom_file, natural_key
 
 GEOMETRY = ("Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "PixelRepresentation")
+GAP_FACTOR = 1.5
 
 
-def open_dicom(path: Path) -> FrameReader:
+def open_dicom(path: Path, *, allow_gaps: bool = False) -> FrameReader:
     if not path.is_dir():
         return DicomFile(path)
     files = sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
@@ -30,7 +34,7 @@ def open_dicom(path: Path) -> FrameReader:
     for p in files:
         if not is_dicom_file(p):
             raise InputError(f"{p}: not a DICOM file; remove it from the series folder {path}")
-    return DicomSeries(path, files)
+    return DicomSeries(path, files, allow_gaps=allow_gaps)
 
 
 def _spacing(ds, z_mm=None) -> tuple[float, float, float] | None:
@@ -52,7 +56,25 @@ def _read_header(path: Path, folder: Path | None = None):
         return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as e:
         where = f"; remove it from the series folder {folder}" if folder else ""
-        raise InputError(f"{path}: not a readable DICOM file ({type(e).__name__}: {e}){where}") from e
+        raise InputError(f"{path}: not a readable DICOM file ({type(e).__name__}: {one_line(e)}){where}") from e
+
+
+def _check_pixels(path: Path, ds, frames: int) -> None:
+    """The pixel data a header claims (Rows x Columns x SamplesPerPixel x frames) fits in the file."""
+    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) is None]
+    if missing:
+        raise InputError(f"{path}: DICOM header lacks {', '.join(missing)}; this file holds no image (a report or "
+                         "a DICOMDIR?), remove it or give the image files")
+    rows, cols, spp, bits = int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    shape, itemsize = ((frames, rows, cols, spp), bits // 8) if bits % 8 == 0 else \
+        ((frames, rows, -(-cols * spp * bits // 8)), 1)  # bit-packed (1-bit) pixels, in whole bytes per row
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    size = path.stat().st_size
+    if syntax is not None and (syntax.is_compressed or syntax.is_deflated):
+        codec = "deflate" if syntax.is_deflated else (syntax.name or "compressed")
+        check_ratio(str(path), shape, itemsize, size, codec, "the DICOM header")
+    else:
+        check_fits(str(path), shape, itemsize, size, what="the DICOM header")
 
 
 class DicomFile(FrameReader):
@@ -62,6 +84,7 @@ class DicomFile(FrameReader):
         self.path, self.name = path, str(path)
         ds = _read_header(path)
         n = int(ds.get("NumberOfFrames", 1) or 1)
+        _check_pixels(path, ds, n)
         first = next(iter_pixels(path, indices=[0]))
         if n > 1:  # decoding the last frame is a cheap check that the file is complete
             next(iter_pixels(path, indices=[n - 1]))
@@ -76,8 +99,9 @@ class DicomFile(FrameReader):
 class DicomSeries(FrameReader):
     """A folder of single-frame DICOM files of one series; one file per z slice."""
 
-    def __init__(self, folder: Path, files: list[Path]):
+    def __init__(self, folder: Path, files: list[Path], *, allow_gaps: bool = False):
         self.path, self.name = folder, str(folder)
+        self.allow_gaps, self.gaps = allow_gaps, None
         headers = [_read_header(p, folder) for p in files]
         series = {str(ds.get("SeriesInstanceUID")) for ds in headers}
         if len(series) > 1:
@@ -91,6 +115,7 @@ class DicomSeries(FrameReader):
                     f"{folder}: slice {p.name} has {', '.join(f'{k}={ds.get(k)}' for k in GEOMETRY)} but "
                     f"{files[0].name} has {', '.join(f'{k}={headers[0].get(k)}' for k in GEOMETRY)}; "
                     "all slices of a series must have the same size and pixel format")
+            _check_pixels(p, ds, 1)
         order, z_mm = self._order(files, headers)
         self.files = [files[i] for i in order]
         first = self._read(self.files[0])
@@ -111,18 +136,46 @@ class DicomSeries(FrameReader):
                 k = int(np.argmax(np.isclose(gaps, 0.0)))
                 raise InputError(f"{self.path}: slices {files[order[k]].name} and {files[order[k + 1]].name} "
                                  "lie at the same position; the folder mixes several acquisitions")
-            return order, (float(np.median(gaps)) if n > 1 else None)
+            if n < 2:
+                return order, None
+            median = float(np.median(gaps))
+            self._check_gaps([files[i].name for i in order], [pos[i] for i in order], "mm")
+            return order, median
         numbers = [ds.get("InstanceNumber") for ds in headers]
         if all(v is not None for v in numbers):
-            return sorted(range(n), key=lambda i: int(numbers[i])), None
+            order = sorted(range(n), key=lambda i: int(numbers[i]))
+            self._check_gaps([files[i].name for i in order], [int(numbers[i]) for i in order], "InstanceNumber")
+            return order, None
         return list(range(n)), None  # files are already in natural name order
+
+    def _check_gaps(self, names: list[str], pos: list[float], unit: str) -> None:
+        """Missing slices show as a step wider than GAP_FACTOR x the median step (positions in mm, else
+        InstanceNumbers): refused unless allowed, then kept in `self.gaps`."""
+        if len(pos) < 3:  # two slices have one step: nothing to compare it with
+            return
+        steps = np.diff(pos)
+        median = float(np.median(steps))
+        wide = [k for k, g in enumerate(steps) if g > GAP_FACTOR * median]
+        if not wide:
+            return
+        if self.allow_gaps:
+            self.gaps = {"unit": unit, "median_step": round(median, 6),
+                         "between": [[round(float(pos[k]), 6), round(float(pos[k + 1]), 6)] for k in wide]}
+            return
+        k, at = wide[0], ("at " if unit == "mm" else f"{unit} ")
+        sfx = " mm" if unit == "mm" else ""
+        more = f" (and {len(wide) - 1} more gap(s))" if len(wide) > 1 else ""
+        raise InputError(f"{self.path}: slices are missing between {names[k]} {at}{pos[k]:.6g}{sfx} and {names[k + 1]} "
+                         f"{at}{pos[k + 1]:.6g}{sfx}: a step of {steps[k]:.6g}{sfx} where the series' median step is "
+                         f"{median:.6g}{sfx}{more}; add the missing files, or pass --allow-gaps to convert it with the "
+                         "gaps recorded in the stack's metadata")
 
     @staticmethod
     def _read(path: Path) -> np.ndarray:
         try:
             return pydicom.dcmread(path).pixel_array
         except Exception as e:
-            raise InputError(f"{path}: cannot decode this slice ({type(e).__name__}: {e}); the file is "
+            raise InputError(f"{path}: cannot decode this slice ({type(e).__name__}: {one_line(e)}); the file is "
                              "truncated or corrupt, re-export it") from e
 
     def iter_frames(self, indices: range):

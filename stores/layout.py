@@ -81,6 +81,10 @@ class StackMeta:
     channel_sum: list[float]  # per channel, over all voxels: for mean/std from training stacks
     channel_sumsq: list[float]
     foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD
+    # DICOM series converted with --allow-gaps: {"unit": "mm" (slice positions) or "InstanceNumber",
+    # "median_step", "between": [[before, after], ...]} for every missing run of slices (stacked without
+    # them); None: no gap
+    gaps: dict[str, Any] | None = None
     stats_cell_zyx: tuple[int, int, int] = STATS_CELL_ZYX
     format_version: int = FORMAT_VERSION
 

@@ -13,15 +13,19 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
+import os
 import stat
+from collections import Counter
 from pathlib import Path
 
 from stacktrain.errors import InputError
 
+from .guards import one_line
 from .layout import LABELS, check_stack_id
 
 REQUIRED_COLUMNS = ("path", "stack_id", "label", "group")
 OPTIONAL_COLUMNS = ("axes",)
+EXTRA = "\0extra"  # the cells of a row beyond the header's columns
 DELIMITERS = ",;\t"
 AXIS_LETTERS = frozenset("czyx")
 
@@ -52,9 +56,17 @@ def check_axes(axes: str) -> str | None:
     return None
 
 
+def _encoding(csv_path: Path) -> str:
+    """UTF-8 (with or without the BOM Excel writes), or UTF-16 when a BOM says so (Excel's "Unicode text")."""
+    with csv_path.open("rb") as f:
+        head = f.read(2)
+    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+
+
 def _read_records(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line, {lower-case column: stripped cell}) per row, with the delimiter sniffed from the header."""
-    with csv_path.open(newline="", encoding="utf-8-sig") as f:
+    """(line, {lower-case column: stripped cell}) per row, with the delimiter sniffed from the header.
+    A row with more cells than the header has columns gets the key EXTRA (a problem of that row)."""
+    with csv_path.open(newline="", encoding=_encoding(csv_path)) as f:
         head = f.readline()
         f.seek(0)
         try:
@@ -68,20 +80,39 @@ def _read_records(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
             raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header must "
                              f"have {', '.join(REQUIRED_COLUMNS)} (and optionally axes), separated by "
                              "commas, semicolons or tabs")
-        unknown = [c for c in columns if c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
+        unknown = [c for c in columns if c and c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
         if unknown:
             raise InputError(f"{csv_path}: unknown column(s) {', '.join(map(repr, unknown))}; the known ones "
                              f"are {', '.join((*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS))}")
-        return [(reader.line_num, {(k or "").strip().lower(): (v or "").strip() for k, v in rec.items()})
-                for rec in reader]
+        if twice := sorted(c for c, n in Counter(columns).items() if n > 1 and c):
+            raise InputError(f"{csv_path}: column(s) {', '.join(map(repr, twice))} appear more than once in the "
+                             "header; keep one of each")
+        records = []
+        for rec in reader:
+            cells = {EXTRA if k is None else k.strip().lower(): _cell(v) for k, v in rec.items()}
+            if not any(cells.values()):  # a spreadsheet's blank row (",,,")
+                continue
+            if cells.pop("", ""):  # Excel's trailing unnamed columns are fine while they are empty
+                raise InputError(f"{csv_path}: line {reader.line_num} has a value in a column without a header "
+                                 "name; name the column or clear it")
+            records.append((reader.line_num, cells))
+        return records
+
+
+def _cell(value) -> str:
+    return " ".join(value) if isinstance(value, list) else (value or "").strip()
 
 
 def _path_problem(path: Path, raw_path: str) -> str | None:
     """Why `path` cannot be read as a stack: missing, a symlink loop, or not a regular file or folder
     (a FIFO would block the conversion forever; a device or socket is no image)."""
+    if "\0" in raw_path:
+        return f"path {raw_path!r} contains a NUL character; fix the path cell"
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
+        if path.is_symlink():
+            return f"file {raw_path!r} is a symlink to {os.readlink(path)!r}, which does not exist; fix the link"
         return f"file {raw_path!r} not found (looked for {path}); paths are relative to the manifest's folder"
     except OSError as e:
         if e.errno == errno.ELOOP:
@@ -106,7 +137,7 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> l
     try:
         records = _read_records(csv_path)
     except (UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"{csv_path}: not a readable CSV ({e}); save it as UTF-8 CSV") from None
+        raise InputError(f"{csv_path}: not a readable CSV ({one_line(e)}); save it as UTF-8 CSV") from None
     if not records:
         raise InputError(f"{csv_path}: the manifest has no rows; add one row per stack")
 
@@ -115,6 +146,9 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> l
         sid, label, group, raw_path = rec["stack_id"], rec["label"].upper(), rec["group"], rec["path"]
         axes = rec.get("axes") or default_axes
         here = f"line {line}"
+        if EXTRA in rec:
+            problems.append(f"{here}: more cells than the header has columns (extra: {rec[EXTRA]!r}); quote cells "
+                            "that contain the delimiter")
         if why := check_stack_id(sid):
             problems.append(f"{here}: {why}")
         elif sid in first_line:

@@ -46,7 +46,11 @@ class ConvertOptions:
     scale: Scale = "none"
     """Store other dtypes than uint8/uint16 as uint8: minmax per stack, or clip to 0..255."""
     pad: bool = False
-    """Zero-pad stacks smaller than min_patch_zyx (at the end of each axis) instead of refusing them."""
+    """Zero-pad stacks smaller than min_patch_zyx (at the end of each axis) instead of refusing them
+    (an empty stack, with a zero-length axis, is refused all the same)."""
+    allow_gaps: bool = False
+    """Convert a DICOM series with missing slices (a step over 1.5x the median slice spacing) instead of
+    refusing it; the slices are stacked as they are and the gaps recorded in the stack's metadata (gaps)."""
     chunk_zyx: tuple[int, int, int] = DEFAULT_CHUNK_ZYX
     """Chunk shape (one channel per chunk)."""
     shard_zyx: tuple[int, int, int] = DEFAULT_SHARD_ZYX

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import queue
 import threading
@@ -22,9 +23,14 @@ import numpy as np
 
 from stacktrain.errors import InputError
 
-from .readers import SLICE_SUFFIXES, NiftiReader, NpyReader, NpzReader, SliceFolderReader, TiffReader, is_dicom_file
+from .guards import check_memory, declared, one_line, quiet_libraries
+from .image_readers import SliceFolderReader, TiffReader
+from .layout import DEFAULT_SHARD_ZYX, STATS_CELL_ZYX
+from .readers import SLICE_SUFFIXES, NiftiReader, NpyReader, NpzReader, is_dicom_file
 
 FORMATS = ("tiff", "slices", "nifti", "npy", "npz", "dicom")
+DEFAULT_SLAB_DEPTH = math.lcm(DEFAULT_SHARD_ZYX[0], STATS_CELL_ZYX[0])  # ConvertOptions().slab_depth
+FILE_SUFFIXES = (".npy", ".npz", ".nii", ".nii.gz", ".dcm", ".ome.tif", ".ome.tiff")
 AXES_HINT = "add an `axes` column to the manifest (or pass --axes), e.g. 'zyxc' or 'czyx'"
 
 
@@ -38,6 +44,7 @@ class RawSource:
     dtype: np.dtype  # the source's dtype, unchanged (in native byte order)
     spacing_zyx: tuple[float, float, float] | None  # micrometers, when the file says
     axes: str = "zyx"  # the source array's own axis order, over {c, z, y, x}
+    gaps: dict[str, Any] | None = None  # DICOM series opened with allow_gaps: where slices are missing
     _reader: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -55,13 +62,14 @@ class RawSource:
         blocks = self._reader.blocks(z_axis, ranges)
         try:
             for z0, z1 in ranges:
-                try:
-                    block = next(blocks)
-                except InputError:
-                    raise
-                except Exception as e:  # a library error mid-file: truncated or corrupt data
-                    raise InputError(f"{self.path}: cannot read slices {z0}-{z1 - 1} ({type(e).__name__}: "
-                                     f"{e}); the file is truncated or corrupt, re-export it") from e
+                with quiet_libraries(str(self.path)):
+                    try:
+                        block = next(blocks)
+                    except InputError:
+                        raise
+                    except Exception as e:  # a library error mid-file: truncated or corrupt data
+                        raise InputError(f"{self.path}: cannot read slices {z0}-{z1 - 1} ({type(e).__name__}: "
+                                         f"{one_line(e)}); the file is truncated or corrupt, re-export it") from e
                 slab = block.transpose(order)
                 if "c" not in self.axes:
                     slab = slab[np.newaxis]
@@ -87,13 +95,18 @@ def _contiguous(slab: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+def _file_suffix(name: str) -> str | None:
+    return next((s for s in FILE_SUFFIXES + SLICE_SUFFIXES if name.endswith(s)), None)
+
+
 def detect_format(path: Path) -> str:
     name = path.name.lower()
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
         if not files:
-            raise InputError(f"{path}: empty folder; expected 2-D slices ({', '.join(SLICE_SUFFIXES)}) "
-                             "or a DICOM series")
+            what = f"a folder named like a {suffix} file" if (suffix := _file_suffix(name)) else "an empty folder"
+            raise InputError(f"{path}: {what}, with no slices inside; give the image file itself, or a folder "
+                             f"of 2-D slices ({', '.join(SLICE_SUFFIXES)}) or of one DICOM series")
         if any(is_dicom_file(p) for p in files if p.suffix.lower() not in SLICE_SUFFIXES):
             return "dicom"
         return "slices"
@@ -111,8 +124,11 @@ def detect_format(path: Path) -> str:
                      ".dcm, a folder of 2-D slices or a DICOM series folder")
 
 
-def open_source(path: str | Path, *, axes: str | None = None) -> RawSource:
-    """Open a raw stack: detect the format, read headers, settle the axes (see module docstring)."""
+def open_source(path: str | Path, *, axes: str | None = None, allow_gaps: bool = False,
+                slab_depth: int = DEFAULT_SLAB_DEPTH) -> RawSource:
+    """Open a raw stack: detect the format, read headers, settle the axes (see module docstring). Headers
+    are held against the file's size and the available memory before anything is decoded (guards.py);
+    `allow_gaps` accepts a DICOM series with missing slices (recorded in `RawSource.gaps`)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: file not found; check the manifest's path column")
@@ -122,24 +138,28 @@ def open_source(path: str | Path, *, axes: str | None = None) -> RawSource:
         fmt = detect_format(path)
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from e
-    try:
-        if fmt == "dicom":
-            from .dicom_source import open_dicom  # pydicom is slow to import; only when needed
-            reader = open_dicom(path)
-        else:
-            reader = {"tiff": TiffReader, "nifti": NiftiReader, "npy": NpyReader, "npz": NpzReader,
-                      "slices": SliceFolderReader}[fmt](path)
-    except InputError:
-        raise
-    except Exception as e:
-        raise InputError(f"{path}: cannot read this {fmt} input ({type(e).__name__}: {e}); "
-                         "the file is unreadable, truncated or not what its name says") from e
+    with quiet_libraries(str(path)):
+        try:
+            if fmt == "dicom":
+                from .dicom_source import open_dicom  # pydicom is slow to import; only when needed
+                reader = open_dicom(path, allow_gaps=allow_gaps)
+            else:
+                reader = {"tiff": TiffReader, "nifti": NiftiReader, "npy": NpyReader, "npz": NpzReader,
+                          "slices": SliceFolderReader}[fmt](path)
+        except InputError:
+            raise
+        except Exception as e:
+            raise InputError(f"{path}: cannot read this {fmt} input ({type(e).__name__}: {one_line(e)}); "
+                             "the file is unreadable, truncated or not what its name says") from e
+    declared(reader.name, reader.shape, 1)  # every reader checks; this keeps an empty stack out for good
     axes = resolve_axes(reader.name, reader.shape, axes, reader.inferred_axes)
     c = reader.shape[axes.index("c")] if "c" in axes else 1
     shape = (c, *(reader.shape[axes.index(a)] for a in "zyx"))
+    dtype = np.dtype(reader.dtype).newbyteorder("=")
+    check_memory(reader.name, shape, dtype.itemsize, slab_depth)
     # Native byte order (values unchanged), so '>u2' from a big-endian file is plain uint16 downstream.
-    return RawSource(path=path, format=fmt, shape=shape, dtype=np.dtype(reader.dtype).newbyteorder("="),
-                     spacing_zyx=reader.spacing_zyx, axes=axes, _reader=reader)
+    return RawSource(path=path, format=fmt, shape=shape, dtype=dtype, spacing_zyx=reader.spacing_zyx, axes=axes,
+                     gaps=getattr(reader, "gaps", None), _reader=reader)
 
 
 def resolve_axes(name: str, shape: tuple[int, ...], axes: str | None, inferred: str | None) -> str:

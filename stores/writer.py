@@ -105,7 +105,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
                 source_sha256: str | Callable[[], str], shape: tuple[int, int, int, int], dtype: str,
                 slabs: Iterable[tuple[int, np.ndarray]], spacing_zyx=None, codec: str = "lz4",
                 chunk_zyx=DEFAULT_CHUNK_ZYX, shard_zyx=DEFAULT_SHARD_ZYX,
-                foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD) -> StackMeta:
+                foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD, gaps=None) -> StackMeta:
     """Write a stack from `(z0, slab)` pairs (slab: (C, dz, Y, X), in z order) under a staging name
     and rename it into place. Nothing is visible under `<store>/<stack_id>` until it is complete.
     The root list is not touched: call `register` once the stack is in place.
@@ -149,7 +149,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
         stats_group.create_array("foreground", data=stats.fg, chunks=stats.fg.shape)
         stats_group.create_array("mean", data=stats.mean, chunks=stats.mean.shape)
         meta = StackMeta(
-            stack_id=stack_id, label=label, group=group, shape=tuple(shape), dtype=str(np.dtype(dtype)),
+            stack_id=stack_id, label=label, group=group, shape=tuple(shape), dtype=str(np.dtype(dtype)), gaps=gaps,
             codec=codec, chunk_zyx=tuple(chunk_zyx), shard_zyx=tuple(shard_zyx),
             spacing_zyx=tuple(spacing_zyx) if spacing_zyx else None, source=str(source),
             source_sha256=source_sha256, percentiles=stats.percentiles(),

@@ -16,7 +16,7 @@ from stacktrain.cli import build_parser, main
 COMMANDS = {
     "synth": (["out_dir"], ["--difficulty", "--dtype", "--patient-effect", "--prevalence", "--seed", "--shape",
                             "--stacks"]),
-    "convert": (["manifest"], ["--axes", "--chunk", "--codec", "--foreground-threshold", "--min-patch",
+    "convert": (["manifest"], ["--allow-gaps", "--axes", "--chunk", "--codec", "--foreground-threshold", "--min-patch",
                                "--no-progress", "--out", "--overwrite", "--pad", "--replicate-channels", "--scale",
                                "--shard", "--workers"]),
     "info": (["store"], ["--json"]),

@@ -340,3 +340,16 @@ def test_real_nifti_from_nibabel(name):
     assert src.shape == expected.shape and src.dtype == ref.dtype.newbyteorder("=")
     assert src.spacing_zyx == pytest.approx([1000 * z for z in img.header.get_zooms()[2::-1]], rel=1e-5)
     np.testing.assert_array_equal(read_all(src, depth=7), expected)
+
+
+def test_inputs_compressed_to_the_deflate_limit_are_accepted(tmp_path):
+    """All-zero stacks deflate to ~1030:1, just under the 1032:1 bound the size checks use: never refused."""
+    zeros = np.zeros((3, 64, 256, 256), np.uint8)  # 12.6 MB
+    np.savez_compressed(tmp_path / "z.npz", zeros)
+    nib.save(nib.Nifti1Image(zeros[0].T.copy(), np.eye(4)), tmp_path / "z.nii.gz")
+    tifffile.imwrite(tmp_path / "z.tif", zeros[0], compression="zlib", compressionargs={"level": 9})
+    (tmp_path / "png").mkdir()
+    Image.fromarray(np.zeros((4096, 3072), np.uint8)).save(tmp_path / "png" / "s0.png", optimize=True)
+    for name in ("z.npz", "z.nii.gz", "z.tif", "png"):
+        src = open_source(tmp_path / name)
+        assert 0 not in src.shape and src.nbytes >= 4 * 2**20
