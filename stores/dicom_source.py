@@ -38,17 +38,29 @@ def open_dicom(path: Path, *, allow_gaps: bool = False) -> FrameReader:
 
 
 def _spacing(ds, z_mm=None) -> tuple[float, float, float] | None:
-    """(z, y, x) micrometers from the top level or the shared functional groups of a multi-frame file."""
+    """(z, y, x) micrometers from the top level, else the shared, else the first frame's functional groups
+    of a multi-frame (enhanced) file; z from the frames' positions when they have them."""
     pixel, thick, between = ds.get("PixelSpacing"), ds.get("SliceThickness"), ds.get("SpacingBetweenSlices")
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if pixel is None and shared and shared[0].get("PixelMeasuresSequence"):
-        measures = shared[0].PixelMeasuresSequence[0]
-        pixel = measures.get("PixelSpacing")
-        thick, between = thick or measures.get("SliceThickness"), between or measures.get("SpacingBetweenSlices")
-    z = z_mm or between or thick
+    for groups in (ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")):
+        if pixel is None and groups and groups[0].get("PixelMeasuresSequence"):
+            measures = groups[0].PixelMeasuresSequence[0]
+            pixel = measures.get("PixelSpacing")
+            thick, between = thick or measures.get("SliceThickness"), between or measures.get("SpacingBetweenSlices")
+    z = z_mm or _frame_step(ds) or between or thick
     if pixel is None or z is None:
         return None
     return _all_or_none([_um(z, "mm"), _um(pixel[0], "mm"), _um(pixel[1], "mm")])
+
+
+def _frame_step(ds) -> float | None:
+    """The distance (mm) between the first two frames' ImagePositionPatient of an enhanced file."""
+    frames = ds.get("PerFrameFunctionalGroupsSequence")
+    try:
+        a, b = (f.PlanePositionSequence[0].ImagePositionPatient for f in frames[:2])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    step = sum((float(u) - float(v)) ** 2 for u, v in zip(a, b)) ** 0.5
+    return step or None
 
 
 def _read_header(path: Path, folder: Path | None = None):

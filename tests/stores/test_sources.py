@@ -353,3 +353,28 @@ def test_inputs_compressed_to_the_deflate_limit_are_accepted(tmp_path):
     for name in ("z.npz", "z.nii.gz", "z.tif", "png"):
         src = open_source(tmp_path / name)
         assert 0 not in src.shape and src.nbytes >= 4 * 2**20
+
+
+def test_enhanced_dicom_spacing_from_per_frame_groups():
+    """An enhanced (multi-frame) file that keeps its pixel measures and positions per frame, as MR
+    scanners write them: spacing comes from the first frame's groups and the frames' positions."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from stacktrain.stores.dicom_source import _spacing
+
+    def frame(z):
+        f = Dataset()
+        f.PixelMeasuresSequence = Sequence([Dataset()])
+        f.PixelMeasuresSequence[0].PixelSpacing = [0.5, 0.25]
+        f.PixelMeasuresSequence[0].SliceThickness = 3.0
+        f.PlanePositionSequence = Sequence([Dataset()])
+        f.PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, z]
+        return f
+
+    ds = Dataset()
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame(0.0), frame(2.0), frame(4.0)])
+    assert _spacing(ds) == (2000.0, 500.0, 250.0)  # the 2 mm step between frames, not the 3 mm thickness
+    del ds.PerFrameFunctionalGroupsSequence[1].PlanePositionSequence
+    ds.PerFrameFunctionalGroupsSequence = Sequence([frame(0.0)])
+    assert _spacing(ds) == (3000.0, 500.0, 250.0)  # one frame: its thickness
