@@ -123,11 +123,14 @@ def _path_problem(path: Path, raw_path: str) -> str | None:
     return None
 
 
-def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> list[ManifestRow]:
+def read_manifest(csv_path: str | Path, *, default_axes: str | None = None,
+                  label_map: dict[str, str] | None = None) -> list[ManifestRow]:
     """Parse and validate the manifest; raise one InputError listing every bad row.
 
-    `default_axes` (the --axes option) applies to rows whose `axes` cell is empty or absent.
+    `default_axes` (the --axes option) applies to rows whose `axes` cell is empty or absent;
+    `label_map` (--label-map, lower-case words) names the lab's own label words.
     """
+    label_map = label_map or {}
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise InputError(f"{csv_path}: manifest not found; give the labels.csv written by "
@@ -143,7 +146,8 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> l
 
     rows, problems, first_line = [], [], {}
     for line, rec in records:
-        sid, label, group, raw_path = rec["stack_id"], rec["label"].upper(), rec["group"], rec["path"]
+        sid, group, raw_path = rec["stack_id"], rec["group"], rec["path"]
+        label = label_map.get(rec["label"].strip().lower(), rec["label"].strip().upper())
         axes = rec.get("axes") or default_axes
         here = f"line {line}"
         if EXTRA in rec:
@@ -157,7 +161,9 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None) -> l
         else:
             first_line[sid] = line
         if label not in LABELS:
-            problems.append(f"{here}: unknown label {rec['label']!r}; use one of {', '.join(LABELS)} (any case)")
+            known = ", ".join([*LABELS, *label_map])
+            problems.append(f"{here}: unknown label {rec['label']!r}; use one of {known} (any case), or map the "
+                            "lab's words with --label-map WORD=SAIN,WORD=MALADE")
         if not group:
             problems.append(f"{here}: empty group; give the patient id (stacks of one patient share it)")
         path = csv_path.parent / raw_path if raw_path else None

@@ -11,7 +11,7 @@ from stacktrain.choices import Codec, Scale
 from stacktrain.config import check_choices, require
 from stacktrain.errors import ConfigError
 
-from .layout import DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX, STATS_CELL_ZYX
+from .layout import DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX, LABELS, STATS_CELL_ZYX
 
 DEFAULT_MIN_PATCH_ZYX = (32, 256, 256)
 
@@ -39,6 +39,8 @@ class ConvertOptions:
     `if __name__ == "__main__":` guard."""
     overwrite: bool = False
     """Reconvert stacks already in the store instead of skipping (or refusing) them."""
+    label_map: str | None = None
+    """Other label words, as WORD=SAIN or WORD=MALADE pairs, e.g. "healthy=SAIN,diseased=MALADE" (any case)."""
     axes: str | None = None
     """Source axis order for manifest rows without an `axes` cell, e.g. zyxc; unset infers it."""
     replicate_channels: bool = False
@@ -62,6 +64,7 @@ class ConvertOptions:
 
     def __post_init__(self):
         check_choices(self, "convert")
+        self.labels()  # refuses a malformed --label-map now
         require(self.workers >= 1, "--workers", self.workers, "give at least 1")
         require(self.foreground_threshold >= 0, "--foreground-threshold", self.foreground_threshold,
                 "give 0 or more")
@@ -71,6 +74,17 @@ class ConvertOptions:
         if any(s % c for s, c in zip(self.shard_zyx, self.chunk_zyx)):
             raise ConfigError(f"--shard {self.shard_zyx} must be a multiple of --chunk {self.chunk_zyx} "
                               "along every axis")
+
+    def labels(self) -> dict[str, str]:
+        """--label-map as {word (lower case): SAIN or MALADE}."""
+        mapping = {}
+        for pair in filter(None, (p.strip() for p in (self.label_map or "").split(","))):
+            word, sep, label = pair.partition("=")
+            require(bool(sep and word.strip()) and label.strip().upper() in LABELS, "--label-map", self.label_map,
+                    f"give WORD=SAIN or WORD=MALADE pairs separated by commas, e.g. healthy=SAIN,diseased=MALADE "
+                    f"({pair!r} is not one)")
+            mapping[word.strip().lower()] = label.strip().upper()
+        return mapping
 
     @property
     def slab_depth(self) -> int:

@@ -16,9 +16,9 @@ from stacktrain.cli import build_parser, main
 COMMANDS = {
     "synth": (["out_dir"], ["--difficulty", "--dtype", "--patient-effect", "--prevalence", "--seed", "--shape",
                             "--stacks"]),
-    "convert": (["manifest"], ["--allow-gaps", "--axes", "--chunk", "--codec", "--foreground-threshold", "--min-patch",
-                               "--no-progress", "--out", "--overwrite", "--pad", "--replicate-channels", "--scale",
-                               "--shard", "--workers"]),
+    "convert": (["manifest"], ["--allow-gaps", "--axes", "--chunk", "--codec", "--foreground-threshold", "--label-map",
+                               "--min-patch", "--no-progress", "--out", "--overwrite", "--pad", "--replicate-channels",
+                               "--scale", "--shard", "--workers"]),
     "info": (["store"], ["--json"]),
     "split": (["store"], ["--folds", "--out", "--seed", "--test-fraction", "--val-fraction"]),
     "train": (["config"], ["--resume", "--run-dir", "--set"]),

@@ -80,3 +80,26 @@ def test_a_crafted_root_list_cannot_name_paths_outside_the_store(small_store, ca
     assert main(["info", str(store)]) == 2
     err = capsys.readouterr().err
     assert "'../../escape/stack000' is not safe" in err and "stack list is damaged" in err
+
+
+def test_a_label_map_covers_the_labs_own_words(two_stacks, tmp_path, capsys):
+    (two_stacks / "m.csv").write_text("path,stack_id,label,group\na.npy,a,Healthy,p1\nb.npy,b,diseased,p2\n")
+    with pytest.raises(InputError, match="unknown label 'Healthy'.*--label-map"):
+        read_manifest(two_stacks / "m.csv")
+    rows = read_manifest(two_stacks / "m.csv", label_map={"healthy": "SAIN", "diseased": "MALADE"})
+    assert [r.label for r in rows] == ["SAIN", "MALADE"]
+    out = tmp_path / "store.zarr"
+    code = main(["convert", str(two_stacks / "m.csv"), "--out", str(out), "--min-patch", "8", "16", "16",
+                 "--label-map", " healthy=sain , DISEASED=Malade", "--workers", "1", "--no-progress"])
+    assert code == 0
+    from stacktrain.stores.reader import Store
+    assert [m.label for m in Store(out).stacks] == ["SAIN", "MALADE"]
+
+
+@pytest.mark.parametrize("bad", ["healthy", "healthy=ILL", "=SAIN", "a=SAIN,b"])
+def test_a_malformed_label_map_is_one_line(two_stacks, tmp_path, capsys, bad):
+    (two_stacks / "m.csv").write_text("path,stack_id,label,group\na.npy,a,SAIN,p1\n")
+    code = main(["convert", str(two_stacks / "m.csv"), "--out", str(tmp_path / "s.zarr"), "--label-map", bad])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--label-map" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.zarr").exists()
