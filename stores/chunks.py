@@ -5,6 +5,11 @@ pipelines read shard files themselves: the shard index (n_inner x (offset u64, n
 at the end of the file) says where each inner chunk's bytes are. Absent inner chunks (all fill) have
 offset = nbytes = 2**64-1 and are replaced by the compressed bytes of a zero chunk, so that every chunk
 of a region decodes the same way on the CPU and in DALI's GPU inflate.
+
+Nothing damaged is read silently: opening a shard checks it against the stack's completeness record
+(present, listed, of the recorded size), the index's crc32c, and that every chunk lies inside the file;
+a chunk that does not decode to its size is refused on decode. Each is one StoreError naming the
+stack, the shard file (and chunk) and pointing to `stacktrain verify`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+import google_crc32c
 import lz4.block
 import numcodecs
 import numcodecs.blosc
@@ -90,6 +96,17 @@ class ChunkRegion:
     dtype: str
     codec: str
     raw_lz4: bool
+    # where the chunks come from, for the error naming a chunk that does not decode
+    stack_id: str = "?"
+    array_dir: str = ""
+    shard_chunks: tuple[int, ...] = ()  # chunks per shard along c, z, y, x
+
+    def chunk_place(self, i: int) -> str:
+        """'<shard file>: chunk (c, z, y, x)' of chunk i (chunk-grid coordinates of the whole stack)."""
+        c, *zyx = (int(v) for v in np.unravel_index(i, self.grid))
+        cidx = (c, *(v + o // k for v, o, k in zip(zyx, self.origin_zyx, self.chunk_zyx)))
+        shard = "/".join(str(v // n) for v, n in zip(cidx, self.shard_chunks)) if self.shard_chunks else "?"
+        return f"{self.array_dir}/c/{shard}: chunk {cidx}"
 
     @property
     def n_chunks(self) -> int:
@@ -132,11 +149,50 @@ def zero_chunk_bytes(codec: str, nbytes: int, raw_lz4: bool) -> bytes:
     return numcodecs.Zstd().encode(zeros)
 
 
+def damaged(stack_id: str, path, what: str) -> StoreError:
+    """The one line for a damaged stack: which stack, which file, what, and what to do."""
+    return StoreError(f"stack {stack_id!r}: {path}: {what}; the store is damaged: run `stacktrain verify` on it "
+                      "and reconvert this stack (`stacktrain convert` redoes incomplete stacks)")
+
+
+def index_problem(tail: bytes, file_size: int, n_inner: int) -> tuple[np.ndarray | None, str | None]:
+    """The shard index from the file's last 16 * n_inner + 4 bytes, or why it cannot be trusted: its
+    crc32c does not match, or a chunk it lists does not lie inside the file before the index."""
+    table, crc = tail[:-4], tail[-4:]
+    if google_crc32c.value(table) != int.from_bytes(crc, "little"):
+        return None, "shard index checksum (crc32c) does not match"
+    index = np.frombuffer(table, dtype="<u8").reshape(n_inner, 2)
+    stored = index[:, 0] != ABSENT
+    data_end = file_size - len(tail)
+    if (index[stored, 0] > data_end).any() or (index[stored, 1] > data_end - index[stored, 0]).any():
+        return None, f"shard index lists chunks beyond the file's {data_end} data bytes"
+    if (index[~stored, 1] != ABSENT).any():
+        return None, "shard index has absent chunks with a size"
+    return index, None
+
+
+def record_problem(record: dict | None, rel: str, size: int | None) -> str | None:
+    """How a shard file (size None: missing) disagrees with the stack's completeness record."""
+    if record is None:
+        return None
+    listed = record["shards"].get(rel)
+    if listed is None:
+        return None if size is None else "shard file not in the stack's completeness record (extra file)"
+    if size is None:
+        return "shard file is missing (listed in the stack's completeness record)"
+    if size != listed[0]:
+        return f"shard file has {size} bytes, the completeness record says {listed[0]}"
+    return None
+
+
 class ShardFiles:
     """Reads inner-chunk bytes from the shard files of one array, caching open files and indexes."""
 
-    def __init__(self, array_dir: Path, shape_czyx, chunk_czyx, shard_czyx, itemsize: int):
+    def __init__(self, array_dir: Path, shape_czyx, chunk_czyx, shard_czyx, itemsize: int, *,
+                 stack_id: str = "?", record: dict | None = None):
         self.array_dir = Path(array_dir)
+        self.stack_id = stack_id
+        self.record = record
         self.shape = tuple(shape_czyx)
         self.chunk_shape = tuple(chunk_czyx)
         self.shard = tuple(shard_czyx)
@@ -144,6 +200,12 @@ class ShardFiles:
         self.n_inner = int(np.prod(self.inner))
         self.chunk_grid = tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape))
         self.chunk_nbytes = int(np.prod(self.chunk_shape)) * itemsize
+        if record is not None:  # a shape that claims more (or fewer) shards than were written
+            grid = tuple(-(-g // i) for g, i in zip(self.chunk_grid[1:], self.inner[1:]))
+            if tuple(record.get("grid", ())) != grid:
+                raise damaged(stack_id, self.array_dir.parent.parent / "zarr.json",
+                              f"its shape {self.shape} means {grid} shards (z, y, x), but "
+                              f"{tuple(record.get('grid', ()))} were written")
         self._fds: OrderedDict[tuple, int | None] = OrderedDict()  # least recently used first
         self._indexes: dict[tuple, np.ndarray | None] = {}
 
@@ -172,20 +234,30 @@ class ShardFiles:
         if key in self._fds:
             self._fds.move_to_end(key)
         else:
-            path = self.array_dir.joinpath("c", *map(str, key))
+            rel = "c/" + "/".join(map(str, key))
+            path = self.array_dir / rel
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
+                if problem := record_problem(self.record, rel, None):
+                    raise damaged(self.stack_id, path, problem) from None
                 self._fds[key], self._indexes[key] = None, None
                 return None, None
-            size = os.fstat(fd).st_size
-            index_bytes = 16 * self.n_inner + 4
-            if size < index_bytes:
+            try:
+                size = os.fstat(fd).st_size
+                index_bytes = 16 * self.n_inner + 4
+                problem = record_problem(self.record, rel, size)
+                if problem is None and size < index_bytes:
+                    problem = f"shard file is truncated ({size} bytes, less than its {index_bytes}-byte index)"
+                if problem is None:
+                    index, problem = index_problem(os.pread(fd, index_bytes, size - index_bytes), size, self.n_inner)
+                if problem:
+                    raise damaged(self.stack_id, path, problem)
+            except BaseException:
                 os.close(fd)
-                raise StoreError(f"{path}: shard file is truncated ({size} bytes); reconvert this stack")
-            raw = os.pread(fd, index_bytes, size - index_bytes)
+                raise
             self._fds[key] = fd
-            self._indexes[key] = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_inner, 2)
+            self._indexes[key] = index
         return self._fds[key], self._indexes[key]
 
     def chunk(self, cidx: tuple[int, int, int, int]) -> bytes | None:
@@ -202,7 +274,7 @@ class ShardFiles:
             return None
         data = os.pread(fd, int(nbytes), int(offset))
         if len(data) != nbytes:
-            raise StoreError(f"{self.array_dir}: shard {key} is truncated; reconvert this stack")
+            raise damaged(self.stack_id, self.array_dir.joinpath("c", *map(str, key)), "shard file is truncated")
         return data
 
 
@@ -259,7 +331,7 @@ def gather(files: ShardFiles, box_zyx, *, codec: str, dtype: str, raw_lz4: bool)
     data = POOL.take(int(run_pos[-1]) + len(zero))
     for (fd, offset, length), pos in zip(runs, run_pos.tolist()):
         if os.preadv(fd, [memoryview(data[pos:pos + length])], offset) != length:
-            raise StoreError(f"{files.array_dir}: a shard file is truncated; reconvert this stack")
+            raise damaged(files.stack_id, files.array_dir, "a shard file shrank while it was read")
     data[len(data) - len(zero):] = np.frombuffer(zero, np.uint8)
     absent = file_off < 0
     found = np.flatnonzero(~absent)
@@ -270,7 +342,8 @@ def gather(files: ShardFiles, box_zyx, *, codec: str, dtype: str, raw_lz4: bool)
     header = LZ4_HEADER if raw_lz4 else 0
     origin = tuple(lo * c for (lo, _), c in zip(ranges, files.chunk_shape[1:]))
     return ChunkRegion(data, (offsets + header).astype(np.int32), (nbytes - header).astype(np.int32), grid,
-                       tuple(files.chunk_shape[1:]), origin, dtype, codec, raw_lz4)
+                       tuple(files.chunk_shape[1:]), origin, dtype, codec, raw_lz4,
+                       stack_id=files.stack_id, array_dir=str(files.array_dir), shard_chunks=tuple(files.inner))
 
 
 _GAP_READ_THROUGH = 16 << 10  # bytes: reading a gap this small costs less than another system call
@@ -287,6 +360,37 @@ def chunk_decoder(codec: str):
     raise StoreError(f"unknown codec {codec!r}; this stacktrain decodes lz4, zstd and blosc-lz4")
 
 
+def declared_size(codec: str, data) -> int | None:
+    """The decoded size a stored chunk announces (numcodecs' LZ4 header, zstd's frame content size)."""
+    if codec == "lz4":
+        return int.from_bytes(bytes(data[:4]), "little") if len(data) >= 4 else -1
+    if codec != "zstd":
+        return None
+    head = bytes(data[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return -1
+    flags = head[4]
+    fcs_flag, single = flags >> 6, (flags >> 5) & 1
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[flags & 3]  # window descriptor, dictionary id
+    width = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if width == 0 or len(head) < pos + width:
+        return None  # size not in the frame header: the decoder's own check has to do
+    size = int.from_bytes(head[pos:pos + width], "little")
+    return size + 256 if width == 2 else size
+
+
+def decode_chunk(region: ChunkRegion, i: int, source, dest: np.ndarray, decompress) -> None:
+    """Decode stored chunk i into `dest` (one row), or raise StoreError naming the stack, file and chunk."""
+    try:
+        size = declared_size(region.codec, source)
+        if size is not None and size != dest.nbytes:
+            raise ValueError(f"it announces {size} decoded bytes, a chunk has {dest.nbytes}")
+        decompress(source, dest)
+    except Exception as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise damaged(region.stack_id, region.chunk_place(i), f"does not decode ({text})") from None
+
+
 def decode(region: ChunkRegion) -> np.ndarray:
     """Decode every chunk on the CPU -> (n, cz, cy, cx) in the region's dtype."""
     cz, cy, cx = region.chunk_zyx
@@ -297,10 +401,16 @@ def decode(region: ChunkRegion) -> np.ndarray:
     source = memoryview(region.data)
     pairs = zip(region.offsets.tolist(), region.sizes.tolist())
     if region.raw_lz4:  # raw blocks carry no size header: the block decoder needs the size
+        def raw_block(src, dest):
+            block = lz4.block.decompress(src, uncompressed_size=nbytes)
+            if len(block) != nbytes:
+                raise ValueError(f"{len(block)} decoded bytes, a chunk has {nbytes}")
+            dest[:] = np.frombuffer(block, np.uint8)
+        codec = dataclasses.replace(region, codec="raw-lz4")
         for i, (o, s) in enumerate(pairs):
-            flat[i] = np.frombuffer(lz4.block.decompress(source[o:o + s], uncompressed_size=nbytes), np.uint8)
+            decode_chunk(codec, i, source[o:o + s], flat[i], raw_block)
         return out
     decompress = chunk_decoder(region.codec)
     for i, (o, s) in enumerate(pairs):
-        decompress(source[o:o + s], flat[i])
+        decode_chunk(region, i, source[o:o + s], flat[i], decompress)
     return out

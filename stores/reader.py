@@ -27,6 +27,29 @@ def _read_json(path: Path, what: str) -> dict:
         raise StoreError(f"{path}: corrupt metadata ({e}); reconvert the store") from None
 
 
+def read_stack_meta(store: Path, stack_id: str) -> StackMeta:
+    """A stack's StackMeta from `<stack_id>/zarr.json`, or one StoreError: missing, not JSON, not a
+    stacktrain stack, naming another stack, or of a format_version this stacktrain does not read."""
+    path = Path(store) / stack_id / "zarr.json"
+    attrs = _read_json(path, f"{stack_id}/zarr.json")
+    try:
+        d = attrs["attributes"]["stacktrain"]
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"stack {stack_id!r}: {path}: format_version {version!r} is not supported by this "
+                             f"stacktrain (reads {FORMAT_VERSION}); reconvert the stack with this version")
+        meta = StackMeta.from_dict(d)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, StoreError):
+            raise
+        raise StoreError(f"stack {stack_id!r}: {path}: not a stacktrain stack's metadata ({type(e).__name__}: {e}); "
+                         "the store is damaged: reconvert this stack") from None
+    if meta.stack_id != stack_id:
+        raise StoreError(f"{path}: names stack {meta.stack_id!r}, but the store "
+                         f"lists it as {stack_id!r}; the store's metadata is damaged")
+    return meta
+
+
 class Store:
     """A read-only view of a stacktrain store. Picklable: worker processes reopen files lazily."""
 
@@ -48,12 +71,7 @@ class Store:
             sid = entry.get("stack_id") if isinstance(entry, dict) else None
             if why := check_stack_id(sid):  # a crafted root list must not name paths outside the store
                 raise StoreError(f"{self.path}/zarr.json: {why}; this store's stack list is damaged")
-            attrs = _read_json(self.path / sid / "zarr.json", f"{sid}/zarr.json")
-            meta = StackMeta.from_dict(attrs["attributes"]["stacktrain"])
-            if meta.stack_id != sid:
-                raise StoreError(f"{self.path / sid}/zarr.json: names stack {meta.stack_id!r}, but the store "
-                                 f"lists it as {sid!r}; the store's metadata is damaged")
-            self._metas[sid] = meta
+            self._metas[sid] = read_stack_meta(self.path, sid)
         self._files: OrderedDict[str, _chunks.ShardFiles] = OrderedDict()  # least recently used first
 
     # -- listing -------------------------------------------------------------------------------
@@ -99,7 +117,8 @@ class Store:
             m = self.meta(stack_id)
             c = m.shape[0]
             files = _chunks.ShardFiles(self.array_path(stack_id), m.shape, (1, *m.chunk_zyx),
-                                       (c, *m.shard_zyx), np.dtype(m.dtype).itemsize)
+                                       (c, *m.shard_zyx), np.dtype(m.dtype).itemsize, stack_id=stack_id,
+                                       record=m.record)
             self._files[stack_id] = files
         return files
 
