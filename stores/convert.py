@@ -6,7 +6,9 @@ Two kinds of failure, handled differently:
 - data problems of one stack (NaN, dtype, channel count, too small, unreadable or truncated) fail that
   stack only: it is reported, nothing is written for it, the other stacks are converted, and the run
   ends with ConversionFailed (exit 2) listing every failed stack.
-A rerun skips stacks already converted from the same source bytes with the same settings.
+A rerun skips stacks already converted from the same source bytes with the same settings, once the
+stack passes the quick completeness check (stores/verify.py) against the record its conversion wrote;
+a stack that fails it (or has no record) is reconverted, and the summary says so.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from stacktrain.choices import StoredDtype, options
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
 from . import writer
-from .convert_workers import run_stacks
+from .convert_workers import WRITERS_LOCK, run_stacks
 from .layout import (
     STAGING,
     StackMeta,
@@ -35,10 +37,12 @@ from .layout import (
 from .manifest import ManifestRow, read_manifest
 from .options import ConvertOptions
 from .sources import RawSource, StreamingSha256, open_source, read_ahead, source_sha256
+from .verify import NO_RECORD, check_stack
 
 KEPT_DTYPES = options(StoredDtype)
 CHANNELS = 3
 LOCK_NAME = "convert.lock"
+OLD_WRITERS_WAIT_S = 60.0  # how long a convert waits for an earlier run's last worker to end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,7 @@ class StackOutcome:
     meta: StackMeta | None = None
     error: str | None = None
     seconds: float = 0.0
+    redone: str | None = None  # converted again because the stack in place was incomplete: why
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +67,9 @@ class ConvertReport:
 
     def summary(self) -> str:
         rate = f"{self.bytes_read / 1e6:.1f} MB of sources, {self.bytes_read / 1e6 / max(self.seconds, 1e-9):.1f} MB/s"
-        return (f"{self.count('converted')} converted, {self.count('skipped')} skipped (unchanged), "
+        redone = sum(o.redone is not None for o in self.outcomes)
+        again = f"{redone} reconverted (incomplete), " if redone else ""
+        return (f"{self.count('converted') - redone} converted, {again}{self.count('skipped')} skipped (unchanged), "
                 f"{self.count('failed')} failed of {len(self.outcomes)} stacks in {self.seconds:.1f} s ({rate})")
 
 
@@ -92,6 +99,23 @@ def _changes(present: StackMeta, row: ManifestRow, sha: str, opts: ConvertOption
              ("shard", tuple(present.shard_zyx), tuple(opts.shard_zyx)),
              ("foreground threshold", present.foreground_threshold, opts.foreground_threshold)]
     return [f"{name} is {old!r} in the store but {new!r} now" for name, old, new in pairs if old != new]
+
+
+def _complete_meta(store: Path, stack_id: str) -> tuple[StackMeta | None, str | None]:
+    """The stack in place when it passes the quick completeness check, else (None, why it is redone);
+    (None, None) when there is none."""
+    try:
+        meta = writer.existing_meta(store, stack_id)
+    except StoreError as e:
+        return None, str(e)
+    if meta is None:
+        return None, None
+    check = check_stack(store, stack_id, meta=meta)
+    if check.problems:
+        return None, check.problems[0]
+    if check.note == NO_RECORD:
+        return None, NO_RECORD
+    return meta, None
 
 
 def plan_stack(src: RawSource, row: ManifestRow, opts: ConvertOptions) -> tuple[tuple[int, int, int, int], str]:
@@ -185,8 +209,9 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
     """Convert one manifest row into `store` (not registered in the root list: the caller does that)."""
     t0 = time.perf_counter()
     hasher = None
+    redone = None
     try:
-        present = None if opts.overwrite else writer.existing_meta(store, row.stack_id)
+        present, redone = (None, None) if opts.overwrite else _complete_meta(store, row.stack_id)
         if present is not None:
             sha = source_sha256(row.path)  # only to decide whether to skip; otherwise hashed while read
             if changes := _changes(present, row, sha, opts):
@@ -214,14 +239,53 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
     finally:
         if hasher is not None:
             hasher.close()
-    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0)
+    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0, redone=redone)
 
 
 # -- the store -------------------------------------------------------------------------------------
 
+def _wait_for_old_writers(store: Path, wait_s: float) -> None:
+    """Return once no worker of an earlier convert holds the writers lock (see `_exclusive`)."""
+    path = store / STAGING / WRITERS_LOCK
+    deadline = time.monotonic() + wait_s
+    with open(path, "a") as lock:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return  # closing the file releases it: our own workers take it shared
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{store}: a worker of an earlier `stacktrain convert` is still writing into this store "
+                        f"(it holds {path}) after {wait_s:.0f} s; wait for it to end, or find it with "
+                        f"`fuser {path}` and end it, then rerun") from None
+                time.sleep(0.05)  # polling the lock itself, until the deadline
+
+
+def _remove_leftovers(store: Path) -> None:
+    """What killed runs left: anything in .staging/ but the locks, and the temp files of atomic
+    writes (`.NAME.*.tmp`, core/io.py) in the store root and the stack folders."""
+    staging = store / STAGING
+    for leftover in staging.iterdir():
+        if leftover.name not in (LOCK_NAME, WRITERS_LOCK):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    for tmp in [*store.glob(".*.tmp"), *store.glob("*/.*.tmp")]:
+        if tmp.is_file() and tmp.parent != staging:
+            tmp.unlink()
+
+
 @contextlib.contextmanager
-def _exclusive(store: Path) -> Iterator[None]:
-    """One convert per store at a time; then clear what a killed earlier run left in .staging/."""
+def _exclusive(store: Path, wait_s: float = OLD_WRITERS_WAIT_S) -> Iterator[None]:
+    """One convert per store at a time, and no process of an earlier one still writing; then clear
+    what killed earlier runs left.
+
+    Why nothing of an earlier run writes after this: (1) holding convert.lock (exclusive) means the
+    earlier run's main process has ended (a flock ends with its holder; spawned workers never inherit
+    the descriptor). (2) Every worker takes writers.lock shared before its first write, keeps it until it
+    ends, and then checks that its parent still lives (convert_workers._init_worker). Taking writers.lock
+    exclusive succeeds only when no worker holds it: every earlier worker has then either ended, or not
+    taken it yet, and one that takes it later finds its parent gone (it ended before (1)) and exits
+    before writing. So the cleanup below never races a writer, and neither does this run."""
     staging = store / STAGING
     with open(staging / LOCK_NAME, "w") as lock:
         try:
@@ -229,10 +293,17 @@ def _exclusive(store: Path) -> Iterator[None]:
         except BlockingIOError:
             raise StoreError(f"{store}: another `stacktrain convert` is writing this store; "
                              "wait for it to finish or choose another --out") from None
-        for leftover in staging.iterdir():
-            if leftover.name != LOCK_NAME:
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        _wait_for_old_writers(store, wait_s)
+        _remove_leftovers(store)
         yield
+
+
+def _listed_meta(store: Path, stack_id: str) -> StackMeta | None:
+    """A stack of another manifest, kept in the list while its metadata reads (damage: `verify`)."""
+    try:
+        return writer.existing_meta(store, stack_id)
+    except StoreError:
+        return None
 
 
 class _RootList:
@@ -244,7 +315,7 @@ class _RootList:
         ours = [r.stack_id for r in rows]
         self.store = store
         self.order = [s for s in prior if s not in ours] + ours
-        self.metas = {s: m for s in prior if (m := writer.existing_meta(store, s)) is not None}
+        self.metas = {s: m for s in prior if (m := _listed_meta(store, s)) is not None}
 
     def add(self, meta: StackMeta) -> None:
         self.metas[meta.stack_id] = meta

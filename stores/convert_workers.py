@@ -1,10 +1,17 @@
 """The worker processes of `stacktrain convert`: one stack per task, progress through a queue, and
-workers that die with their parent (a SIGKILLed convert leaves no orphan writing into the store)."""
+workers that never write without their parent (a SIGKILLed convert leaves no orphan writing into the store).
+
+Three layers: the kernel kills a worker whose parent dies (PR_SET_PDEATHSIG, Linux); a worker that sees
+its parent gone between slabs ends itself; and every worker holds the store's writers lock (shared
+flock on `.staging/writers.lock`) from before its first write until it ends, so the next convert can
+wait until no earlier worker is left (stores/convert.py `_exclusive` explains why that is enough).
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import ctypes
+import fcntl
 import functools
 import multiprocessing
 import os
@@ -12,7 +19,12 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+from .layout import STAGING
+
 _PROGRESS_QUEUE = None
+_PARENT: int | None = None
+_WRITERS_LOCK = None  # the open writers lock file: held, shared, for the worker's whole life
+WRITERS_LOCK = "writers.lock"
 
 
 def _die_with_parent(parent: int) -> None:
@@ -28,13 +40,19 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(queue, parent: int) -> None:
-    global _PROGRESS_QUEUE
+def _init_worker(queue, parent: int, writers_lock: str) -> None:
+    global _PROGRESS_QUEUE, _PARENT, _WRITERS_LOCK
     _die_with_parent(parent)
-    _PROGRESS_QUEUE = queue
+    _PROGRESS_QUEUE, _PARENT = queue, parent
+    _WRITERS_LOCK = open(writers_lock, "a")
+    fcntl.flock(_WRITERS_LOCK, fcntl.LOCK_SH)  # blocks while a new convert clears .staging
+    if os.getppid() != parent:  # the parent died before we held the lock: a newer convert may own the store
+        os._exit(1)
 
 
 def _queue_progress(index: int, fraction: float) -> None:
+    if os.getppid() != _PARENT:  # between slabs: the parent is gone (where PR_SET_PDEATHSIG is missing)
+        os._exit(1)
     _PROGRESS_QUEUE.put((index, fraction))
 
 
@@ -52,7 +70,8 @@ def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs rich's refresh thread
     queue = ctx.Queue()
     pool = cf.ProcessPoolExecutor(min(opts.workers, len(rows)), mp_context=ctx,
-                                  initializer=_init_worker, initargs=(queue, os.getpid()))
+                                  initializer=_init_worker,
+                                  initargs=(queue, os.getpid(), str(Path(store) / STAGING / WRITERS_LOCK)))
     try:
         futures = {pool.submit(_convert_in_worker, convert_stack, i, row, store, opts): i for i, row in enumerate(rows)}
         pending = set(futures)
