@@ -110,6 +110,25 @@ def info(args: Namespace) -> int:
     return 0
 
 
+def verify(args: Namespace) -> int:
+    from stacktrain import ui
+    from stacktrain.errors import StoreError
+    from stacktrain.stores.verify import NO_RECORD, render, verify_store
+
+    checks = verify_store(args.store, deep=args.deep)
+    con = ui.console()
+    con.print(render(checks, args.deep))
+    bad = [c.stack_id for c in checks if not c.ok]
+    if bad:
+        names = ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise StoreError(f"{args.store}: {len(bad)} of {len(checks)} stacks are damaged ({names}); reconvert "
+                         "them (`stacktrain convert` redoes incomplete stacks; --overwrite redoes the rest)")
+    old = sum(c.note == NO_RECORD for c in checks)
+    note = f"; {old} without a completeness record ({NO_RECORD})" if old else ""
+    con.print(f"{args.store}: {len(checks)} stacks ok{note}", highlight=False, soft_wrap=True)
+    return 0
+
+
 # -- one run ---------------------------------------------------------------------------------------
 def split(args: Namespace) -> int:
     from stacktrain import ui
