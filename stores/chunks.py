@@ -168,6 +168,12 @@ def index_problem(tail: bytes, file_size: int, n_inner: int) -> tuple[np.ndarray
         return None, f"shard index lists chunks beyond the file's {data_end} data bytes"
     if (index[~stored, 1] != ABSENT).any():
         return None, "shard index has absent chunks with a size"
+    # The writer stores chunks back to back: together they fill the data bytes exactly, without overlap.
+    off, nb = index[stored, 0], index[stored, 1]
+    order = np.argsort(off, kind="stable")
+    ends = np.cumsum(nb[order], dtype=np.uint64)
+    if int(nb.sum(dtype=np.uint64)) != data_end or (len(off) and (off[order][1:] != ends[:-1]).any()):
+        return None, f"shard index does not account for the file's {data_end} data bytes"
     return index, None
 
 

@@ -50,6 +50,24 @@ def read_stack_meta(store: Path, stack_id: str) -> StackMeta:
     return meta
 
 
+def array_problem(array_dir: Path, meta: StackMeta) -> str | None:
+    """How the array's own zarr.json (`array_dir`/zarr.json) disagrees with the stack's metadata, or
+    that it is missing; None when it agrees."""
+    path = array_dir / "zarr.json"
+    try:
+        arr = json.loads(path.read_text())
+        shape, dtype = tuple(arr["shape"]), arr["data_type"]
+        outer = tuple(arr["chunk_grid"]["configuration"]["chunk_shape"])
+    except FileNotFoundError:
+        return "the array's zarr.json is missing"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"not a Zarr array's metadata ({type(e).__name__}: {e})"
+    if shape != tuple(meta.shape) or dtype != meta.dtype or outer != (meta.shape[0], *meta.shard_zyx):
+        return (f"says shape {shape}, {dtype}, shards {outer}; the stack's metadata says "
+                f"{tuple(meta.shape)}, {meta.dtype}, shards {(meta.shape[0], *meta.shard_zyx)}")
+    return None
+
+
 class Store:
     """A read-only view of a stacktrain store. Picklable: worker processes reopen files lazily."""
 
@@ -115,6 +133,8 @@ class Store:
             if len(self._files) >= MAX_OPEN_STACKS:  # bound open files: at most 32 x 16 shards
                 self._files.popitem(last=False)[1].close()
             m = self.meta(stack_id)
+            if problem := array_problem(self.array_path(stack_id), m):  # once per stack a process opens
+                raise _chunks.damaged(stack_id, self.array_path(stack_id) / "zarr.json", problem)
             c = m.shape[0]
             files = _chunks.ShardFiles(self.array_path(stack_id), m.shape, (1, *m.chunk_zyx),
                                        (c, *m.shard_zyx), np.dtype(m.dtype).itemsize, stack_id=stack_id,

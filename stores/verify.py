@@ -12,7 +12,6 @@ content, all against the completeness record (`StackMeta.record`, stores/layout.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from stacktrain.errors import StoreError
 
 from .chunks import ABSENT, chunk_decoder, declared_size, index_problem, record_problem
 from .layout import IMAGE, LEVEL0, StackMeta, check_stack_id, shard_grid
-from .reader import Store, _read_json, read_stack_meta
+from .reader import Store, _read_json, array_problem, read_stack_meta
 
 NO_RECORD = "no completeness record (converted by an older stacktrain); reconvert to get checksums"
 
@@ -51,37 +50,17 @@ def shard_files(array_dir: Path) -> dict[str, int]:
     return out
 
 
-def _array_problem(array_dir: Path, meta: StackMeta) -> str | None:
-    """How the array's own zarr.json disagrees with the stack's metadata (or that it is missing)."""
-    path = array_dir / "zarr.json"
-    try:
-        arr = json.loads(path.read_text())
-        shape, dtype = tuple(arr["shape"]), arr["data_type"]
-        outer = tuple(arr["chunk_grid"]["configuration"]["chunk_shape"])
-    except FileNotFoundError:
-        return f"{path} is missing"
-    except (ValueError, KeyError, TypeError) as e:
-        return f"{path} is not a Zarr array's metadata ({type(e).__name__}: {e})"
-    if shape != tuple(meta.shape) or dtype != meta.dtype or outer != (meta.shape[0], *meta.shard_zyx):
-        return (f"{path} says shape {shape}, {dtype}, shards {outer}; the stack's metadata says "
-                f"{tuple(meta.shape)}, {meta.dtype}, shards {(meta.shape[0], *meta.shard_zyx)}")
-    return None
-
-
 def _deep_problem(data: bytes, index: np.ndarray, meta: StackMeta, listed: list[int] | None) -> str | None:
-    """Every stored chunk decodes to its size; the file's and the content's crc32c match the record."""
-    if listed is not None and google_crc32c.value(data) != listed[1]:
-        return "shard file checksum (crc32c) does not match the completeness record"
+    """Every stored chunk of the shard file `data` decodes to its size; the content's and the file's
+    crc32c match the record (content first: it says that voxels differ, not only bytes)."""
     nbytes = int(np.prod(meta.chunk_zyx)) * np.dtype(meta.dtype).itemsize
     decompress = chunk_decoder(meta.codec)
     dest = np.empty(nbytes, np.uint8)
     content = 0
     view = memoryview(data)
-    order = np.argsort(index[:, 0], kind="stable")  # file order = the order the writer summed them in
-    for position in order.tolist():
+    stored = np.flatnonzero(index[:, 0] != ABSENT)
+    for position in stored[np.argsort(index[stored, 0], kind="stable")].tolist():  # file order, as written
         offset, size = (int(v) for v in index[position])
-        if index[position, 0] == ABSENT:
-            break
         src = view[offset:offset + size]
         try:
             announced = declared_size(meta.codec, src)
@@ -91,8 +70,12 @@ def _deep_problem(data: bytes, index: np.ndarray, meta: StackMeta, listed: list[
         except Exception as e:
             return f"chunk {position} (index order) does not decode ({str(e).splitlines()[0] if str(e) else e!r})"
         content = google_crc32c.extend(content, dest)
-    if listed is not None and content != listed[2]:
-        return "decoded content checksum (crc32c) does not match the completeness record"
+    if listed is None:
+        return None
+    if content != listed[2]:
+        return "decoded content checksum (crc32c) does not match the completeness record: voxels differ"
+    if google_crc32c.value(data) != listed[1]:
+        return "shard file checksum (crc32c) does not match the completeness record"
     return None
 
 
@@ -104,7 +87,7 @@ def check_stack(store: str | Path, stack_id: str, *, deep: bool = False, meta: S
     except StoreError as e:
         return StackCheck(stack_id, [str(e)])
     array_dir = store / stack_id / IMAGE / LEVEL0
-    problems = [p for p in [_array_problem(array_dir, meta)] if p]
+    problems = [f"{array_dir / 'zarr.json'}: {p}" for p in [array_problem(array_dir, meta)] if p]
     record = meta.record
     grid = shard_grid(meta.shape, meta.shard_zyx)
     if record is not None and tuple(record.get("grid", ())) != grid:
@@ -133,7 +116,7 @@ def check_stack(store: str | Path, stack_id: str, *, deep: bool = False, meta: S
                 tail = f.read()
         index, problem = index_problem(tail, size, n_inner)
         if problem is None and deep:
-            problem = _deep_problem(data[:-tail_bytes], index, meta, record["shards"][rel] if record else None)
+            problem = _deep_problem(data, index, meta, record["shards"][rel] if record else None)
         if problem:
             problems.append(f"{path}: {problem}")
     return StackCheck(stack_id, problems, None if record is not None else NO_RECORD, len(on_disk))
