@@ -15,8 +15,8 @@ STORE.zarr/
 
 A stack's metadata ends with its completeness record (`StackMeta.record`, written before the one rename
 that makes the stack visible): the shard grid and, for every shard file written, its path under the
-array, its byte size, the crc32c of its bytes and the crc32c of its content (the decoded bytes of its
-stored chunks in file order). `stores/verify.py` checks a stack against it.
+array, its byte size, the crc32c of its bytes and the crc32c of its content (each stored chunk's
+index position (u32 LE) and decoded bytes, in file order). `stores/verify.py` checks a stack against it.
 """
 
 from __future__ import annotations

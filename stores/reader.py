@@ -31,7 +31,14 @@ def read_stack_meta(store: Path, stack_id: str) -> StackMeta:
     """A stack's StackMeta from `<stack_id>/zarr.json`, or one StoreError: missing, not JSON, not a
     stacktrain stack, naming another stack, or of a format_version this stacktrain does not read."""
     path = Path(store) / stack_id / "zarr.json"
-    attrs = _read_json(path, f"{stack_id}/zarr.json")
+    try:
+        attrs = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"stack {stack_id!r}: {path} is missing; the store is damaged: reconvert this stack "
+                         "(`stacktrain convert` redoes incomplete stacks)") from None
+    except ValueError as e:
+        raise StoreError(f"stack {stack_id!r}: {path}: corrupt metadata ({e}); the store is damaged: "
+                         "reconvert this stack") from None
     try:
         d = attrs["attributes"]["stacktrain"]
         version = d.get("format_version")

@@ -14,8 +14,8 @@ The array's zarr.json is written by zarr-python (`create_array`); tests/stores/t
 the files byte for byte against zarr-python's own for both codecs, edges and empty chunks included.
 Each chunk is copied once, into a reused buffer, and encoded from there; the encoded parts go to the
 file with one vectored write.
-While writing, each shard's byte size, the crc32c of its bytes and the crc32c of its content (the
-chunk buffers just encoded, in file order) go into `files`, the stack's completeness record: computed
+While writing, each shard's byte size, the crc32c of its bytes and the crc32c of its content (each
+stored chunk's index position and its buffer just encoded, in file order) go into `files`, the stack's completeness record: computed
 from bytes already in cache, so the checksums cost no second pass over the data.
 """
 
@@ -92,6 +92,9 @@ class ShardWriter:
                 np.copyto(buf, view)
             if not buf.any():
                 continue  # equal to the fill value: not stored
+            # each chunk's index position goes in too: the content checksum also sees chunks swapped in
+            # the index (a file checksum cannot: crc(index + crc(index)) is the same for every index)
+            content = google_crc32c.extend(content, position.to_bytes(4, "little"))
             content = google_crc32c.extend(content, buf)
             data = self.encode(buf)
             parts.append(data)

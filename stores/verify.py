@@ -69,7 +69,7 @@ def _deep_problem(data: bytes, index: np.ndarray, meta: StackMeta, listed: list[
             decompress(src, dest)
         except Exception as e:
             return f"chunk {position} (index order) does not decode ({str(e).splitlines()[0] if str(e) else e!r})"
-        content = google_crc32c.extend(content, dest)
+        content = google_crc32c.extend(google_crc32c.extend(content, position.to_bytes(4, "little")), dest)
     if listed is None:
         return None
     if content != listed[2]:
