@@ -275,7 +275,7 @@ def _remove_leftovers(store: Path) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(store: Path, wait_s: float = OLD_WRITERS_WAIT_S) -> Iterator[None]:
+def _exclusive(store: Path) -> Iterator[None]:
     """One convert per store at a time, and no process of an earlier one still writing; then clear
     what killed earlier runs left.
 
@@ -293,7 +293,7 @@ def _exclusive(store: Path, wait_s: float = OLD_WRITERS_WAIT_S) -> Iterator[None
         except BlockingIOError:
             raise StoreError(f"{store}: another `stacktrain convert` is writing this store; "
                              "wait for it to finish or choose another --out") from None
-        _wait_for_old_writers(store, wait_s)
+        _wait_for_old_writers(store, OLD_WRITERS_WAIT_S)
         _remove_leftovers(store)
         yield
 

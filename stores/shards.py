@@ -15,8 +15,8 @@ the files byte for byte against zarr-python's own for both codecs, edges and emp
 Each chunk is copied once, into a reused buffer, and encoded from there; the encoded parts go to the
 file with one vectored write.
 While writing, each shard's byte size, the crc32c of its bytes and the crc32c of its content (each
-stored chunk's index position and its buffer just encoded, in file order) go into `files`, the stack's completeness record: computed
-from bytes already in cache, so the checksums cost no second pass over the data.
+stored chunk's index position and its buffer just encoded, in file order) go into `files`, the stack's
+completeness record: computed from bytes already in cache, so the checksums cost no second pass.
 """
 
 from __future__ import annotations
