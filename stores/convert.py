@@ -42,7 +42,7 @@ from .verify import NO_RECORD, check_stack
 KEPT_DTYPES = options(StoredDtype)
 CHANNELS = 3
 LOCK_NAME = "convert.lock"
-OLD_WRITERS_WAIT_S = 60.0  # how long a convert waits for an earlier run's last worker to end
+OLD_WRITERS_WAIT_S = 600.0  # how long a convert waits for an earlier run's last worker to end its stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,11 +281,12 @@ def _exclusive(store: Path) -> Iterator[None]:
 
     Why nothing of an earlier run writes after this: (1) holding convert.lock (exclusive) means the
     earlier run's main process has ended (a flock ends with its holder; spawned workers never inherit
-    the descriptor). (2) Every worker takes writers.lock shared before its first write, keeps it until it
-    ends, and then checks that its parent still lives (convert_workers._init_worker). Taking writers.lock
-    exclusive succeeds only when no worker holds it: every earlier worker has then either ended, or not
-    taken it yet, and one that takes it later finds its parent gone (it ended before (1)) and exits
-    before writing. So the cleanup below never races a writer, and neither does this run."""
+    the descriptor). (2) A worker writes only inside a task, and holds writers.lock shared for the whole
+    task, taken before the first write and followed by a check that its parent still lives
+    (convert_workers.writing). Taking writers.lock exclusive succeeds only when no task holds it: every
+    earlier task has then either ended, or not taken it yet, and one that takes it later finds its
+    parent gone (it ended before (1)) and exits before writing. So neither the cleanup below nor this
+    run races a writer of an earlier run."""
     staging = store / STAGING
     with open(staging / LOCK_NAME, "w") as lock:
         try:

@@ -2,14 +2,18 @@
 workers that never write without their parent (a SIGKILLed convert leaves no orphan writing into the store).
 
 Three layers: the kernel kills a worker whose parent dies (PR_SET_PDEATHSIG, Linux); a worker that sees
-its parent gone between slabs ends itself; and every worker holds the store's writers lock (shared
-flock on `.staging/writers.lock`) from before its first write until it ends, so the next convert can
-wait until no earlier worker is left (stores/convert.py `_exclusive` explains why that is enough).
+its parent gone between slabs ends itself; and a worker holds the store's writers lock (shared flock on
+`.staging/writers.lock`) for each whole task, taken before the task's first write and checked against
+its parent's life, so the next convert can wait until no earlier writer is left (stores/convert.py
+`_exclusive` says why that is enough). Between tasks a worker holds no lock and writes nothing: an idle
+orphan blocked on its task queue cannot hold a rerun up. STACKTRAIN_TEST_ORPHANS=1 turns the first two
+layers off, so that tests/faults can show the lock alone keeps a store right.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
 import fcntl
 import functools
@@ -21,10 +25,11 @@ from pathlib import Path
 
 from .layout import STAGING
 
+WRITERS_LOCK = "writers.lock"
 _PROGRESS_QUEUE = None
 _PARENT: int | None = None
-_WRITERS_LOCK = None  # the open writers lock file: held, shared, for the worker's whole life
-WRITERS_LOCK = "writers.lock"
+_WRITERS_LOCK_PATH: str | None = None
+_ORPHANS = os.environ.get("STACKTRAIN_TEST_ORPHANS") == "1"  # tests only: workers outlive a killed parent
 
 
 def _die_with_parent(parent: int) -> None:
@@ -41,23 +46,32 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _init_worker(queue, parent: int, writers_lock: str) -> None:
-    global _PROGRESS_QUEUE, _PARENT, _WRITERS_LOCK
-    _die_with_parent(parent)
-    _PROGRESS_QUEUE, _PARENT = queue, parent
-    _WRITERS_LOCK = open(writers_lock, "a")
-    fcntl.flock(_WRITERS_LOCK, fcntl.LOCK_SH)  # blocks while a new convert clears .staging
-    if os.getppid() != parent:  # the parent died before we held the lock: a newer convert may own the store
-        os._exit(1)
+    global _PROGRESS_QUEUE, _PARENT, _WRITERS_LOCK_PATH
+    if not _ORPHANS:
+        _die_with_parent(parent)
+    _PROGRESS_QUEUE, _PARENT, _WRITERS_LOCK_PATH = queue, parent, writers_lock
+
+
+@contextlib.contextmanager
+def writing() -> Iterator[None]:
+    """Hold the writers lock (shared) for one task; end the process if the parent is gone by then.
+    Taking it blocks while a new convert, which holds it exclusive, clears .staging."""
+    with open(_WRITERS_LOCK_PATH, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if os.getppid() != _PARENT:  # our convert ended: a newer one may own the store now
+            os._exit(1)
+        yield
 
 
 def _queue_progress(index: int, fraction: float) -> None:
-    if os.getppid() != _PARENT:  # between slabs: the parent is gone (where PR_SET_PDEATHSIG is missing)
+    if os.getppid() != _PARENT and not _ORPHANS:  # between slabs: the parent is gone (no PR_SET_PDEATHSIG)
         os._exit(1)
     _PROGRESS_QUEUE.put((index, fraction))
 
 
 def _convert_in_worker(convert_stack, index: int, row, store: Path, opts):
-    return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
+    with writing():
+        return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
 
 
 def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int, object]]:
