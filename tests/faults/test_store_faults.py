@@ -268,3 +268,52 @@ def test_verify_finds_it_and_train_refuses_it(damaged):
     assert "\n" not in str(e.value) and "'s0'" in str(e.value)
     if fault.level == "quick":
         assert "stacktrain verify" in str(e.value)
+
+
+# -- `stacktrain train` on a damaged store -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """8 stacks of 16x64x64 (4 patches each) and a patient split: the tiny training setup, without raw files."""
+    from stacktrain.train.split import make_splits, write_split
+
+    root = tmp_path_factory.mktemp("train")
+    store = write_store(root / "store.zarr", {f"t{i}": (tissue((3, 16, 64, 64), seed=i), ("SAIN", "MALADE")[i % 2],
+                                                        f"p{i // 2}") for i in range(8)})
+    write_split(make_splits(store, val_fraction=0.3, seed=0), root / "splits.json")
+    first = json.loads((root / "splits.json").read_text())["folds"][0]["train"][0]
+    return store, root / "splits.json", first
+
+
+def _train_line(capsys, store, splits, tmp_path, *overrides) -> str:
+    from stacktrain.cli import main
+    from stacktrain.train.config import save_config
+    from tests.support import tiny_config
+
+    cfg = tmp_path / "cfg.toml"
+    save_config(tiny_config(store, splits, "train.epochs=1", *overrides), cfg)
+    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err  # the run's own status lines aside
+    return errors[0]
+
+
+@pytest.mark.parametrize(("fault", "loader"), [
+    pytest.param("shard-deleted", "loader.workers=0", id="shard-deleted"),
+    pytest.param("200-bytes-flipped-in-chunk", "loader.workers=0", id="200-bytes-flipped-in-process"),
+    pytest.param("200-bytes-flipped-in-chunk", "loader.workers=1", id="200-bytes-flipped-in-a-dali-worker")])
+def test_train_stops_with_one_line(train_data, tmp_path, capsys, fault, loader):
+    store, splits, sid = train_data
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    shard = copy / sid / "image" / "0" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    if fault == "shard-deleted":
+        shard.unlink()
+        says = "is damaged"  # refused by the quick check, before the model is built
+    else:
+        data[100:300] = bytes(b ^ 0xFF for b in data[100:300])
+        shard.write_bytes(bytes(data))
+        says = "does not decode"  # the quick check reads no chunk: the first batch that holds it stops the run
+    err = _train_line(capsys, copy, splits, tmp_path, loader)
+    assert f"'{sid}'" in err and says in err and "stacktrain verify" in err, err
