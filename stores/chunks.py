@@ -157,22 +157,24 @@ def damaged(stack_id: str, path, what: str) -> StoreError:
 
 def index_problem(tail: bytes, file_size: int, n_inner: int) -> tuple[np.ndarray | None, str | None]:
     """The shard index from the file's last 16 * n_inner + 4 bytes, or why it cannot be trusted: its
-    crc32c does not match, or a chunk it lists does not lie inside the file before the index."""
+    crc32c does not match, a chunk it lists lies beyond the data bytes, or the chunks do not fill the
+    data bytes back to back (the writer stores them so). Plain Python over ~100 entries: faster than numpy."""
     table, crc = tail[:-4], tail[-4:]
     if google_crc32c.value(table) != int.from_bytes(crc, "little"):
         return None, "shard index checksum (crc32c) does not match"
     index = np.frombuffer(table, dtype="<u8").reshape(n_inner, 2)
-    stored = index[:, 0] != ABSENT
+    absent = int(ABSENT)
+    entries = index.tolist()
+    stored = sorted((o, n) for o, n in entries if o != absent)
     data_end = file_size - len(tail)
-    if (index[stored, 0] > data_end).any() or (index[stored, 1] > data_end - index[stored, 0]).any():
+    if any(o + n > data_end for o, n in stored):
         return None, f"shard index lists chunks beyond the file's {data_end} data bytes"
-    if (index[~stored, 1] != ABSENT).any():
-        return None, "shard index has absent chunks with a size"
-    # The writer stores chunks back to back: together they fill the data bytes exactly, without overlap.
-    off, nb = index[stored, 0], index[stored, 1]
-    order = np.argsort(off, kind="stable")
-    ends = np.cumsum(nb[order], dtype=np.uint64)
-    if int(nb.sum(dtype=np.uint64)) != data_end or (len(off) and (off[order][1:] != ends[:-1]).any()):
+    end = 0
+    for o, n in stored:
+        if o != end:
+            break
+        end = o + n
+    if end != data_end or len(stored) + sum(n == absent for o, n in entries if o == absent) != n_inner:
         return None, f"shard index does not account for the file's {data_end} data bytes"
     return index, None
 

@@ -42,11 +42,11 @@ class StackCheck:
 def shard_files(array_dir: Path) -> dict[str, int]:
     """'c/0/z/y/x' -> size of every shard file on disk under the array folder."""
     out: dict[str, int] = {}
-    top = array_dir / "c"
-    for root, _dirs, files in os.walk(top):
-        rel = Path(root).relative_to(array_dir).as_posix()
+    base = str(array_dir)
+    for root, _dirs, files in os.walk(f"{base}/c"):
+        rel = root[len(base) + 1:].replace(os.sep, "/")
         for name in files:
-            out[f"{rel}/{name}"] = os.stat(os.path.join(root, name)).st_size
+            out[f"{rel}/{name}"] = os.stat(f"{root}/{name}").st_size
     return out
 
 
@@ -97,23 +97,23 @@ def check_stack(store: str | Path, stack_id: str, *, deep: bool = False, meta: S
     expected = set(record["shards"]) if record is not None else set()
     c = meta.shape[0]
     n_inner = c * int(np.prod([s // k for s, k in zip(meta.shard_zyx, meta.chunk_zyx)]))
+    tail_bytes = 16 * n_inner + 4
+    base = str(array_dir)
     for rel in sorted(expected | set(on_disk)):
-        path = array_dir / rel
+        path = f"{base}/{rel}"  # strings, not Path: this loop runs once per shard file before every run
         if problem := record_problem(record, rel, on_disk.get(rel)):
             problems.append(f"{path}: {problem}")
             continue
         size = on_disk[rel]
-        tail_bytes = 16 * n_inner + 4
         if size < tail_bytes:
             problems.append(f"{path}: shard file is truncated ({size} bytes, less than its {tail_bytes}-byte index)")
             continue
-        with open(path, "rb") as f:
+        with open(path, "rb", buffering=0) as f:
             if deep:
                 data = f.read()
                 tail = data[-tail_bytes:]
             else:
-                f.seek(size - tail_bytes)
-                tail = f.read()
+                tail = os.pread(f.fileno(), tail_bytes, size - tail_bytes)
         index, problem = index_problem(tail, size, n_inner)
         if problem is None and deep:
             problem = _deep_problem(data, index, meta, record["shards"][rel] if record else None)
