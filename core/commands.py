@@ -94,7 +94,12 @@ def convert(args: Namespace) -> int:
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     opts = ConvertOptions(**values)
     report = run_convert(args.manifest, args.out, opts, progress=ui.ConvertBar(bar=not args.no_progress))
-    ui.console().print(f"{report.store}: {report.summary()}", highlight=False, soft_wrap=True)
+    con = ui.console()
+    for o in report.outcomes:  # stacks a killed or damaged earlier run left incomplete
+        if o.redone:
+            con.print(f"{o.stack_id}: reconverted, the stored stack was incomplete: {o.redone}", highlight=False,
+                      soft_wrap=True, markup=False)
+    con.print(f"{report.store}: {report.summary()}", highlight=False, soft_wrap=True)
     return 0
 
 

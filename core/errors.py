@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 __all__ = [
-    "StackTrainError", "ConfigError", "InputError", "ConversionFailed", "StoreError", "PipelineError",
+    "StackTrainError", "ConfigError", "InputError", "ConversionFailed", "StoreError", "StoreDamaged", "PipelineError",
     "BatchContractError", "ModelError", "SplitError", "EvalError", "ResultsError", "CheckpointError",
     "StudyError", "user_message",
 ]
@@ -37,6 +37,11 @@ class ConversionFailed(InputError):
 
 class StoreError(StackTrainError, ValueError):
     """A store cannot be opened or read as asked."""
+
+
+class StoreDamaged(StoreError):
+    """A stack's files disagree with what its conversion recorded (missing, truncated, extra, a bad
+    checksum, a chunk that does not decode); `stacktrain verify` reports them all."""
 
 
 class PipelineError(StackTrainError, ValueError):
@@ -71,7 +76,7 @@ class StudyError(StackTrainError, ValueError):
     """A study file, or a study directory, is not usable as it stands; the message says why and how."""
 
 
-_RAISED_LINE = re.compile(r"^(?:stacktrain\.errors\.)?([A-Za-z]+Error|ConversionFailed): (.+)$")
+_RAISED_LINE = re.compile(r"^(?:stacktrain\.errors\.)?([A-Za-z]+): (.+)$")
 
 
 def _raised_line(text: str) -> str | None:

@@ -30,7 +30,7 @@ import numcodecs.lz4
 import numcodecs.zstd
 import numpy as np
 
-from stacktrain.errors import StoreError
+from stacktrain.errors import StoreDamaged, StoreError
 
 ABSENT = np.uint64(2**64 - 1)
 MAX_OPEN_SHARDS = 16  # per stack; the Store keeps at most MAX_OPEN_STACKS stacks open
@@ -149,9 +149,9 @@ def zero_chunk_bytes(codec: str, nbytes: int, raw_lz4: bool) -> bytes:
     return numcodecs.Zstd().encode(zeros)
 
 
-def damaged(stack_id: str, path, what: str) -> StoreError:
+def damaged(stack_id: str, path, what: str) -> StoreDamaged:
     """The one line for a damaged stack: which stack, which file, what, and what to do."""
-    return StoreError(f"stack {stack_id!r}: {path}: {what}; the store is damaged: run `stacktrain verify` on it "
+    return StoreDamaged(f"stack {stack_id!r}: {path}: {what}; the store is damaged: run `stacktrain verify` on it "
                       "and reconvert this stack (`stacktrain convert` redoes incomplete stacks)")
 
 

@@ -160,7 +160,7 @@ def test_a_full_disk_while_writing_the_stack_list_is_one_line(tmp_path, monkeypa
 def _worker_wrapped(message: str) -> list[BaseException]:
     """A StoreError as torch's DataLoader and DALI's parallel external source hand it back."""
     torch_style = StoreError(f"Caught StoreError in DataLoader worker process 0.\nOriginal Traceback (most recent "
-                             f"call last):\n  File \"x.py\", line 1, in f\nstacktrain.errors.StoreError: {message}\n")
+                             f"call last):\n  File \"x.py\", line 1, in f\nstacktrain.errors.StoreDamaged: {message}\n")
     try:
         try:
             raise StoreError(message)
