@@ -347,6 +347,12 @@ def gather(files: ShardFiles, box_zyx, *, codec: str, dtype: str, raw_lz4: bool)
     offsets[found] = (run_pos[run_of[found]] + file_off[found]
                       - np.asarray([r[1] for r in runs], np.int64)[run_of[found]])
     nbytes[absent] = len(zero)
+    if raw_lz4 and len(found):  # the GPU inflates without the size header: check what it announces here
+        heads = data[offsets[found, None] + np.arange(LZ4_HEADER)].copy().view("<u4").ravel()
+        if (bad := np.flatnonzero(heads != files.chunk_nbytes)).size:
+            i = int(found[bad[0]])
+            raise damaged(files.stack_id, files.array_dir, f"chunk {tuple(int(v) for v in cidx[i])} announces "
+                          f"{int(heads[bad[0]])} decoded bytes, a chunk has {files.chunk_nbytes}")
     header = LZ4_HEADER if raw_lz4 else 0
     origin = tuple(lo * c for (lo, _), c in zip(ranges, files.chunk_shape[1:]))
     return ChunkRegion(data, (offsets + header).astype(np.int32), (nbytes - header).astype(np.int32), grid,

@@ -221,7 +221,7 @@ def damaged(request, templates, tmp_path):
     store = tmp_path / "s.zarr"
     shutil.copytree(templates[codec], store)
     fault.damage(store)
-    return fault, store
+    return fault, codec, store
 
 
 def _one_line_naming_s0(error: StoreError, fault: Fault) -> None:
@@ -232,7 +232,7 @@ def _one_line_naming_s0(error: StoreError, fault: Fault) -> None:
 
 @pytest.mark.parametrize("damaged", CASES, indirect=True)
 def test_the_reader_refuses_it(damaged):
-    fault, store = damaged
+    fault, codec, store = damaged
     original = _arrays()["s0"][0]
     if fault.level == "open":
         with pytest.raises(StoreError) as e:
@@ -250,11 +250,14 @@ def test_the_reader_refuses_it(damaged):
     _one_line_naming_s0(e.value, fault)
     assert "zarr.json" in str(e.value) or "/c/0/" in str(e.value)  # the file at fault
     assert "stacktrain verify" in str(e.value)
+    if fault.level == "quick" or fault.id == "lz4-size-header-wrong":  # what the GPU loader gathers, too
+        with pytest.raises(StoreError, match="'s0'"):
+            Store(store).chunk_region("s0", ((0, 24), (0, 48), (0, 48)), raw_lz4=codec == "lz4")
 
 
 @pytest.mark.parametrize("damaged", CASES, indirect=True)
 def test_verify_finds_it_and_train_refuses_it(damaged):
-    fault, store = damaged
+    fault, _, store = damaged
     quick, deep = check_stack(store, "s0"), check_stack(store, "s0", deep=True)
     assert check_stack(store, "s1", deep=True).ok
     assert not deep.ok

@@ -23,6 +23,8 @@ from stacktrain.stores.verify import NO_RECORD, check_stack, verify_store
 from stacktrain.testing import tissue
 from tests.stores.test_convert import TINY, write_manifest
 
+CLI_TINY = ["--chunk", "8", "16", "16", "--shard", "16", "32", "32", "--min-patch", "4", "16", "16"]
+
 
 @pytest.fixture
 def npy(tmp_path):
@@ -91,7 +93,7 @@ def test_old_stores_without_a_record_are_checked_as_far_as_possible(npy, tmp_pat
 
 
 @pytest.mark.parametrize("damage", ["shard-deleted", "shard-truncated", "no-record", "stack-zarr-json-garbled"])
-def test_a_rerun_reconverts_an_incomplete_stack(npy, tmp_path, damage):
+def test_a_rerun_reconverts_an_incomplete_stack(npy, tmp_path, capsys, damage):
     manifest, arrays = npy
     out, clean = tmp_path / "s.zarr", tmp_path / "clean.zarr"
     convert(manifest, clean, ConvertOptions(**TINY))
@@ -106,10 +108,10 @@ def test_a_rerun_reconverts_an_incomplete_stack(npy, tmp_path, damage):
         _drop_record(out, "q1")
     else:
         (out / "q1" / "zarr.json").write_text("{")
-    report = convert(manifest, out, ConvertOptions(**TINY))
-    assert [(o.status, o.redone is not None) for o in report.outcomes] == [
-        ("skipped", False), ("converted", True), ("skipped", False)]
-    assert "0 converted, 1 reconverted (incomplete), 2 skipped (unchanged)" in report.summary()
+    assert main(["convert", str(manifest), "--out", str(out), "--no-progress", *CLI_TINY]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "q1: reconverted, the stored stack was incomplete:" in said and "q0: reconverted" not in said
+    assert "0 converted, 1 reconverted (incomplete), 2 skipped (unchanged)" in said
     assert _tree(out) == _tree(clean)  # byte for byte what a clean conversion writes
 
 
