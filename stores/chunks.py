@@ -17,12 +17,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
-import threading
 from collections import OrderedDict
 from pathlib import Path
 
-import google_crc32c
 import lz4.block
 import numcodecs
 import numcodecs.blosc
@@ -30,53 +27,14 @@ import numcodecs.lz4
 import numcodecs.zstd
 import numpy as np
 
-from stacktrain.errors import StoreDamaged, StoreError
+from stacktrain.errors import StoreError
+
+from .buffers import POOL, BufferPool  # noqa: F401 (BufferPool: re-exported, as before)
+from .integrity import damaged, declared_size, index_problem, record_problem
 
 ABSENT = np.uint64(2**64 - 1)
 MAX_OPEN_SHARDS = 16  # per stack; the Store keeps at most MAX_OPEN_STACKS stacks open
 LZ4_HEADER = 4  # numcodecs.LZ4 prefixes each raw LZ4 block with its uncompressed size (u32 LE)
-
-
-class BufferPool:
-    """Large uint8 buffers recycled once nothing references them any more.
-
-    A fresh multi-megabyte array costs a page fault per 4 KiB page when first written; on virtual
-    machines that is ~3 us a page, more than reading the patch's bytes (benchmarks/results). A pooled
-    buffer is handed out again only when its reference count shows that no array, view, memoryview or
-    tensor still uses it (CPython reference counting is exact), so a consumer that keeps a region, a
-    DALI worker still serializing a batch, or a torch tensor sharing the memory is never overwritten.
-    """
-
-    SMALL = 1 << 20  # below this, plain allocation is cheap enough
-
-    def __init__(self, max_bytes: int = 512 << 20):
-        self.max_bytes = max_bytes
-        self._buffers: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A 1-D uint8 array of `nbytes` (contents undefined)."""
-        if nbytes < self.SMALL:
-            return np.empty(nbytes, np.uint8)
-        with self._lock:
-            bufs = self._buffers
-            for i in range(len(bufs)):
-                # 2 references when free: the pool's list and getrefcount's own argument
-                if bufs[i].nbytes >= nbytes and sys.getrefcount(bufs[i]) == 2:
-                    return bufs[i][:nbytes]
-            total = sum(b.nbytes for b in bufs)
-            buf = np.empty(nbytes, np.uint8)
-            if total + nbytes <= self.max_bytes:
-                bufs.append(buf)
-            elif bufs:  # full: replace a free buffer that is too small, if any
-                for i in range(len(bufs)):
-                    if sys.getrefcount(bufs[i]) == 2 and total - bufs[i].nbytes + nbytes <= self.max_bytes:
-                        bufs[i] = buf
-                        break
-            return buf
-
-
-POOL = BufferPool()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,50 +105,6 @@ def zero_chunk_bytes(codec: str, nbytes: int, raw_lz4: bool) -> bytes:
     if codec == "blosc-lz4":  # benchmarks/store_bench.py compares it; stores are written lz4 or zstd
         return numcodecs.Blosc(cname="lz4").encode(zeros)
     return numcodecs.Zstd().encode(zeros)
-
-
-def damaged(stack_id: str, path, what: str) -> StoreDamaged:
-    """The one line for a damaged stack: which stack, which file, what, and what to do."""
-    return StoreDamaged(f"stack {stack_id!r}: {path}: {what}; the store is damaged: run `stacktrain verify` on it "
-                      "and reconvert this stack (`stacktrain convert` redoes incomplete stacks)")
-
-
-def index_problem(tail: bytes, file_size: int, n_inner: int) -> tuple[np.ndarray | None, str | None]:
-    """The shard index from the file's last 16 * n_inner + 4 bytes, or why it cannot be trusted: its
-    crc32c does not match, a chunk it lists lies beyond the data bytes, or the chunks do not fill the
-    data bytes back to back (the writer stores them so). Plain Python over ~100 entries: faster than numpy."""
-    table, crc = tail[:-4], tail[-4:]
-    if google_crc32c.value(table) != int.from_bytes(crc, "little"):
-        return None, "shard index checksum (crc32c) does not match"
-    index = np.frombuffer(table, dtype="<u8").reshape(n_inner, 2)
-    absent = int(ABSENT)
-    entries = index.tolist()
-    stored = sorted((o, n) for o, n in entries if o != absent)
-    data_end = file_size - len(tail)
-    if any(o + n > data_end for o, n in stored):
-        return None, f"shard index lists chunks beyond the file's {data_end} data bytes"
-    end = 0
-    for o, n in stored:
-        if o != end:
-            break
-        end = o + n
-    if end != data_end or len(stored) + sum(n == absent for o, n in entries if o == absent) != n_inner:
-        return None, f"shard index does not account for the file's {data_end} data bytes"
-    return index, None
-
-
-def record_problem(record: dict | None, rel: str, size: int | None) -> str | None:
-    """How a shard file (size None: missing) disagrees with the stack's completeness record."""
-    if record is None:
-        return None
-    listed = record["shards"].get(rel)
-    if listed is None:
-        return None if size is None else "shard file not in the stack's completeness record (extra file)"
-    if size is None:
-        return "shard file is missing (listed in the stack's completeness record)"
-    if size != listed[0]:
-        return f"shard file has {size} bytes, the completeness record says {listed[0]}"
-    return None
 
 
 class ShardFiles:
@@ -372,25 +286,6 @@ def chunk_decoder(codec: str):
     if codec == "blosc-lz4":
         return numcodecs.blosc.decompress
     raise StoreError(f"unknown codec {codec!r}; this stacktrain decodes lz4, zstd and blosc-lz4")
-
-
-def declared_size(codec: str, data) -> int | None:
-    """The decoded size a stored chunk announces (numcodecs' LZ4 header, zstd's frame content size)."""
-    if codec == "lz4":
-        return int.from_bytes(bytes(data[:4]), "little") if len(data) >= 4 else -1
-    if codec != "zstd":
-        return None
-    head = bytes(data[:18])
-    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
-        return -1
-    flags = head[4]
-    fcs_flag, single = flags >> 6, (flags >> 5) & 1
-    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[flags & 3]  # window descriptor, dictionary id
-    width = (1 if single else 0, 2, 4, 8)[fcs_flag]
-    if width == 0 or len(head) < pos + width:
-        return None  # size not in the frame header: the decoder's own check has to do
-    size = int.from_bytes(head[pos:pos + width], "little")
-    return size + 256 if width == 2 else size
 
 
 def decode_chunk(region: ChunkRegion, i: int, source, dest: np.ndarray, decompress) -> None:

@@ -13,12 +13,9 @@ a stack that fails it (or has no record) is reconverted, and the summary says so
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,9 +26,9 @@ from stacktrain.choices import StoredDtype, options
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
 from . import writer
-from .convert_workers import WRITERS_LOCK, run_stacks
+from .convert_lock import LOCK_NAME, WRITERS_LOCK, exclusive  # noqa: F401 (LOCK_NAME: tests)
+from .convert_workers import run_stacks
 from .layout import (
-    STAGING,
     StackMeta,
 )
 from .manifest import ManifestRow, read_manifest
@@ -41,8 +38,6 @@ from .verify import NO_RECORD, check_stack
 
 KEPT_DTYPES = options(StoredDtype)
 CHANNELS = 3
-LOCK_NAME = "convert.lock"
-OLD_WRITERS_WAIT_S = 600.0  # how long a convert waits for an earlier run's last worker to end its stack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,61 +239,6 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
 
 # -- the store -------------------------------------------------------------------------------------
 
-def _wait_for_old_writers(store: Path, wait_s: float) -> None:
-    """Return once no worker of an earlier convert holds the writers lock (see `_exclusive`)."""
-    path = store / STAGING / WRITERS_LOCK
-    deadline = time.monotonic() + wait_s
-    with open(path, "a") as lock:
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return  # closing the file releases it: our own workers take it shared
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise StoreError(
-                        f"{store}: a worker of an earlier `stacktrain convert` is still writing into this store "
-                        f"(it holds {path}) after {wait_s:.0f} s; wait for it to end, or find it with "
-                        f"`fuser {path}` and end it, then rerun") from None
-                time.sleep(0.05)  # polling the lock itself, until the deadline
-
-
-def _remove_leftovers(store: Path) -> None:
-    """What killed runs left: anything in .staging/ but the locks, and the temp files of atomic
-    writes (`.NAME.*.tmp`, core/io.py) in the store root and the stack folders."""
-    staging = store / STAGING
-    for leftover in staging.iterdir():
-        if leftover.name not in (LOCK_NAME, WRITERS_LOCK):
-            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    for tmp in [*store.glob(".*.tmp"), *store.glob("*/.*.tmp")]:
-        if tmp.is_file() and tmp.parent != staging:
-            tmp.unlink()
-
-
-@contextlib.contextmanager
-def _exclusive(store: Path) -> Iterator[None]:
-    """One convert per store at a time, and no process of an earlier one still writing; then clear
-    what killed earlier runs left.
-
-    Why nothing of an earlier run writes after this: (1) holding convert.lock (exclusive) means the
-    earlier run's main process has ended (a flock ends with its holder; spawned workers never inherit
-    the descriptor). (2) A worker writes only inside a task, and holds writers.lock shared for the whole
-    task, taken before the first write and followed by a check that its parent still lives
-    (convert_workers.writing). Taking writers.lock exclusive succeeds only when no task holds it: every
-    earlier task has then either ended, or not taken it yet, and one that takes it later finds its
-    parent gone (it ended before (1)) and exits before writing. So neither the cleanup below nor this
-    run races a writer of an earlier run."""
-    staging = store / STAGING
-    with open(staging / LOCK_NAME, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{store}: another `stacktrain convert` is writing this store; "
-                             "wait for it to finish or choose another --out") from None
-        _wait_for_old_writers(store, OLD_WRITERS_WAIT_S)
-        _remove_leftovers(store)
-        yield
-
-
 def _listed_meta(store: Path, stack_id: str) -> StackMeta | None:
     """A stack of another manifest, kept in the list while its metadata reads (damage: `verify`)."""
     try:
@@ -339,7 +279,7 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
     t0 = time.perf_counter()
     outcomes: list[StackOutcome | None] = [None] * len(rows)
     sizes = [_disk_size(r.path) for r in rows]
-    with _exclusive(store):
+    with exclusive(store):
         root_list = _RootList(store, rows)
         progress.start(sizes)
         try:

@@ -4,8 +4,8 @@ workers that never write without their parent (a SIGKILLed convert leaves no orp
 Three layers: the kernel kills a worker whose parent dies (PR_SET_PDEATHSIG, Linux); a worker that sees
 its parent gone between slabs ends itself; and a worker holds the store's writers lock (shared flock on
 `.staging/writers.lock`) for each whole task, taken before the task's first write and checked against
-its parent's life, so the next convert can wait until no earlier writer is left (stores/convert.py
-`_exclusive` says why that is enough). Between tasks a worker holds no lock and writes nothing: an idle
+its parent's life, so the next convert can wait until no earlier writer is left (stores/convert_lock.py
+`exclusive` says why that is enough). Between tasks a worker holds no lock and writes nothing: an idle
 orphan blocked on its task queue cannot hold a rerun up. STACKTRAIN_TEST_ORPHANS=1 turns the first two
 layers off, so that tests/faults can show the lock alone keeps a store right.
 """

@@ -20,7 +20,8 @@ import numpy as np
 
 from stacktrain.errors import StoreError
 
-from .chunks import ABSENT, chunk_decoder, declared_size, index_problem, record_problem
+from .chunks import chunk_decoder
+from .integrity import ABSENT, declared_size, index_problem, record_problem
 from .layout import IMAGE, LEVEL0, StackMeta, check_stack_id, shard_grid
 from .reader import Store, _read_json, array_problem, read_stack_meta
 

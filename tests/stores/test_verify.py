@@ -15,7 +15,7 @@ import pytest
 from stacktrain.cli import main
 from stacktrain.errors import StoreError, user_message
 from stacktrain.stores import convert as conv
-from stacktrain.stores import writer
+from stacktrain.stores import convert_lock, writer
 from stacktrain.stores.convert import ConvertOptions, convert
 from stacktrain.stores.layout import STAGING
 from stacktrain.stores.reader import Store
@@ -134,7 +134,7 @@ def test_convert_waits_for_an_earlier_runs_writer_and_says_so(npy, tmp_path, mon
     writer.init_store(out)
     stale = out / STAGING / "q0.deadbeef"
     stale.mkdir()
-    monkeypatch.setattr(conv, "OLD_WRITERS_WAIT_S", 0.3)
+    monkeypatch.setattr(convert_lock, "OLD_WRITERS_WAIT_S", 0.3)
     with open(out / STAGING / conv.WRITERS_LOCK, "a") as held:  # what a worker of a killed run holds
         fcntl.flock(held, fcntl.LOCK_SH)
         with pytest.raises(StoreError) as e:
