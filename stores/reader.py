@@ -39,18 +39,22 @@ def read_stack_meta(store: Path, stack_id: str) -> StackMeta:
     except ValueError as e:
         raise StoreError(f"stack {stack_id!r}: {path}: corrupt metadata ({e}); the store is damaged: "
                          "reconvert this stack") from None
+    def not_a_stack(e: Exception) -> StoreError:
+        return StoreError(f"stack {stack_id!r}: {path}: not a stacktrain stack's metadata ({type(e).__name__}: "
+                          f"{e}); the store is damaged: reconvert this stack")
+
     try:
         d = attrs["attributes"]["stacktrain"]
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"stack {stack_id!r}: {path}: format_version {version!r} is not supported by this "
-                             f"stacktrain (reads {FORMAT_VERSION}); reconvert the stack with this version")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise not_a_stack(e) from None
+    if version != FORMAT_VERSION:
+        raise StoreError(f"stack {stack_id!r}: {path}: format_version {version!r} is not supported by this "
+                         f"stacktrain (reads {FORMAT_VERSION}); reconvert the stack with this version")
+    try:
         meta = StackMeta.from_dict(d)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        if isinstance(e, StoreError):
-            raise
-        raise StoreError(f"stack {stack_id!r}: {path}: not a stacktrain stack's metadata ({type(e).__name__}: {e}); "
-                         "the store is damaged: reconvert this stack") from None
+    except (TypeError, ValueError) as e:
+        raise not_a_stack(e) from None
     if meta.stack_id != stack_id:
         raise StoreError(f"{path}: names stack {meta.stack_id!r}, but the store "
                          f"lists it as {stack_id!r}; the store's metadata is damaged")
