@@ -16,7 +16,7 @@ from pathlib import Path
 
 from stacktrain import __version__, commands
 from stacktrain.choices import Level, LoaderKind, OutDtype, options
-from stacktrain.errors import StackTrainError
+from stacktrain.errors import StackTrainError, user_message
 from stacktrain.stores.options import ConvertOptions
 from stacktrain.ui import print_error
 
@@ -89,6 +89,16 @@ def _stores(sub) -> None:
     p.add_argument("store", type=Path, metavar="STORE.zarr")
     _json_option(p, "the same summary")
     p.set_defaults(func=commands.info)
+
+    p = sub.add_parser("verify", help="check every stack of a store against what its conversion recorded",
+                       description="Check each stack: metadata and format version, every shard file present with "
+                                   "its recorded size, no extra one, each shard index's checksum and chunk "
+                                   "offsets. Prints ok / damaged per stack; exits with 2 if any is damaged.")
+    p.add_argument("store", type=Path, metavar="STORE.zarr")
+    p.add_argument("--deep", action="store_true",
+                   help="also read every byte: file checksums, every chunk decoded, content checksums recorded "
+                        "at conversion (slower: decodes the whole store)")
+    p.set_defaults(func=commands.verify)
 
 
 def _train(sub) -> None:
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except StackTrainError as e:
-        print_error(str(e))
+        print_error(user_message(e))
         return 2
     except KeyboardInterrupt:
         print_error("interrupted")
@@ -300,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141
+    except Exception as e:  # a loader worker's StackTrainError, wrapped by torch or DALI: still one line
+        message = user_message(e)
+        if message is None:
+            raise
+        print_error(message)
+        return 2
 
 
 if __name__ == "__main__":

@@ -94,7 +94,12 @@ def convert(args: Namespace) -> int:
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     opts = ConvertOptions(**values)
     report = run_convert(args.manifest, args.out, opts, progress=ui.ConvertBar(bar=not args.no_progress))
-    ui.console().print(f"{report.store}: {report.summary()}", highlight=False, soft_wrap=True)
+    con = ui.console()
+    for o in report.outcomes:  # stacks a killed or damaged earlier run left incomplete
+        if o.redone:
+            con.print(f"{o.stack_id}: reconverted, the stored stack was incomplete: {o.redone}", highlight=False,
+                      soft_wrap=True, markup=False)
+    con.print(f"{report.store}: {report.summary()}", highlight=False, soft_wrap=True)
     return 0
 
 
@@ -107,6 +112,25 @@ def info(args: Namespace) -> int:
         emit_json(summary, args.json)
     if args.json != "-":
         ui.console().print(render(summary))
+    return 0
+
+
+def verify(args: Namespace) -> int:
+    from stacktrain import ui
+    from stacktrain.errors import StoreError
+    from stacktrain.stores.verify import NO_RECORD, render, verify_store
+
+    checks = verify_store(args.store, deep=args.deep)
+    con = ui.console()
+    con.print(render(checks, args.deep))
+    bad = [c.stack_id for c in checks if not c.ok]
+    if bad:
+        names = ", ".join(bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise StoreError(f"{args.store}: {len(bad)} of {len(checks)} stacks are damaged ({names}); reconvert "
+                         "them (`stacktrain convert` redoes incomplete stacks; --overwrite redoes the rest)")
+    old = sum(c.note == NO_RECORD for c in checks)
+    note = f"; {old} without a completeness record ({NO_RECORD})" if old else ""
+    con.print(f"{args.store}: {len(checks)} stacks ok{note}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -4,12 +4,13 @@ a bug."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = [
-    "StackTrainError", "ConfigError", "InputError", "ConversionFailed", "StoreError", "PipelineError",
+    "StackTrainError", "ConfigError", "InputError", "ConversionFailed", "StoreError", "StoreDamaged", "PipelineError",
     "BatchContractError", "ModelError", "SplitError", "EvalError", "ResultsError", "CheckpointError",
-    "StudyError",
+    "StudyError", "user_message",
 ]
 
 
@@ -36,6 +37,11 @@ class ConversionFailed(InputError):
 
 class StoreError(StackTrainError, ValueError):
     """A store cannot be opened or read as asked."""
+
+
+class StoreDamaged(StoreError):
+    """A stack's files disagree with what its conversion recorded (missing, truncated, extra, a bad
+    checksum, a chunk that does not decode); `stacktrain verify` reports them all."""
 
 
 class PipelineError(StackTrainError, ValueError):
@@ -68,3 +74,36 @@ class CheckpointError(StackTrainError, ValueError):
 
 class StudyError(StackTrainError, ValueError):
     """A study file, or a study directory, is not usable as it stands; the message says why and how."""
+
+
+_RAISED_LINE = re.compile(r"^(?:stacktrain\.errors\.)?([A-Za-z]+): (.+)$")
+
+
+def _raised_line(text: str) -> str | None:
+    """The message of the last `stacktrain.errors.X: message` line of a traceback quoted in `text`."""
+    for line in reversed(text.splitlines()):
+        m = _RAISED_LINE.match(line.strip())
+        if m and isinstance(globals().get(m[1]), type) and issubclass(globals()[m[1]], StackTrainError):
+            return m[2]
+    return None
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one line of the StackTrainError behind `error`, or None when there is none (a bug).
+
+    Loader workers hand errors back wrapped: torch's DataLoader re-raises the same class with the
+    worker's whole traceback as its message; DALI's parallel external source raises a plain Exception
+    quoting the traceback, from the original. Either way the user gets the original line."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if isinstance(e, StackTrainError):
+            if "\n" not in text.strip():
+                return text
+            return _raised_line(text) or text.strip().splitlines()[0]
+        if line := _raised_line(text):
+            return line
+        e = e.__cause__ or e.__context__
+    return None

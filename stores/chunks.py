@@ -5,6 +5,11 @@ pipelines read shard files themselves: the shard index (n_inner x (offset u64, n
 at the end of the file) says where each inner chunk's bytes are. Absent inner chunks (all fill) have
 offset = nbytes = 2**64-1 and are replaced by the compressed bytes of a zero chunk, so that every chunk
 of a region decodes the same way on the CPU and in DALI's GPU inflate.
+
+Nothing damaged is read silently: opening a shard checks it against the stack's completeness record
+(present, listed, of the recorded size), the index's crc32c, and that every chunk lies inside the file;
+a chunk that does not decode to its size is refused on decode. Each is one StoreError naming the
+stack, the shard file (and chunk) and pointing to `stacktrain verify`.
 """
 
 from __future__ import annotations
@@ -12,8 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
-import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -26,51 +29,12 @@ import numpy as np
 
 from stacktrain.errors import StoreError
 
+from .buffers import POOL, BufferPool  # noqa: F401 (BufferPool: re-exported, as before)
+from .integrity import damaged, declared_size, index_problem, record_problem
+
 ABSENT = np.uint64(2**64 - 1)
 MAX_OPEN_SHARDS = 16  # per stack; the Store keeps at most MAX_OPEN_STACKS stacks open
 LZ4_HEADER = 4  # numcodecs.LZ4 prefixes each raw LZ4 block with its uncompressed size (u32 LE)
-
-
-class BufferPool:
-    """Large uint8 buffers recycled once nothing references them any more.
-
-    A fresh multi-megabyte array costs a page fault per 4 KiB page when first written; on virtual
-    machines that is ~3 us a page, more than reading the patch's bytes (benchmarks/results). A pooled
-    buffer is handed out again only when its reference count shows that no array, view, memoryview or
-    tensor still uses it (CPython reference counting is exact), so a consumer that keeps a region, a
-    DALI worker still serializing a batch, or a torch tensor sharing the memory is never overwritten.
-    """
-
-    SMALL = 1 << 20  # below this, plain allocation is cheap enough
-
-    def __init__(self, max_bytes: int = 512 << 20):
-        self.max_bytes = max_bytes
-        self._buffers: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> np.ndarray:
-        """A 1-D uint8 array of `nbytes` (contents undefined)."""
-        if nbytes < self.SMALL:
-            return np.empty(nbytes, np.uint8)
-        with self._lock:
-            bufs = self._buffers
-            for i in range(len(bufs)):
-                # 2 references when free: the pool's list and getrefcount's own argument
-                if bufs[i].nbytes >= nbytes and sys.getrefcount(bufs[i]) == 2:
-                    return bufs[i][:nbytes]
-            total = sum(b.nbytes for b in bufs)
-            buf = np.empty(nbytes, np.uint8)
-            if total + nbytes <= self.max_bytes:
-                bufs.append(buf)
-            elif bufs:  # full: replace a free buffer that is too small, if any
-                for i in range(len(bufs)):
-                    if sys.getrefcount(bufs[i]) == 2 and total - bufs[i].nbytes + nbytes <= self.max_bytes:
-                        bufs[i] = buf
-                        break
-            return buf
-
-
-POOL = BufferPool()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +54,17 @@ class ChunkRegion:
     dtype: str
     codec: str
     raw_lz4: bool
+    # where the chunks come from, for the error naming a chunk that does not decode
+    stack_id: str = "?"
+    array_dir: str = ""
+    shard_chunks: tuple[int, ...] = ()  # chunks per shard along c, z, y, x
+
+    def chunk_place(self, i: int) -> str:
+        """'<shard file>: chunk (c, z, y, x)' of chunk i (chunk-grid coordinates of the whole stack)."""
+        c, *zyx = (int(v) for v in np.unravel_index(i, self.grid))
+        cidx = (c, *(v + o // k for v, o, k in zip(zyx, self.origin_zyx, self.chunk_zyx)))
+        shard = "/".join(str(v // n) for v, n in zip(cidx, self.shard_chunks)) if self.shard_chunks else "?"
+        return f"{self.array_dir}/c/{shard}: chunk {cidx}"
 
     @property
     def n_chunks(self) -> int:
@@ -135,8 +110,11 @@ def zero_chunk_bytes(codec: str, nbytes: int, raw_lz4: bool) -> bytes:
 class ShardFiles:
     """Reads inner-chunk bytes from the shard files of one array, caching open files and indexes."""
 
-    def __init__(self, array_dir: Path, shape_czyx, chunk_czyx, shard_czyx, itemsize: int):
+    def __init__(self, array_dir: Path, shape_czyx, chunk_czyx, shard_czyx, itemsize: int, *,
+                 stack_id: str = "?", record: dict | None = None):
         self.array_dir = Path(array_dir)
+        self.stack_id = stack_id
+        self.record = record
         self.shape = tuple(shape_czyx)
         self.chunk_shape = tuple(chunk_czyx)
         self.shard = tuple(shard_czyx)
@@ -144,6 +122,12 @@ class ShardFiles:
         self.n_inner = int(np.prod(self.inner))
         self.chunk_grid = tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape))
         self.chunk_nbytes = int(np.prod(self.chunk_shape)) * itemsize
+        if record is not None:  # a shape that claims more (or fewer) shards than were written
+            grid = tuple(-(-g // i) for g, i in zip(self.chunk_grid[1:], self.inner[1:]))
+            if tuple(record.get("grid", ())) != grid:
+                raise damaged(stack_id, self.array_dir.parent.parent / "zarr.json",
+                              f"its shape {self.shape} means {grid} shards (z, y, x), but "
+                              f"{tuple(record.get('grid', ()))} were written")
         self._fds: OrderedDict[tuple, int | None] = OrderedDict()  # least recently used first
         self._indexes: dict[tuple, np.ndarray | None] = {}
 
@@ -172,20 +156,30 @@ class ShardFiles:
         if key in self._fds:
             self._fds.move_to_end(key)
         else:
-            path = self.array_dir.joinpath("c", *map(str, key))
+            rel = "c/" + "/".join(map(str, key))
+            path = self.array_dir / rel
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
+                if problem := record_problem(self.record, rel, None):
+                    raise damaged(self.stack_id, path, problem) from None
                 self._fds[key], self._indexes[key] = None, None
                 return None, None
-            size = os.fstat(fd).st_size
-            index_bytes = 16 * self.n_inner + 4
-            if size < index_bytes:
+            try:
+                size = os.fstat(fd).st_size
+                index_bytes = 16 * self.n_inner + 4
+                problem = record_problem(self.record, rel, size)
+                if problem is None and size < index_bytes:
+                    problem = f"shard file is truncated ({size} bytes, less than its {index_bytes}-byte index)"
+                if problem is None:
+                    index, problem = index_problem(os.pread(fd, index_bytes, size - index_bytes), size, self.n_inner)
+                if problem:
+                    raise damaged(self.stack_id, path, problem)
+            except BaseException:
                 os.close(fd)
-                raise StoreError(f"{path}: shard file is truncated ({size} bytes); reconvert this stack")
-            raw = os.pread(fd, index_bytes, size - index_bytes)
+                raise
             self._fds[key] = fd
-            self._indexes[key] = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_inner, 2)
+            self._indexes[key] = index
         return self._fds[key], self._indexes[key]
 
     def chunk(self, cidx: tuple[int, int, int, int]) -> bytes | None:
@@ -202,7 +196,7 @@ class ShardFiles:
             return None
         data = os.pread(fd, int(nbytes), int(offset))
         if len(data) != nbytes:
-            raise StoreError(f"{self.array_dir}: shard {key} is truncated; reconvert this stack")
+            raise damaged(self.stack_id, self.array_dir.joinpath("c", *map(str, key)), "shard file is truncated")
         return data
 
 
@@ -259,7 +253,7 @@ def gather(files: ShardFiles, box_zyx, *, codec: str, dtype: str, raw_lz4: bool)
     data = POOL.take(int(run_pos[-1]) + len(zero))
     for (fd, offset, length), pos in zip(runs, run_pos.tolist()):
         if os.preadv(fd, [memoryview(data[pos:pos + length])], offset) != length:
-            raise StoreError(f"{files.array_dir}: a shard file is truncated; reconvert this stack")
+            raise damaged(files.stack_id, files.array_dir, "a shard file shrank while it was read")
     data[len(data) - len(zero):] = np.frombuffer(zero, np.uint8)
     absent = file_off < 0
     found = np.flatnonzero(~absent)
@@ -267,10 +261,17 @@ def gather(files: ShardFiles, box_zyx, *, codec: str, dtype: str, raw_lz4: bool)
     offsets[found] = (run_pos[run_of[found]] + file_off[found]
                       - np.asarray([r[1] for r in runs], np.int64)[run_of[found]])
     nbytes[absent] = len(zero)
+    if raw_lz4 and len(found):  # the GPU inflates without the size header: check what it announces here
+        heads = data[offsets[found, None] + np.arange(LZ4_HEADER)].copy().view("<u4").ravel()
+        if (bad := np.flatnonzero(heads != files.chunk_nbytes)).size:
+            i = int(found[bad[0]])
+            raise damaged(files.stack_id, files.array_dir, f"chunk {tuple(int(v) for v in cidx[i])} announces "
+                          f"{int(heads[bad[0]])} decoded bytes, a chunk has {files.chunk_nbytes}")
     header = LZ4_HEADER if raw_lz4 else 0
     origin = tuple(lo * c for (lo, _), c in zip(ranges, files.chunk_shape[1:]))
     return ChunkRegion(data, (offsets + header).astype(np.int32), (nbytes - header).astype(np.int32), grid,
-                       tuple(files.chunk_shape[1:]), origin, dtype, codec, raw_lz4)
+                       tuple(files.chunk_shape[1:]), origin, dtype, codec, raw_lz4,
+                       stack_id=files.stack_id, array_dir=str(files.array_dir), shard_chunks=tuple(files.inner))
 
 
 _GAP_READ_THROUGH = 16 << 10  # bytes: reading a gap this small costs less than another system call
@@ -287,6 +288,18 @@ def chunk_decoder(codec: str):
     raise StoreError(f"unknown codec {codec!r}; this stacktrain decodes lz4, zstd and blosc-lz4")
 
 
+def decode_chunk(region: ChunkRegion, i: int, source, dest: np.ndarray, decompress) -> None:
+    """Decode stored chunk i into `dest` (one row), or raise StoreError naming the stack, file and chunk."""
+    try:
+        size = declared_size(region.codec, source)
+        if size is not None and size != dest.nbytes:
+            raise ValueError(f"it announces {size} decoded bytes, a chunk has {dest.nbytes}")
+        decompress(source, dest)
+    except Exception as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise damaged(region.stack_id, region.chunk_place(i), f"does not decode ({text})") from None
+
+
 def decode(region: ChunkRegion) -> np.ndarray:
     """Decode every chunk on the CPU -> (n, cz, cy, cx) in the region's dtype."""
     cz, cy, cx = region.chunk_zyx
@@ -297,10 +310,16 @@ def decode(region: ChunkRegion) -> np.ndarray:
     source = memoryview(region.data)
     pairs = zip(region.offsets.tolist(), region.sizes.tolist())
     if region.raw_lz4:  # raw blocks carry no size header: the block decoder needs the size
+        def raw_block(src, dest):
+            block = lz4.block.decompress(src, uncompressed_size=nbytes)
+            if len(block) != nbytes:
+                raise ValueError(f"{len(block)} decoded bytes, a chunk has {nbytes}")
+            dest[:] = np.frombuffer(block, np.uint8)
+        codec = dataclasses.replace(region, codec="raw-lz4")
         for i, (o, s) in enumerate(pairs):
-            flat[i] = np.frombuffer(lz4.block.decompress(source[o:o + s], uncompressed_size=nbytes), np.uint8)
+            decode_chunk(codec, i, source[o:o + s], flat[i], raw_block)
         return out
     decompress = chunk_decoder(region.codec)
     for i, (o, s) in enumerate(pairs):
-        decompress(source[o:o + s], flat[i])
+        decode_chunk(region, i, source[o:o + s], flat[i], decompress)
     return out

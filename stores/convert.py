@@ -6,17 +6,16 @@ Two kinds of failure, handled differently:
 - data problems of one stack (NaN, dtype, channel count, too small, unreadable or truncated) fail that
   stack only: it is reported, nothing is written for it, the other stacks are converted, and the run
   ends with ConversionFailed (exit 2) listing every failed stack.
-A rerun skips stacks already converted from the same source bytes with the same settings.
+A rerun skips stacks already converted from the same source bytes with the same settings, once the
+stack passes the quick completeness check (stores/verify.py) against the record its conversion wrote;
+a stack that fails it (or has no record) is reconverted, and the summary says so.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,18 +26,18 @@ from stacktrain.choices import StoredDtype, options
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
 from . import writer
+from .convert_lock import LOCK_NAME, WRITERS_LOCK, exclusive  # noqa: F401 (LOCK_NAME: tests)
 from .convert_workers import run_stacks
 from .layout import (
-    STAGING,
     StackMeta,
 )
 from .manifest import ManifestRow, read_manifest
 from .options import ConvertOptions
 from .sources import RawSource, StreamingSha256, open_source, read_ahead, source_sha256
+from .verify import NO_RECORD, check_stack
 
 KEPT_DTYPES = options(StoredDtype)
 CHANNELS = 3
-LOCK_NAME = "convert.lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +47,7 @@ class StackOutcome:
     meta: StackMeta | None = None
     error: str | None = None
     seconds: float = 0.0
+    redone: str | None = None  # converted again because the stack in place was incomplete: why
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,9 @@ class ConvertReport:
 
     def summary(self) -> str:
         rate = f"{self.bytes_read / 1e6:.1f} MB of sources, {self.bytes_read / 1e6 / max(self.seconds, 1e-9):.1f} MB/s"
-        return (f"{self.count('converted')} converted, {self.count('skipped')} skipped (unchanged), "
+        redone = sum(o.redone is not None for o in self.outcomes)
+        again = f"{redone} reconverted (incomplete), " if redone else ""
+        return (f"{self.count('converted') - redone} converted, {again}{self.count('skipped')} skipped (unchanged), "
                 f"{self.count('failed')} failed of {len(self.outcomes)} stacks in {self.seconds:.1f} s ({rate})")
 
 
@@ -92,6 +94,23 @@ def _changes(present: StackMeta, row: ManifestRow, sha: str, opts: ConvertOption
              ("shard", tuple(present.shard_zyx), tuple(opts.shard_zyx)),
              ("foreground threshold", present.foreground_threshold, opts.foreground_threshold)]
     return [f"{name} is {old!r} in the store but {new!r} now" for name, old, new in pairs if old != new]
+
+
+def _complete_meta(store: Path, stack_id: str) -> tuple[StackMeta | None, str | None]:
+    """The stack in place when it passes the quick completeness check, else (None, why it is redone);
+    (None, None) when there is none."""
+    try:
+        meta = writer.existing_meta(store, stack_id)
+    except StoreError as e:
+        return None, str(e)
+    if meta is None:
+        return None, None
+    check = check_stack(store, stack_id, meta=meta)
+    if check.problems:
+        return None, check.problems[0]
+    if check.note == NO_RECORD:
+        return None, NO_RECORD
+    return meta, None
 
 
 def plan_stack(src: RawSource, row: ManifestRow, opts: ConvertOptions) -> tuple[tuple[int, int, int, int], str]:
@@ -185,8 +204,9 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
     """Convert one manifest row into `store` (not registered in the root list: the caller does that)."""
     t0 = time.perf_counter()
     hasher = None
+    redone = None
     try:
-        present = None if opts.overwrite else writer.existing_meta(store, row.stack_id)
+        present, redone = (None, None) if opts.overwrite else _complete_meta(store, row.stack_id)
         if present is not None:
             sha = source_sha256(row.path)  # only to decide whether to skip; otherwise hashed while read
             if changes := _changes(present, row, sha, opts):
@@ -214,25 +234,17 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
     finally:
         if hasher is not None:
             hasher.close()
-    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0)
+    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0, redone=redone)
 
 
 # -- the store -------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _exclusive(store: Path) -> Iterator[None]:
-    """One convert per store at a time; then clear what a killed earlier run left in .staging/."""
-    staging = store / STAGING
-    with open(staging / LOCK_NAME, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{store}: another `stacktrain convert` is writing this store; "
-                             "wait for it to finish or choose another --out") from None
-        for leftover in staging.iterdir():
-            if leftover.name != LOCK_NAME:
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-        yield
+def _listed_meta(store: Path, stack_id: str) -> StackMeta | None:
+    """A stack of another manifest, kept in the list while its metadata reads (damage: `verify`)."""
+    try:
+        return writer.existing_meta(store, stack_id)
+    except StoreError:
+        return None
 
 
 class _RootList:
@@ -244,7 +256,7 @@ class _RootList:
         ours = [r.stack_id for r in rows]
         self.store = store
         self.order = [s for s in prior if s not in ours] + ours
-        self.metas = {s: m for s in prior if (m := writer.existing_meta(store, s)) is not None}
+        self.metas = {s: m for s in prior if (m := _listed_meta(store, s)) is not None}
 
     def add(self, meta: StackMeta) -> None:
         self.metas[meta.stack_id] = meta
@@ -267,7 +279,7 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
     t0 = time.perf_counter()
     outcomes: list[StackOutcome | None] = [None] * len(rows)
     sizes = [_disk_size(r.path) for r in rows]
-    with _exclusive(store):
+    with exclusive(store):
         root_list = _RootList(store, rows)
         progress.start(sizes)
         try:

@@ -1,10 +1,21 @@
 """The worker processes of `stacktrain convert`: one stack per task, progress through a queue, and
-workers that die with their parent (a SIGKILLed convert leaves no orphan writing into the store)."""
+workers that never write without their parent (a SIGKILLed convert leaves no orphan writing into the store).
+
+Three layers: the kernel kills a worker whose parent dies (PR_SET_PDEATHSIG, Linux); a worker that sees
+its parent gone between slabs ends itself; and a worker holds the store's writers lock (shared flock on
+`.staging/writers.lock`) for each whole task, taken before the task's first write and checked against
+its parent's life, so the next convert can wait until no earlier writer is left (stores/convert_lock.py
+`exclusive` says why that is enough). Between tasks a worker holds no lock and writes nothing: an idle
+orphan blocked on its task queue cannot hold a rerun up. STACKTRAIN_TEST_ORPHANS=1 turns the first two
+layers off, so that tests/faults can show the lock alone keeps a store right.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
+import fcntl
 import functools
 import multiprocessing
 import os
@@ -12,7 +23,13 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+from .layout import STAGING
+
+WRITERS_LOCK = "writers.lock"
 _PROGRESS_QUEUE = None
+_PARENT: int | None = None
+_WRITERS_LOCK_PATH: str | None = None
+_ORPHANS = os.environ.get("STACKTRAIN_TEST_ORPHANS") == "1"  # tests only: workers outlive a killed parent
 
 
 def _die_with_parent(parent: int) -> None:
@@ -28,18 +45,33 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _init_worker(queue, parent: int) -> None:
-    global _PROGRESS_QUEUE
-    _die_with_parent(parent)
-    _PROGRESS_QUEUE = queue
+def _init_worker(queue, parent: int, writers_lock: str) -> None:
+    global _PROGRESS_QUEUE, _PARENT, _WRITERS_LOCK_PATH
+    if not _ORPHANS:
+        _die_with_parent(parent)
+    _PROGRESS_QUEUE, _PARENT, _WRITERS_LOCK_PATH = queue, parent, writers_lock
+
+
+@contextlib.contextmanager
+def writing() -> Iterator[None]:
+    """Hold the writers lock (shared) for one task; end the process if the parent is gone by then.
+    Taking it blocks while a new convert, which holds it exclusive, clears .staging."""
+    with open(_WRITERS_LOCK_PATH, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        if os.getppid() != _PARENT:  # our convert ended: a newer one may own the store now
+            os._exit(1)
+        yield
 
 
 def _queue_progress(index: int, fraction: float) -> None:
+    if os.getppid() != _PARENT and not _ORPHANS:  # between slabs: the parent is gone (no PR_SET_PDEATHSIG)
+        os._exit(1)
     _PROGRESS_QUEUE.put((index, fraction))
 
 
 def _convert_in_worker(convert_stack, index: int, row, store: Path, opts):
-    return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
+    with writing():
+        return convert_stack(row, store, opts, functools.partial(_queue_progress, index))
 
 
 def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int, object]]:
@@ -52,7 +84,8 @@ def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that runs rich's refresh thread
     queue = ctx.Queue()
     pool = cf.ProcessPoolExecutor(min(opts.workers, len(rows)), mp_context=ctx,
-                                  initializer=_init_worker, initargs=(queue, os.getpid()))
+                                  initializer=_init_worker,
+                                  initargs=(queue, os.getpid(), str(Path(store) / STAGING / WRITERS_LOCK)))
     try:
         futures = {pool.submit(_convert_in_worker, convert_stack, i, row, store, opts): i for i, row in enumerate(rows)}
         pending = set(futures)

@@ -12,6 +12,11 @@ STORE.zarr/
       mean                   float32 (C, Zc, Yc, Xc): mean intensity per channel and stats cell
   .staging/                  stacks being written; renamed into place when complete
 ```
+
+A stack's metadata ends with its completeness record (`StackMeta.record`, written before the one rename
+that makes the stack visible): the shard grid and, for every shard file written, its path under the
+array, its byte size, the crc32c of its bytes and the crc32c of its content (each stored chunk's
+index position (u32 LE) and decoded bytes, in file order). `stores/verify.py` checks a stack against it.
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ class StackMeta:
     gaps: dict[str, Any] | None = None
     stats_cell_zyx: tuple[int, int, int] = STATS_CELL_ZYX
     format_version: int = FORMAT_VERSION
+    # {"grid": [gz, gy, gx], "shards": {"c/0/z/y/x": [size, file crc32c, content crc32c]}}; None: written
+    # by a stacktrain older than the record
+    record: dict[str, Any] | None = None
 
     @property
     def label_index(self) -> int:
@@ -106,6 +114,16 @@ class StackMeta:
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in fields}
         return cls(**kw)
+
+
+def shard_grid(shape, shard_zyx) -> tuple[int, int, int]:
+    """Shards along z, y, x of a (C, Z, Y, X) array (each shard holds all channels)."""
+    return tuple(-(-n // s) for n, s in zip(tuple(shape)[1:], shard_zyx))
+
+
+def shard_relpath(gz: int, gy: int, gx: int) -> str:
+    """Where shard (gz, gy, gx) lies under the array folder (zarr's default chunk key encoding)."""
+    return f"c/0/{gz}/{gy}/{gx}"
 
 
 def root_group_json(stacks: list[dict[str, Any]]) -> dict[str, Any]:

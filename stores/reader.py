@@ -27,6 +27,58 @@ def _read_json(path: Path, what: str) -> dict:
         raise StoreError(f"{path}: corrupt metadata ({e}); reconvert the store") from None
 
 
+def read_stack_meta(store: Path, stack_id: str) -> StackMeta:
+    """A stack's StackMeta from `<stack_id>/zarr.json`, or one StoreError: missing, not JSON, not a
+    stacktrain stack, naming another stack, or of a format_version this stacktrain does not read."""
+    path = Path(store) / stack_id / "zarr.json"
+    try:
+        attrs = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"stack {stack_id!r}: {path} is missing; the store is damaged: reconvert this stack "
+                         "(`stacktrain convert` redoes incomplete stacks)") from None
+    except ValueError as e:
+        raise StoreError(f"stack {stack_id!r}: {path}: corrupt metadata ({e}); the store is damaged: "
+                         "reconvert this stack") from None
+    def not_a_stack(e: Exception) -> StoreError:
+        return StoreError(f"stack {stack_id!r}: {path}: not a stacktrain stack's metadata ({type(e).__name__}: "
+                          f"{e}); the store is damaged: reconvert this stack")
+
+    try:
+        d = attrs["attributes"]["stacktrain"]
+        version = d.get("format_version")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise not_a_stack(e) from None
+    if version != FORMAT_VERSION:
+        raise StoreError(f"stack {stack_id!r}: {path}: format_version {version!r} is not supported by this "
+                         f"stacktrain (reads {FORMAT_VERSION}); reconvert the stack with this version")
+    try:
+        meta = StackMeta.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise not_a_stack(e) from None
+    if meta.stack_id != stack_id:
+        raise StoreError(f"{path}: names stack {meta.stack_id!r}, but the store "
+                         f"lists it as {stack_id!r}; the store's metadata is damaged")
+    return meta
+
+
+def array_problem(array_dir: Path, meta: StackMeta) -> str | None:
+    """How the array's own zarr.json (`array_dir`/zarr.json) disagrees with the stack's metadata, or
+    that it is missing; None when it agrees."""
+    path = array_dir / "zarr.json"
+    try:
+        arr = json.loads(path.read_text())
+        shape, dtype = tuple(arr["shape"]), arr["data_type"]
+        outer = tuple(arr["chunk_grid"]["configuration"]["chunk_shape"])
+    except FileNotFoundError:
+        return "the array's zarr.json is missing"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"not a Zarr array's metadata ({type(e).__name__}: {e})"
+    if shape != tuple(meta.shape) or dtype != meta.dtype or outer != (meta.shape[0], *meta.shard_zyx):
+        return (f"says shape {shape}, {dtype}, shards {outer}; the stack's metadata says "
+                f"{tuple(meta.shape)}, {meta.dtype}, shards {(meta.shape[0], *meta.shard_zyx)}")
+    return None
+
+
 class Store:
     """A read-only view of a stacktrain store. Picklable: worker processes reopen files lazily."""
 
@@ -48,12 +100,7 @@ class Store:
             sid = entry.get("stack_id") if isinstance(entry, dict) else None
             if why := check_stack_id(sid):  # a crafted root list must not name paths outside the store
                 raise StoreError(f"{self.path}/zarr.json: {why}; this store's stack list is damaged")
-            attrs = _read_json(self.path / sid / "zarr.json", f"{sid}/zarr.json")
-            meta = StackMeta.from_dict(attrs["attributes"]["stacktrain"])
-            if meta.stack_id != sid:
-                raise StoreError(f"{self.path / sid}/zarr.json: names stack {meta.stack_id!r}, but the store "
-                                 f"lists it as {sid!r}; the store's metadata is damaged")
-            self._metas[sid] = meta
+            self._metas[sid] = read_stack_meta(self.path, sid)
         self._files: OrderedDict[str, _chunks.ShardFiles] = OrderedDict()  # least recently used first
 
     # -- listing -------------------------------------------------------------------------------
@@ -97,9 +144,12 @@ class Store:
             if len(self._files) >= MAX_OPEN_STACKS:  # bound open files: at most 32 x 16 shards
                 self._files.popitem(last=False)[1].close()
             m = self.meta(stack_id)
+            if problem := array_problem(self.array_path(stack_id), m):  # once per stack a process opens
+                raise _chunks.damaged(stack_id, self.array_path(stack_id) / "zarr.json", problem)
             c = m.shape[0]
             files = _chunks.ShardFiles(self.array_path(stack_id), m.shape, (1, *m.chunk_zyx),
-                                       (c, *m.shard_zyx), np.dtype(m.dtype).itemsize)
+                                       (c, *m.shard_zyx), np.dtype(m.dtype).itemsize, stack_id=stack_id,
+                                       record=m.record)
             self._files[stack_id] = files
         return files
 

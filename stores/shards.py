@@ -14,6 +14,9 @@ The array's zarr.json is written by zarr-python (`create_array`); tests/stores/t
 the files byte for byte against zarr-python's own for both codecs, edges and empty chunks included.
 Each chunk is copied once, into a reused buffer, and encoded from there; the encoded parts go to the
 file with one vectored write.
+While writing, each shard's byte size, the crc32c of its bytes and the crc32c of its content (each
+stored chunk's index position and its buffer just encoded, in file order) go into `files`, the stack's
+completeness record: computed from bytes already in cache, so the checksums cost no second pass.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import google_crc32c
 import numcodecs
 import numpy as np
 from zarr.core.indexing import morton_order_iter
+
+from .layout import shard_relpath
 
 ABSENT = 2**64 - 1
 ZSTD_LEVEL = 3  # the writer's ZstdCodec(level=3)
@@ -56,6 +61,7 @@ class ShardWriter:
         self.index = np.empty((int(np.prod(self.inner)), 2), "<u8")
         self.shards_written = 0
         self.bytes_written = 0
+        self.files: dict[str, list[int]] = {}  # "c/0/z/y/x" -> [size, file crc32c, content crc32c]
 
     def write_slab(self, z0: int, slab: np.ndarray) -> None:
         sz = self.shard[0]
@@ -73,7 +79,7 @@ class ShardWriter:
         buf, index = self.buf, self.index
         index.fill(ABSENT)
         parts: list[bytes] = []
-        offset = 0
+        offset = content = 0
         for (c, iz, iy, ix), position in self.order:
             z1, y1, x1 = lz + iz * kz, y0 + iy * ky, x0 + ix * kx
             if z1 >= dz or y1 >= y or x1 >= x:
@@ -86,6 +92,10 @@ class ShardWriter:
                 np.copyto(buf, view)
             if not buf.any():
                 continue  # equal to the fill value: not stored
+            # each chunk's index position goes in too: the content checksum also sees chunks swapped in
+            # the index (a file checksum cannot: crc(index + crc(index)) is the same for every index)
+            content = google_crc32c.extend(content, position.to_bytes(4, "little"))
+            content = google_crc32c.extend(content, buf)
             data = self.encode(buf)
             parts.append(data)
             index[position] = (offset, len(data))
@@ -94,9 +104,15 @@ class ShardWriter:
             return
         table = index.tobytes()
         parts += [table, google_crc32c.value(table).to_bytes(4, "little")]
-        path = self.array_dir.joinpath("c", "0", str(gz), str(y0 // self.shard[1]), str(x0 // self.shard[2]))
+        rel = shard_relpath(gz, y0 // self.shard[1], x0 // self.shard[2])
+        path = self.array_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
+        file_crc = 0
+        for part in parts:
+            file_crc = google_crc32c.extend(file_crc, part)
         with open(path, "wb") as f:
             f.writelines(parts)
+        size = offset + len(table) + 4
+        self.files[rel] = [size, file_crc, content]
         self.shards_written += 1
-        self.bytes_written += offset + len(table) + 4
+        self.bytes_written += size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import shutil
@@ -16,7 +17,7 @@ from zarr.codecs import ZstdCodec
 from zarr.codecs.numcodecs import LZ4
 
 from stacktrain.errors import StoreError
-from stacktrain.io import atomic_write_json
+from stacktrain.io import atomic_write_text
 
 from .layout import (
     CODECS,
@@ -32,7 +33,9 @@ from .layout import (
     StackMeta,
     ome_multiscales,
     root_group_json,
+    shard_grid,
 )
+from .reader import read_stack_meta
 from .shards import ShardWriter
 from .stats import SlabStats
 
@@ -53,23 +56,35 @@ def init_store(path: str | Path) -> Path:
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path}: exists and is not a stacktrain store; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(root, root_group_json([]))
+        write_json(root, root_group_json([]))
     (path / STAGING).mkdir(exist_ok=True)
     return path
 
 
+def write_json(path: Path, obj) -> None:
+    """Atomically, or one StoreError naming the file and the space it needs when the disk is full."""
+    text = json.dumps(obj, indent=2)
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise StoreError(f"{path}: no space left on the device to write it (needs {len(text.encode()):,} bytes "
+                         f"free, {free:,} are); free some space and rerun: the file is unchanged") from None
+
+
 def existing_meta(path: str | Path, stack_id: str) -> StackMeta | None:
-    """The metadata of a completely written stack, or None (absent or never finished)."""
-    f = Path(path) / stack_id / "zarr.json"
-    if not f.exists():
+    """The metadata of a stack in place, or None (absent); StoreError when it cannot be read."""
+    if not (Path(path) / stack_id / "zarr.json").exists():
         return None
-    return StackMeta.from_dict(json.loads(f.read_text())["attributes"]["stacktrain"])
+    return read_stack_meta(Path(path), stack_id)
 
 
 def register(path: str | Path, metas: Iterable[StackMeta]) -> None:
     """Rewrite the root stack list (atomically) in the given order."""
     entries = [{"stack_id": m.stack_id, "label": m.label, "group": m.group} for m in metas]
-    atomic_write_json(Path(path) / "zarr.json", root_group_json(entries))
+    write_json(Path(path) / "zarr.json", root_group_json(entries))
 
 
 def remove_stack(path: str | Path, stack_id: str) -> None:
@@ -154,8 +169,9 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
             spacing_zyx=tuple(spacing_zyx) if spacing_zyx else None, source=str(source),
             source_sha256=source_sha256, percentiles=stats.percentiles(),
             channel_sum=stats.sum.tolist(), channel_sumsq=stats.sumsq.tolist(),
-            foreground_threshold=foreground_threshold, format_version=FORMAT_VERSION)
-        # Complete: the rename below is what makes it visible.
+            foreground_threshold=foreground_threshold, format_version=FORMAT_VERSION,
+            record={"grid": list(shard_grid(shape, shard_zyx)), "shards": shards.files})
+        # Complete, and its completeness record written: the rename below is what makes it visible.
         stack_group.attrs.put({"stacktrain": meta.to_dict()})
         remove_stack(path, stack_id)
         staging.rename(path / stack_id)

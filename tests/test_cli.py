@@ -20,6 +20,7 @@ COMMANDS = {
                                "--min-patch", "--no-progress", "--out", "--overwrite", "--pad", "--replicate-channels",
                                "--scale", "--shard", "--workers"]),
     "info": (["store"], ["--json"]),
+    "verify": (["store"], ["--deep"]),
     "split": (["store"], ["--folds", "--out", "--seed", "--test-fraction", "--val-fraction"]),
     "train": (["config"], ["--resume", "--run-dir", "--set"]),
     "predict": (["checkpoint", "store"], ["--batch-size", "--device", "--loader", "--out", "--stacks"]),

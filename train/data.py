@@ -11,6 +11,7 @@ import dataclasses
 
 from stacktrain.pipelines.loaders import PatchLoader, build_loader, channel_mean_std
 from stacktrain.stores.reader import Store
+from stacktrain.stores.verify import require_intact
 from stacktrain.train.config import ConfigError, TrainConfig, require_data
 from stacktrain.train.runtime import Runtime
 from stacktrain.train.split import SplitError, check_split, load_split, split_parts
@@ -39,6 +40,7 @@ def open_data(cfg: TrainConfig) -> tuple[Store, list[str], list[str]]:
                              f"{what} set; regenerate the split (e.g. a larger --val-fraction) or set "
                              f"data.{key}")
         ids[key] = parts[name]
+    require_intact(store, [*ids["train_part"], *ids["val_part"]])  # damaged stacks: refused before any step
     return store, ids["train_part"], ids["val_part"]
 
 

@@ -26,6 +26,7 @@ from stacktrain import ui
 from stacktrain.io import atomic_write
 from stacktrain.stores.layout import CLASS_NAMES
 from stacktrain.stores.reader import Store
+from stacktrain.stores.verify import require_intact
 from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import config_from_dict
 from stacktrain.train.data import make_loader
@@ -52,6 +53,7 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
     ids = list(stacks) if stacks else st.stack_ids
     for sid in ids:
         st.meta(sid)  # an unknown id: StoreError listing some of the store's
+    require_intact(st, ids)
     rt = Runtime(device=pick_device(device))
     cpu = rt.device.type == "cpu"
     batch = cfg.loader.batch_size if batch_size is None else batch_size

@@ -61,7 +61,7 @@ def test_npy_round_trip_and_metadata(npy_stacks, tmp_path):
     fg = store.stats("s0")["foreground"]  # the empty corner of tissue() shows in the patch statistics
     assert fg.shape == (3, 2, 2) and fg[0, 0, 0] < 1.0 == fg[0, 1, 1]
     assert fg[0, 0, 0] == pytest.approx((arrays["s0"][:, :8, :32, :32] > 0).any(axis=0).mean())
-    assert sorted(p.name for p in (tmp_path / "s.zarr" / STAGING).iterdir()) == [conv.LOCK_NAME]
+    assert sorted(p.name for p in (tmp_path / "s.zarr" / STAGING).iterdir()) == [conv.LOCK_NAME, conv.WRITERS_LOCK]
 
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
@@ -196,7 +196,7 @@ def test_stale_staging_is_cleaned(npy_stacks, tmp_path):
     (out / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
         "stacktrain": {"format_version": 1, "stacks": []}}}))
     convert(manifest, out, ConvertOptions(**TINY))
-    assert [p.name for p in (out / STAGING).iterdir()] == [conv.LOCK_NAME]
+    assert sorted(p.name for p in (out / STAGING).iterdir()) == [conv.LOCK_NAME, conv.WRITERS_LOCK]
 
 
 def test_cli_convert_then_info(npy_stacks, tmp_path, capsys):

@@ -111,7 +111,7 @@ def test_bad_stack_fails_alone(tmp_path, capsys, make, extra, words):
     assert "1 of 2 stacks failed and were not written (bad);" in err
     assert registered(out) == ["good"] and (out / "good" / "zarr.json").exists()
     assert not (out / "bad").exists()
-    assert {p.name for p in (out / STAGING).iterdir()} <= {"convert.lock"}
+    assert {p.name for p in (out / STAGING).iterdir()} <= {"convert.lock", "writers.lock"}
 
 
 # (case id, rows -> (path, stack_id, label), words the error must contain)
