@@ -9,7 +9,7 @@ from typing import Any
 __all__ = [
     "StackTrainError", "ConfigError", "InputError", "ConversionFailed", "StoreError", "PipelineError",
     "BatchContractError", "ModelError", "SplitError", "EvalError", "ResultsError", "CheckpointError",
-    "StudyError",
+    "StudyError", "DiskFullError", "RunBusyError",
 ]
 
 
@@ -68,3 +68,12 @@ class CheckpointError(StackTrainError, ValueError):
 
 class StudyError(StackTrainError, ValueError):
     """A study file, or a study directory, is not usable as it stands; the message says why and how."""
+
+
+class DiskFullError(StackTrainError, OSError):
+    """A write ran out of disk space (ENOSPC) or quota (EDQUOT); names the file, the bytes it needed and the
+    bytes free. The file written before, if any, is unchanged."""
+
+
+class RunBusyError(StackTrainError, RuntimeError):
+    """Another process holds the run (or study) directory: two trainings never write into one."""

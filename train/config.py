@@ -27,7 +27,7 @@ import tomli_w
 from stacktrain.choices import Aggregate, Device, Level, Precision
 from stacktrain.config import build, check_choices, is_text, parse_value, require, resolve_file, to_dict
 from stacktrain.errors import ConfigError
-from stacktrain.io import atomic_write, read_toml
+from stacktrain.io import atomic_write_text, read_toml
 from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
 
 
@@ -202,10 +202,10 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as TOML, atomically; `load_config(path)` gives `cfg` back."""
-    text = tomli_w.dumps(_drop_none(config_to_dict(cfg))).encode()
-    atomic_write(path, lambda f: f.write(text))
+def save_config(cfg: TrainConfig, path: str | Path, header: str = "") -> None:
+    """Write the resolved config as TOML, atomically; `load_config(path)` gives `cfg` back. `header`:
+    comment lines put first (a resumed run's record of config changes)."""
+    atomic_write_text(path, header + tomli_w.dumps(_drop_none(config_to_dict(cfg))))
 
 
 # -- resolution helpers for the trainer ------------------------------------------------------------

@@ -59,7 +59,7 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
                                      dtype="fp32" if cpu else cfg.loader.dtype, channels_last=not cpu and
                                      cfg.loader.channels_last)
     model = build_model(ckpt["model_name"], tiny=ckpt["model_tiny"], options=cfg.model.options)
-    ckpts.restore(ckpt, model=model, rng=False)
+    ckpts.restore(ckpt, model=model, rng=False, where=checkpoint)
     model = model.to(rt.device).eval()
     prec = Precision.create("fp32" if cpu else cfg.train.precision, rt.device)  # the arithmetic it was selected with
     monitor = Monitor(None, enabled=True, epochs=1, log_interval=cfg.train.log_interval, device=rt.device,
