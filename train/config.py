@@ -25,7 +25,7 @@ from typing import Any
 import tomli_w
 
 from stacktrain.choices import Aggregate, Device, Level, Precision
-from stacktrain.config import build, check_choices, is_text, parse_value, require, resolve_file, to_dict
+from stacktrain.config import all_problems, build, check_choices, is_text, parse_value, require, resolve_file, to_dict
 from stacktrain.errors import ConfigError
 from stacktrain.io import atomic_write_text, read_toml
 from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
@@ -119,6 +119,7 @@ class LoopConfig:
         for key in ("epochs", "patience", "topk", "log_interval"):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "it must be >= 1")
         require(self.min_delta >= 0, "train.min_delta", self.min_delta, "it must be >= 0")
+        require(self.seed >= 0, "train.seed", self.seed, "it must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,7 +149,9 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; "
                           f"valid sections: {', '.join(SECTIONS)}")
-    return build(TrainConfig, raw, where)
+    with all_problems(where):  # every bad value of the file and the overrides, in one line
+        cfg = build(TrainConfig, raw, where)
+    return cfg
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:

@@ -92,8 +92,9 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
             if rt.is_main:
                 ckpts.repair_best(run_dir, best_epoch=stopper.best_epoch, last_epoch=start - 1)
             if stopper.should_stop or start >= cfg.train.epochs:  # it had finished: make the file say why
-                if rt.is_main and results.get("stop_reason") is None:
+                if rt.is_main and (results.get("stop_reason") is None or changes):
                     results["stop_reason"] = "early_stopping" if stopper.should_stop else "max_epochs"
+                    save_config(cfg, run_dir / CONFIG_NAME, header=config_comment(results.get("config_changes", [])))
                     ResultsWriter(results_path, results)
                 return results_path
         train_loader = stack.enter_context(make_loader(cfg, store, train_ids, train=True, rt=rt))

@@ -18,7 +18,6 @@ refused (change --out, or delete that run). `study_run.json` records the resolve
 
 from __future__ import annotations
 
-import shutil
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from multiprocessing import get_context
@@ -28,7 +27,7 @@ from typing import Any
 from rich.console import Console
 
 from stacktrain import ui
-from stacktrain.io import atomic_write_json
+from stacktrain.io import atomic_write_bytes, atomic_write_json, hold_dir
 from stacktrain.train.config import config_to_dict
 from stacktrain.train.split import check_split, load_split, split_hash
 from stacktrain.train.study import hpo
@@ -82,7 +81,7 @@ def write_manifest(study: Study, out: Path, split: dict[str, Any], kind: str, ex
                 "seeds": list(study.seeds), "chain": chain_of(study.parent), **extra}
     atomic_write_json(out / MANIFEST, manifest)
     if study.path.resolve() != (out / "study.toml").resolve():
-        shutil.copyfile(study.path, out / "study.toml")
+        atomic_write_bytes(out / "study.toml", study.path.read_bytes())
 
 
 def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *, workers: int,
@@ -138,7 +137,18 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
         raise StudyError(f"--workers {workers}: give 1 or more")
     study = load_study(study_path, overrides)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with hold_dir(out, "study", _busy):  # one process runs a study directory; it clears a killed one's temp files
+        _run_held(study, out, workers=workers, trials=trials, trainer=trainer, final=final, console=console)
+    return out
+
+
+def _busy(out: Path) -> str:
+    return (f"{out}: another `stacktrain study` is running in this study directory (it holds {out}/.lock); wait "
+            "for it to finish, or give another --out")
+
+
+def _run_held(study: Study, out: Path, *, workers: int, trials: int | None, trainer: str, final: bool,
+              console: Console) -> None:
     split_copy, split = prepare_split(study, out)
     if study.hpo is not None:
         space = hpo.load_space(study)
@@ -158,4 +168,3 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
                   f"score {selection['score']:.3f}); next: stacktrain report {out}", highlight=False)
     if final:
         run_final(out, console=console)
-    return out

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from stacktrain import ui
-from stacktrain.io import atomic_write_json
+from stacktrain.io import atomic_write_json, remove_stale_temps
 from stacktrain.train.checkpoint import LAST
 from stacktrain.train.config import config_from_dict, config_to_dict
 from stacktrain.train.results import RESULTS_NAME, load_results
@@ -70,6 +70,7 @@ def run_state(spec: RunSpec, record: dict[str, Any]) -> str:
             raise StudyError(f"{spec.run_dir}: this run was made with another config ({what}); the study "
                              "file changed since: use a new --out directory, or delete this run to redo it")
     spec.run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(spec.run_dir)  # a killed study's; the study directory's lock is held, no writer is live
     atomic_write_json(path, record)
     results = spec.run_dir / RESULTS_NAME
     if results.exists() and load_results(results, samples="none").get("stop_reason"):
