@@ -66,7 +66,12 @@ def _kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str, wher
         warnings.simplefilter("ignore", UserWarning)
         from sklearn.model_selection import StratifiedGroupKFold  # slow import: only when splitting
 
-        yield from StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+        try:
+            folds = list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
+        except ValueError as e:  # e.g. fewer stacks of a label than folds
+            raise InputError(f"{where}: {what} cannot be split into {k} stratified group folds ({e}); lower "
+                             "--folds or raise the fractions") from None
+    yield from folds
 
 
 def make_splits(store: Store | str | Path, *, folds: int | None = None, val_fraction: float = 0.2,
