@@ -190,10 +190,12 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 
 @contextlib.contextmanager
 def hold_dir(folder: str | Path, what: str, busy: Callable[[Path], str]) -> Iterator[Path]:
-    """Hold `folder` (created if missing) for this process with an exclusive flock on `folder/.lock`,
-    then remove the temp files a killed writer left in it. A second holder gets `RunBusyError(busy(folder))`
-    at once. The kernel drops the lock when the process dies (kill -9 included): no stale lock to clear.
-    A folder this call created and that holds nothing but the lock on exit is removed again."""
+    """Hold `folder` (created if missing) for this process with an exclusive lock on `folder/.lock`, then
+    remove the temp files a killed writer left in it. Another process gets `RunBusyError(busy(folder))` at
+    once. The lock is a POSIX record lock (lockf): the kernel drops it when the process dies (kill -9
+    included), and forked children (loader workers, which can outlive a killed parent) never hold it, so
+    there is no stale lock to clear. A folder this call created and that holds nothing but the lock on exit
+    is removed again."""
     import fcntl  # POSIX only, like the rest of the locking
 
     from stacktrain.errors import RunBusyError
@@ -210,13 +212,15 @@ def hold_dir(folder: str | Path, what: str, busy: Callable[[Path], str]) -> Iter
                           "path under a writable folder") from None
     try:
         try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise RunBusyError(busy(folder)) from None
         remove_stale_temps(folder)
         yield folder
     finally:
-        lock.close()  # releases the flock
+        lock.close()  # releases the lock
         if created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
             (folder / LOCK_NAME).unlink(missing_ok=True)
             folder.rmdir()

@@ -30,7 +30,7 @@ class PatchConfig:
             object.__setattr__(self, "stride", tuple(self.stride))
         require(all(n >= 1 for n in self.size), "patch.size", self.size, "every size must be at least 1")
         require(all(n >= 1 for n in self.step), "patch.stride", self.stride, "every step must be at least 1")
-        require(0 <= self.foreground_min <= 1, "patch.foreground_min", self.foreground_min, "give a fraction in [0, 1]")
+        require(self.foreground_min >= 0, "patch.foreground_min", self.foreground_min, "give 0 (keep all) or more")
 
     @property
     def step(self) -> tuple[int, int, int]:

@@ -4,6 +4,7 @@ command line turns each of these faults into one line with exit code 2."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,6 @@ import pytest
 
 from stacktrain.cli import main
 from stacktrain.errors import ConfigError, RunBusyError
-from stacktrain.io import hold_dir
 from stacktrain.train import checkpoint as ckpts
 from stacktrain.train import loop
 from stacktrain.train.config import load_config
@@ -133,18 +133,41 @@ def test_a_study_rerun_removes_the_temp_files_of_a_killed_study(fake_data, tmp_p
     assert not any(p.exists() for p in stale) and (out / "selection.json").exists()
 
 
+@contextlib.contextmanager
+def held_by_another_process(folder, what: str):
+    """`folder` held by a live Python process (hold_dir) for the block; yields that process."""
+    code = ("import sys\nfrom stacktrain.io import hold_dir\n"
+            "with hold_dir(sys.argv[1], sys.argv[2], str):\n    print('held', flush=True)\n    sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder), what], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
 def test_a_second_process_cannot_train_into_a_held_run(run_copy, data):
-    with hold_dir(run_copy, "run", lambda d: f"{d} is held"):
+    with held_by_another_process(run_copy, "run"):
         (run_copy / LEFTOVERS[0]).write_bytes(b"a live writer's")
         with pytest.raises(RunBusyError, match=r"another process is training into this run directory.*\.lock"):
             loop.train(tiny_config(*data, ONE_EPOCH), run_dir=run_copy, resume=True)
         assert (run_copy / LEFTOVERS[0]).exists()  # not the second process's to remove
     loop.train(tiny_config(*data, ONE_EPOCH), run_dir=run_copy, resume=True)
+    assert not (run_copy / LEFTOVERS[0]).exists()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(run_copy, data):
+    with held_by_another_process(run_copy, "run") as holder:
+        holder.kill()
+        holder.wait(timeout=60)
+        loop.train(tiny_config(*data, ONE_EPOCH), run_dir=run_copy, resume=True)
 
 
 def test_a_second_study_cannot_run_in_a_held_study_directory(fake_data, tmp_path):
     study = write_study(tmp_path / "s.toml", *fake_data, VARIANTS, head="folds = [0]")
-    with hold_dir(tmp_path / "out", "study", lambda d: f"{d} is held"):
+    with held_by_another_process(tmp_path / "out", "study"):
         with pytest.raises(RunBusyError, match="another `stacktrain study` is running"):
             run_study(study, tmp_path / "out", trainer=FAKE)
 

@@ -29,7 +29,7 @@ BAD = {  # key -> out-of-range values (TOML literals), beyond the wrong-type cas
     "data.fold": ["-1"],
     "patch.size": ["[0, 32, 32]", "[16, -1, 32]"],
     "patch.stride": ["[0, 1, 1]"],
-    "patch.foreground_min": ["-0.1", "1.5"],
+    "patch.foreground_min": ["-0.1", "inf"],
     "preprocess.mean": ["[nan, 0.0, 0.0]"],
     "preprocess.std": ["[0.0, 1.0, 1.0]", "[-1.0, 1.0, 1.0]", "[inf, 1.0, 1.0]"],
     "preprocess.percentile_low": ["-1", "101"],
