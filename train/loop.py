@@ -6,6 +6,8 @@ patch (predictions gathered across DDP ranks, aggregated per stack), early-stop 
 loss), then, on rank 0 only, append the epoch to the results file, write best.pt (when improved) and
 last.pt, in that order: a kill -9 at any point leaves a results file that holds
 every epoch of last.pt or one more, and `resume` redoes the epoch after last.pt.
+Rank 0 holds the run directory (RUN_DIR/.lock) for the whole run; a resume keeps the run's config except
+the keys of train/resume.py RESUMABLE, and onto the same store and train/val stacks.
 Optional pieces are plain objects: Runtime (device, DDP), Precision, Monitor (bar, log, TensorBoard).
 """
 
@@ -92,9 +94,9 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
             if rt.is_main:
                 ckpts.repair_best(run_dir, best_epoch=stopper.best_epoch, last_epoch=start - 1)
             if stopper.should_stop or start >= cfg.train.epochs:  # it had finished: make the file say why
-                if rt.is_main and (results.get("stop_reason") is None or changes):
+                if rt.is_main:  # (load_results cleared the stop reason; a changed key is recorded too)
                     results["stop_reason"] = "early_stopping" if stopper.should_stop else "max_epochs"
-                    save_config(cfg, run_dir / CONFIG_NAME, header=config_comment(results.get("config_changes", [])))
+                    _save_config(cfg, run_dir, results)
                     ResultsWriter(results_path, results)
                 return results_path
         train_loader = stack.enter_context(make_loader(cfg, store, train_ids, train=True, rt=rt))
@@ -102,7 +104,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
         check_coverage(val_loader.index)  # the foreground filter never drops a validation stack
         if rt.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / CONFIG_NAME, header=config_comment(results.get("config_changes", [])))
+            _save_config(cfg, run_dir, results)
             writer = ResultsWriter(results_path, results)  # a resume rewrites it once, with the epochs kept
         monitor = Monitor(run_dir, enabled=rt.is_main, epochs=cfg.train.epochs,
                           log_interval=cfg.train.log_interval, device=rt.device)
@@ -213,6 +215,11 @@ def _build_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module, n
     from torch.nn.parallel import DistributedDataParallel
     ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None)
     return model, net, maybe_compile(ddp), notice  # compile the DDP wrapper, as torch advises
+
+
+def _save_config(cfg: TrainConfig, run_dir: Path, results: dict) -> None:
+    """config.toml: the config in force, headed by the record of the changes --resume made."""
+    save_config(cfg, run_dir / CONFIG_NAME, header=config_comment(results.get("config_changes", [])))
 
 
 def _busy(run_dir: Path) -> str:
