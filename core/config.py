@@ -6,10 +6,15 @@ such dataclasses. `build(cls, values, where)` checks each key against the field 
 float, str, `Literal[...]` choices, tuples, dicts, optional values and nested dataclasses) and
 raises `ConfigError` in one shape: `WHERE: KEY = VALUE: what is allowed`. Cross-field rules live in each
 dataclass's `__post_init__`, which raises `ConfigError` naming its key; `build` prefixes the file.
+Inside `all_problems(where)` nothing raises at the first problem: every `require` and every key's type
+check adds its problem to a list, and the block ends with one ConfigError naming them all (a user with
+three bad values learns of the three in one run).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import tomllib
@@ -20,7 +25,34 @@ from typing import Any
 
 from stacktrain.errors import ConfigError
 
-__all__ = ["build", "coerce", "parse_value", "require", "to_dict", "valid_keys"]
+__all__ = ["all_problems", "build", "coerce", "parse_value", "require", "to_dict", "valid_keys"]
+
+_PROBLEMS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("config_problems", default=None)
+
+
+@contextlib.contextmanager
+def all_problems(where: str):
+    """Collect the problems of the config built in the block; raise them in one ConfigError at its end."""
+    token = _PROBLEMS.set([])
+    try:
+        yield
+        problems = _PROBLEMS.get()
+    finally:
+        _PROBLEMS.reset(token)
+    if len(problems) == 1:
+        raise ConfigError(f"{where}: {problems[0]}")
+    if problems:
+        raise ConfigError(f"{where}: {len(problems)} problems: {'; '.join(problems)}")
+
+
+def _collected(message: str) -> bool:
+    """Inside `all_problems`: note the problem and go on (True); else the caller raises."""
+    problems = _PROBLEMS.get()
+    if problems is None:
+        return False
+    if message not in problems:
+        problems.append(message)
+    return True
 
 
 def valid_keys(cls: type) -> list[str]:
@@ -101,7 +133,13 @@ def build(cls: type, values: Any, where: str, prefix: str = "") -> Any:
     if unknown:
         named = ", ".join(f"{prefix}.{k}" if prefix else k for k in unknown)
         raise ConfigError(f"{where}: unknown key(s) {named}; valid keys of {table}: {', '.join(valid)}")
-    kw = {k: coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, where) for k, v in values.items()}
+    kw = {}
+    for k, v in values.items():
+        try:
+            kw[k] = coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, where)
+        except ConfigError as e:  # collecting: this key keeps its default, the others are checked on
+            if not _collected(str(e).removeprefix(f"{where}: ")):
+                raise
     try:
         return cls(**kw)
     except ConfigError as e:
@@ -111,7 +149,9 @@ def build(cls: type, values: Any, where: str, prefix: str = "") -> Any:
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     """The one shape of a cross-field check in `__post_init__`: `KEY = VALUE: ALLOWED`."""
     if not ok:  # command-line options read as typed: `--workers 0: ...`; file keys as `key = value: ...`
-        raise ConfigError(f"{key} {value}: {allowed}" if key.startswith("--") else f"{key} = {value!r}: {allowed}")
+        message = f"{key} {value}: {allowed}" if key.startswith("--") else f"{key} = {value!r}: {allowed}"
+        if not _collected(message):
+            raise ConfigError(message)
 
 
 def parse_value(text: str) -> Any:

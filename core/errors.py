@@ -10,7 +10,7 @@ from typing import Any
 __all__ = [
     "StackTrainError", "ConfigError", "InputError", "ConversionFailed", "StoreError", "StoreDamaged", "PipelineError",
     "BatchContractError", "ModelError", "SplitError", "EvalError", "ResultsError", "CheckpointError",
-    "StudyError", "user_message",
+    "StudyError", "DiskFullError", "RunBusyError", "user_message",
 ]
 
 
@@ -107,3 +107,12 @@ def user_message(error: BaseException) -> str | None:
             return line
         e = e.__cause__ or e.__context__
     return None
+
+
+class DiskFullError(StackTrainError, OSError):
+    """A write ran out of disk space (ENOSPC) or quota (EDQUOT); names the file, the bytes it needed and the
+    bytes free. The file written before, if any, is unchanged."""
+
+
+class RunBusyError(StackTrainError, RuntimeError):
+    """Another process holds the run (or study) directory: two trainings never write into one."""

@@ -30,6 +30,7 @@ class PatchConfig:
             object.__setattr__(self, "stride", tuple(self.stride))
         require(all(n >= 1 for n in self.size), "patch.size", self.size, "every size must be at least 1")
         require(all(n >= 1 for n in self.step), "patch.stride", self.stride, "every step must be at least 1")
+        require(self.foreground_min >= 0, "patch.foreground_min", self.foreground_min, "give 0 (keep all) or more")
 
     @property
     def step(self) -> tuple[int, int, int]:
@@ -60,6 +61,10 @@ class PreprocessConfig:
         require(self.jitter >= 0, "preprocess.jitter", self.jitter, "give 0 (off) or a positive shift in voxels")
         require(self.percentile_low < self.percentile_high, "preprocess.percentile_low", self.percentile_low,
                 f"must be below preprocess.percentile_high ({self.percentile_high})")
+        for key in ("percentile_low", "percentile_high"):
+            value = getattr(self, key)
+            require(0 <= value <= 100, f"preprocess.{key}", value, "give a percentile in [0, 100]")
+        require(self.std is None or all(v > 0 for v in self.std), "preprocess.std", self.std, "every std must be > 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,3 +93,4 @@ class LoaderConfig:
         require(self.batch_size >= 1, "loader.batch_size", self.batch_size, "give at least 1")
         require(self.workers >= 0, "loader.workers", self.workers, "give 0 (read in this process) or more")
         require(self.prefetch >= 1, "loader.prefetch", self.prefetch, "give at least 1 batch")
+        require(self.seed >= 0, "loader.seed", self.seed, "give 0 or more")

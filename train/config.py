@@ -25,9 +25,9 @@ from typing import Any
 import tomli_w
 
 from stacktrain.choices import Aggregate, Device, Level, Precision
-from stacktrain.config import build, check_choices, is_text, parse_value, require, resolve_file, to_dict
+from stacktrain.config import all_problems, build, check_choices, is_text, parse_value, require, resolve_file, to_dict
 from stacktrain.errors import ConfigError
-from stacktrain.io import atomic_write, read_toml
+from stacktrain.io import atomic_write_text, read_toml
 from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
 
 
@@ -119,6 +119,7 @@ class LoopConfig:
         for key in ("epochs", "patience", "topk", "log_interval"):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "it must be >= 1")
         require(self.min_delta >= 0, "train.min_delta", self.min_delta, "it must be >= 0")
+        require(self.seed >= 0, "train.seed", self.seed, "it must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -148,7 +149,9 @@ def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
     if unknown:
         raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; "
                           f"valid sections: {', '.join(SECTIONS)}")
-    return build(TrainConfig, raw, where)
+    with all_problems(where):  # every bad value of the file and the overrides, in one line
+        cfg = build(TrainConfig, raw, where)
+    return cfg
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -202,10 +205,10 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (_drop_none(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
 
 
-def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as TOML, atomically; `load_config(path)` gives `cfg` back."""
-    text = tomli_w.dumps(_drop_none(config_to_dict(cfg))).encode()
-    atomic_write(path, lambda f: f.write(text))
+def save_config(cfg: TrainConfig, path: str | Path, header: str = "") -> None:
+    """Write the resolved config as TOML, atomically; `load_config(path)` gives `cfg` back. `header`:
+    comment lines put first (a resumed run's record of config changes)."""
+    atomic_write_text(path, header + tomli_w.dumps(_drop_none(config_to_dict(cfg))))
 
 
 # -- resolution helpers for the trainer ------------------------------------------------------------

@@ -6,6 +6,8 @@ patch (predictions gathered across DDP ranks, aggregated per stack), early-stop 
 loss), then, on rank 0 only, append the epoch to the results file, write best.pt (when improved) and
 last.pt, in that order: a kill -9 at any point leaves a results file that holds
 every epoch of last.pt or one more, and `resume` redoes the epoch after last.pt.
+Rank 0 holds the run directory (RUN_DIR/.lock) for the whole run; a resume keeps the run's config except
+the keys of train/resume.py RESUMABLE, and onto the same store and train/val stacks.
 Optional pieces are plain objects: Runtime (device, DDP), Precision, Monitor (bar, log, TensorBoard).
 """
 
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from stacktrain.errors import EvalError
+from stacktrain.io import hold_dir
 from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from stacktrain.train.data import make_loader, open_data, resolve_norm
@@ -31,7 +34,9 @@ from stacktrain.train.monitor import Monitor
 from stacktrain.train.precision import Precision
 from stacktrain.train.results import RESULTS_NAME, environment_info, epoch_entry, load_results, new_results, now
 from stacktrain.train.results_io import ResultsWriter
+from stacktrain.train.resume import check_data_identity, config_changes, config_comment, data_identity
 from stacktrain.train.runtime import Runtime, cpu_threads, deterministic_algorithms, seed_everything, setup_runtime
+from stacktrain.train.split import store_identity
 from stacktrain.train.step import TrainStep, to_model_input
 
 CONFIG_NAME = "config.toml"
@@ -50,10 +55,13 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
     rt = setup_runtime(cfg.train.device)
     with contextlib.ExitStack() as stack:
         stack.callback(rt.close)
+        if rt.is_main:  # one process writes a run directory; it clears the temp files a kill left
+            stack.enter_context(hold_dir(run_dir, "run", _busy))
         stack.enter_context(deterministic_algorithms(rt.device.type == "cpu"))
         stack.enter_context(cpu_threads(rt, cfg.loader.workers))
         store, train_ids, val_ids = open_data(cfg)
         cfg = resolve_norm(cfg, store, train_ids)
+        identity = data_identity(store_identity(store), train_ids, val_ids)
         if resume and not (run_dir / ckpts.LAST).exists() and rt.is_main:
             # killed inside its first epoch, before any last.pt: nothing to continue, so start afresh
             (run_dir / RESULTS_NAME).unlink(missing_ok=True)
@@ -70,16 +78,25 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
         config = config_to_dict(cfg)
         results, start = new_results(config, environment_info(rt.device, rt.world_size)), 0
         if resume:
-            ckpt = ckpts.load_checkpoint(run_dir / ckpts.LAST, model_name=cfg.model.name, model_tiny=cfg.model.tiny)
+            last_pt = run_dir / ckpts.LAST
+            ckpt = ckpts.load_checkpoint(last_pt, model_name=cfg.model.name, model_tiny=cfg.model.tiny)
+            changes = config_changes(ckpt["config"], config, epoch=ckpt["epoch"] + 1, where=last_pt)
+            check_data_identity(ckpt.get("data"), identity, last_pt)
             start = ckpts.restore(ckpt, model=model, optimizer=optimizer, scaler=prec.scaler,
-                                  early_stopping=stopper) + 1
-            results = {**load_results(results_path, upto_epoch=start - 1), "config": config,
-                       "best_epoch": stopper.best_epoch}  # last.pt's, not a dropped epoch's
+                                  early_stopping=stopper, where=last_pt) + 1
+            kept = load_results(results_path, upto_epoch=start - 1)
+            results = {**kept, "config": config, "best_epoch": stopper.best_epoch}  # last.pt's, not a dropped one's
+            # changes made before this epoch stay; one recorded by a resume killed before its first last.pt
+            # is recorded again now
+            recorded = [c for c in kept.get("config_changes", []) if c["epoch"] < start] + changes
+            if recorded:
+                results["config_changes"] = recorded
             if rt.is_main:
                 ckpts.repair_best(run_dir, best_epoch=stopper.best_epoch, last_epoch=start - 1)
             if stopper.should_stop or start >= cfg.train.epochs:  # it had finished: make the file say why
-                if rt.is_main and results.get("stop_reason") is None:
+                if rt.is_main:  # (load_results cleared the stop reason; a changed key is recorded too)
                     results["stop_reason"] = "early_stopping" if stopper.should_stop else "max_epochs"
+                    _save_config(cfg, run_dir, results)
                     ResultsWriter(results_path, results)
                 return results_path
         train_loader = stack.enter_context(make_loader(cfg, store, train_ids, train=True, rt=rt))
@@ -87,7 +104,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
         check_coverage(val_loader.index)  # the foreground filter never drops a validation stack
         if rt.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / CONFIG_NAME)
+            _save_config(cfg, run_dir, results)
             writer = ResultsWriter(results_path, results)  # a resume rewrites it once, with the epochs kept
         monitor = Monitor(run_dir, enabled=rt.is_main, epochs=cfg.train.epochs,
                           log_interval=cfg.train.log_interval, device=rt.device)
@@ -120,7 +137,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
                 writer.append(entry, best_epoch=stopper.best_epoch, stop_reason=None, updated_at=now())
                 ckpts.save_checkpoint(run_dir / ckpts.LAST, model=model, optimizer=optimizer, scaler=prec.scaler,
                                       epoch=epoch, early_stopping=stopper, config=config,
-                                      model_name=cfg.model.name, model_tiny=cfg.model.tiny)
+                                      model_name=cfg.model.name, model_tiny=cfg.model.tiny, data=identity)
                 if improved:
                     ckpts.copy_checkpoint(run_dir / ckpts.LAST, run_dir / ckpts.BEST)
                 if stop_reason is not None:
@@ -198,6 +215,16 @@ def _build_model(cfg: TrainConfig, rt: Runtime) -> tuple[nn.Module, nn.Module, n
     from torch.nn.parallel import DistributedDataParallel
     ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if cuda else None)
     return model, net, maybe_compile(ddp), notice  # compile the DDP wrapper, as torch advises
+
+
+def _save_config(cfg: TrainConfig, run_dir: Path, results: dict) -> None:
+    """config.toml: the config in force, headed by the record of the changes --resume made."""
+    save_config(cfg, run_dir / CONFIG_NAME, header=config_comment(results.get("config_changes", [])))
+
+
+def _busy(run_dir: Path) -> str:
+    return (f"{run_dir}: another process is training into this run directory (it holds {run_dir}/.lock); wait "
+            "for it to finish, or choose another --run-dir / train.run_name")
 
 
 def _check_run_dir(run_dir: Path, resume: bool) -> None:

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stacktrain import ui
+from stacktrain.errors import ConfigError
 from stacktrain.io import atomic_write
 from stacktrain.stores.layout import CLASS_NAMES
 from stacktrain.stores.reader import Store
@@ -47,6 +48,8 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
     """Predict every patch of `stacks` (all of the store's by default); write DIR's files; return the JSON."""
 
     console = console or ui.console()
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder; give a folder for the prediction files")
     ckpt = ckpts.load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"], where=f"{checkpoint} (its config)")
     st = Store(store)
@@ -61,7 +64,7 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
                                      dtype="fp32" if cpu else cfg.loader.dtype, channels_last=not cpu and
                                      cfg.loader.channels_last)
     model = build_model(ckpt["model_name"], tiny=ckpt["model_tiny"], options=cfg.model.options)
-    ckpts.restore(ckpt, model=model, rng=False)
+    ckpts.restore(ckpt, model=model, rng=False, where=checkpoint)
     model = model.to(rt.device).eval()
     prec = Precision.create("fp32" if cpu else cfg.train.precision, rt.device)  # the arithmetic it was selected with
     monitor = Monitor(None, enabled=True, epochs=1, log_interval=cfg.train.log_interval, device=rt.device,
@@ -73,7 +76,10 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
         monitor.close()
 
     out = Path(out)
-    (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "heatmaps").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot make the folder ({e.strerror}); give a folder path") from None
     volumes = [{**v, "predicted_class": CLASS_NAMES[v["predicted_label"]]} for v in result.volumes]
     report = {"checkpoint": str(checkpoint), "epoch": int(ckpt["epoch"]), "model": ckpt["model_name"],
               "store": str(st.path), "aggregate": cfg.train.aggregate, "threshold": THRESHOLD,

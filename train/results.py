@@ -92,6 +92,14 @@ class Epoch(BaseModel):
     volumes: list[Volume]
 
 
+class ConfigChange(_Strict):
+    """A config key that `--resume` changed (train/resume.py RESUMABLE), from epoch `epoch` on."""
+    epoch: int = Field(ge=0, description="the first epoch trained with the new value")
+    key: str
+    old: Any
+    new: Any
+
+
 class Results(_Strict):
     schema_version: Literal[1]
     config: dict[str, Any] = Field(description="the resolved TrainConfig (train/config.py)")
@@ -101,6 +109,8 @@ class Results(_Strict):
     best_epoch: int | None = Field(description="epoch of best.pt (highest validation F1 of MALADE)")
     stop_reason: str | None = Field(description="None while running, else one of " + ", ".join(STOP_REASONS))
     epochs: list[Epoch]
+    config_changes: list[ConfigChange] = Field(default_factory=list, description="allowed changes made by "
+                                               "--resume; `config` holds the values in force at the end")
 
 
 RESULTS_SCHEMA: dict[str, Any] = Results.model_json_schema()

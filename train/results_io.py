@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from stacktrain.errors import ResultsError
-from stacktrain.io import atomic_write
+from stacktrain.io import atomic_write_bytes, disk_full, is_disk_full
 
 HEAD_KEYS = ("schema_version", "config", "environment", "started_at")
 TAIL_KEYS = ("best_epoch", "stop_reason", "updated_at")
@@ -46,7 +46,8 @@ def epoch_line(entry: dict[str, Any]) -> bytes:
 
 
 def head_bytes(results: dict[str, Any]) -> bytes:
-    head = _dumps({k: results[k] for k in HEAD_KEYS})
+    extra = {"config_changes": results["config_changes"]} if results.get("config_changes") else {}
+    head = _dumps({**{k: results[k] for k in HEAD_KEYS}, **extra})
     return head[:-1] + b',"epochs":[\n'
 
 
@@ -69,23 +70,38 @@ class ResultsWriter:
         self.best_epoch, self.stop_reason = results["best_epoch"], results["stop_reason"]
         self.count = len(results["epochs"])
         data = document(results)
-        atomic_write(self.path, lambda f: f.write(data))
-        self.offset = len(data) - len(tail_bytes(*(results[k] for k in TAIL_KEYS)))  # where the tail starts
+        atomic_write_bytes(self.path, data)
+        self.tail = tail_bytes(*(results[k] for k in TAIL_KEYS))
+        self.offset = len(data) - len(self.tail)  # where the tail starts
 
     def append(self, entry: dict[str, Any] | None, *, best_epoch: int | None, stop_reason: str | None,
                updated_at: str) -> None:
         """Add one epoch (None: only update the tail, e.g. stop_reason "pruned") in one write + fsync."""
         line = b"" if entry is None else (b"," if self.count else b"") + epoch_line(entry) + b"\n"
         tail = tail_bytes(best_epoch, stop_reason, updated_at)
-        with open(self.path, "r+b") as f:
-            f.seek(self.offset)
-            f.write(line + tail)
-            f.truncate()
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self._write_at(self.offset, line + tail)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            try:  # put the previous tail back: the file is what it was before this epoch (it fitted before)
+                self._write_at(self.offset, self.tail)
+            except OSError:
+                pass  # read_results still drops a cut-off last line: the file stays readable
+            raise disk_full(self.path, len(line + tail)) from None
+        self.tail = tail
         self.offset += len(line)
         self.count += entry is not None
         self.best_epoch, self.stop_reason = best_epoch, stop_reason
+
+
+    def _write_at(self, offset: int, data: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.truncate()  # frees the old tail's blocks before writing, on a disk that is full
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _light(line: bytes) -> dict[str, Any]:

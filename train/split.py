@@ -2,10 +2,13 @@
 
 The split file (JSON):
 
-    {"format_version": 1, "store": "...", "params": {"folds", "val_fraction", "test_fraction", "seed"},
-     "folds": [{"train": [ids], "val": [ids], "test": [ids]}, ...], "sha256": "..."}
+    {"format_version": 1, "store": "...", "store_id": "...", "params": {"folds", "val_fraction",
+     "test_fraction", "seed"}, "folds": [{"train": [ids], "val": [ids], "test": [ids]}, ...], "sha256": "..."}
 
 `sha256` is the hash of the canonical JSON of `folds` (sorted keys, no spaces): `split_hash`.
+`store_id` is the identity of the store it was made for (`store_identity`: a hash of its stack ids,
+labels and groups); `check_split` refuses the file for any other store, even one whose stack ids
+overlap, and warns (once per file) about a file of an older stacktrain that has none.
 A group (patient) never spans two parts: StratifiedGroupKFold assigns whole groups and balances
 labels as far as the groups allow. Fractions are met to the nearest 1/k of the groups: a part of
 fraction f is one fold of round(1/f) folds. The test part, if any, is drawn first, in the same call
@@ -34,6 +37,10 @@ FORMAT_VERSION = 1
 PARTS = ("train", "val", "test")
 
 
+def store_identity(store: Store | str | Path) -> str:
+    """A hash of the store's stacks, labels and groups: what a split (and a run) is made for."""
+    rows = sorted([m.stack_id, m.label, m.group] for m in _open(store).stacks)
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
 def split_hash(folds: list[dict[str, list[str]]]) -> str:
@@ -59,7 +66,12 @@ def _kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str, wher
         warnings.simplefilter("ignore", UserWarning)
         from sklearn.model_selection import StratifiedGroupKFold  # slow import: only when splitting
 
-        yield from StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+        try:
+            folds = list(StratifiedGroupKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups))
+        except ValueError as e:  # e.g. fewer stacks of a label than folds
+            raise InputError(f"{where}: {what} cannot be split into {k} stratified group folds ({e}); lower "
+                             "--folds or raise the fractions") from None
+    yield from folds
 
 
 def make_splits(store: Store | str | Path, *, folds: int | None = None, val_fraction: float = 0.2,
@@ -88,7 +100,7 @@ def make_splits(store: Store | str | Path, *, folds: int | None = None, val_frac
         pairs = list(_kfold(y[rest], groups[rest], folds, seed, f"{folds} folds", where))
     out = [{"train": sorted(ids[rest[tr]].tolist()), "val": sorted(ids[rest[va]].tolist()),
             "test": sorted(ids[test].tolist())} for tr, va in pairs]
-    split = {"format_version": FORMAT_VERSION, "store": where,
+    split = {"format_version": FORMAT_VERSION, "store": where, "store_id": store_identity(store),
              "params": {"folds": folds, "val_fraction": val_fraction, "test_fraction": test_fraction,
                         "seed": seed},
              "folds": out, "sha256": split_hash(out)}
@@ -97,8 +109,10 @@ def make_splits(store: Store | str | Path, *, folds: int | None = None, val_frac
 
 
 def check_split(split: dict[str, Any], store: Store | str | Path, where: str = "split") -> None:
-    """Refuse unknown stacks, and any stack or group (patient) found in two parts of a fold."""
+    """Refuse a split made for another store, unknown stacks, and any stack or group (patient) found in
+    two parts of a fold."""
     store = _open(store)
+    _check_store_id(split, store, where)
     metas = {m.stack_id: m for m in store.stacks}
     folds = split.get("folds")
     if not isinstance(folds, list) or not folds:
@@ -130,6 +144,19 @@ def check_split(split: dict[str, Any], store: Store | str | Path, where: str = "
     if "sha256" in split and split["sha256"] != split_hash(folds):
         raise SplitError(f"{where}: the parts do not match the recorded sha256 (the file was edited); "
                          "regenerate it with `stacktrain split` or remove the sha256 entry")
+
+
+def _check_store_id(split: dict[str, Any], store: Store, where: str) -> None:
+    have = store_identity(store)
+    made_for = split.get("store_id")
+    if made_for is None:
+        warnings.warn(f"{where}: an older split file without the identity of its store (store_id); it cannot be "
+                      f"checked against {store.path}: remake it with `stacktrain split {store.path} --out FILE`",
+                      UserWarning, stacklevel=3)
+    elif made_for != have:
+        raise SplitError(f"{where}: made for store {split.get('store', '?')} (identity {str(made_for)[:12]}), "
+                         f"not for {store.path} (identity {have[:12]}); remake the split with `stacktrain split "
+                         f"{store.path} --out FILE`")
 
 
 def _check_test_part(folds: list[dict[str, list[str]]], metas: dict[str, Any], where: str) -> None:

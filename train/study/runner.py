@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 
 from stacktrain import ui
-from stacktrain.io import atomic_write, atomic_write_json
+from stacktrain.io import atomic_write_bytes, atomic_write_json, make_dir, remove_stale_temps
 from stacktrain.train.config import config_to_dict
 from stacktrain.train.split import check_split, load_split, split_hash
 from stacktrain.train.study import claims, hpo
@@ -50,6 +50,7 @@ from stacktrain.train.study.selection import chain_of, check_chain_split
 from stacktrain.train.study.storage import redact_text
 
 SPLIT_COPY = "split.json"
+STALE_TEMP_S = 600.0  # far longer than any one atomic write of a study file
 
 
 # -- the study directory ---------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def write_manifest(study: Study, out: Path, split: dict[str, Any], kind: str, ex
     atomic_write_json(out / MANIFEST, manifest)
     if study.path.resolve() != (out / "study.toml").resolve():
         text = redact_text(study.path.read_text())  # never a password in a file we write
-        atomic_write(out / "study.toml", lambda f: f.write(text.encode()))
+        atomic_write_bytes(out / "study.toml", text.encode())
 
 
 def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *, workers: int,
@@ -192,7 +193,10 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
         study = hpo.with_storage(study, out, storage)
     elif storage is not None:
         raise StudyError(f"--storage: only a study with an [hpo] table uses an Optuna storage; {study.path} has none")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "study")
+    # Shared by every process (machine) running this study: no lock on the folder; temp files of atomic writes
+    # that a killed process left are removed once old enough that no live writer can own them.
+    remove_stale_temps(out, older_than_s=STALE_TEMP_S)
     split_copy, split = prepare_split(study, out)
     if print_only:
         print_runs(study, out, split_copy, console)
@@ -215,4 +219,3 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
                   f"score {selection['score']:.3f}); next: stacktrain report {out}", highlight=False)
     if final:
         run_final(out, console=console)
-    return out

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from stacktrain import ui
-from stacktrain.io import atomic_write_json
+from stacktrain.io import atomic_write_json, remove_stale_temps
 from stacktrain.train.checkpoint import LAST
 from stacktrain.train.config import config_from_dict, config_to_dict
 from stacktrain.train.results import RESULTS_NAME, load_results
@@ -86,6 +86,7 @@ def claimed_state(run_dir: Path, record: dict[str, Any]) -> str:
     run record; a run killed inside its first epoch, before last.pt, starts afresh."""
     check_record(run_dir, record)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(run_dir)  # a killed holder's; this process holds the run, no other writer is live
     atomic_write_json(run_dir / RUN_RECORD, record)
     state = peek_state(run_dir)
     if state == "new":

@@ -1,0 +1,31 @@
+"""Fixtures of the training fault suite: the tiny store and split, and one finished one-epoch run that tests
+copy and damage (never change it in place)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from stacktrain.train import loop
+from tests.support import tiny_config, tiny_data
+
+ONE_EPOCH = "train.epochs=1"
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("fault-data"))
+
+
+@pytest.fixture(scope="session")
+def finished_run(data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("fault-run") / "run"
+    loop.train(tiny_config(*data, ONE_EPOCH), run_dir=run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A fresh copy of the finished run, to damage or resume."""
+    return shutil.copytree(finished_run, tmp_path / "run")
