@@ -97,6 +97,8 @@ def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *
     records = {spec.run_dir: run_record(spec, study, split) for spec in specs}
     for spec in specs:  # refuse a changed study before training anything
         check_record(spec.run_dir, records[spec.run_dir])
+        if spec.run_dir.is_dir():
+            remove_stale_temps(spec.run_dir, older_than_s=STALE_TEMP_S)
     states = {spec.run_dir: peek_state(spec.run_dir) for spec in specs}
     counts = {k: sum(v == k for v in states.values()) for k in ("done", "resume", "new")}
     console.print(f"study {study.name}: {len(specs)} runs ({counts['done']} finished, {counts['resume']} "
@@ -219,3 +221,4 @@ def run_study(study_path: str | Path, out: str | Path, *, workers: int = 1, over
                   f"score {selection['score']:.3f}); next: stacktrain report {out}", highlight=False)
     if final:
         run_final(out, console=console)
+    return out
