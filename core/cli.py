@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from stacktrain import __version__, commands
-from stacktrain.choices import Level, LoaderKind, OutDtype, options
+from stacktrain.choices import Codec, Level, LoaderKind, OutDtype, options
 from stacktrain.errors import StackTrainError, user_message
 from stacktrain.stores.options import ConvertOptions
 from stacktrain.ui import print_error
@@ -99,6 +99,31 @@ def _stores(sub) -> None:
                    help="also read every byte: file checksums, every chunk decoded, content checksums recorded "
                         "at conversion (slower: decodes the whole store)")
     p.set_defaults(func=commands.verify)
+
+    p = sub.add_parser("export", help="copy a store in another codec (zstd: every Zarr reader opens it)",
+                       description="Copy every stack of STORE into a new store with another codec: the same voxels, "
+                                   "labels, groups and statistics. zstd is a core Zarr codec, for tools that lack "
+                                   "numcodecs' LZ4 (tensorstore, zarrs, readers in other languages).")
+    p.add_argument("store", type=Path, metavar="STORE.zarr")
+    p.add_argument("--out", type=Path, required=True, help="the new store (a new or empty folder)")
+    p.add_argument("--codec", choices=options(Codec), default="zstd", help="codec of the copy (default zstd)")
+    p.set_defaults(func=commands.export)
+
+    p = sub.add_parser("relabel", help="change a stack's label (and group) without reconverting it",
+                       description="Set a stack's label (and patient group) in its metadata and the store's list, "
+                                   "atomically. Splits made before record the old labels: remake them.")
+    p.add_argument("store", type=Path, metavar="STORE.zarr")
+    p.add_argument("stack_id", metavar="STACK_ID")
+    p.add_argument("label", metavar="LABEL", help="SAIN or MALADE (any case)")
+    p.add_argument("--group", default=None, help="also set the patient group")
+    p.set_defaults(func=commands.relabel)
+
+    p = sub.add_parser("remove", help="remove stacks from a store (folders and list entries)",
+                       description="Remove stacks from a store: out of the stack list first, then their folders. "
+                                   "Also drops list entries whose folders were deleted by hand.")
+    p.add_argument("store", type=Path, metavar="STORE.zarr")
+    p.add_argument("stack_ids", nargs="+", metavar="STACK_ID")
+    p.set_defaults(func=commands.remove)
 
 
 def _train(sub) -> None:

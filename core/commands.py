@@ -115,6 +115,36 @@ def info(args: Namespace) -> int:
     return 0
 
 
+def export(args: Namespace) -> int:
+    from stacktrain import ui
+    from stacktrain.stores.export import export as run_export
+
+    con = ui.console()
+    with ui.count_bar(con=con) as bar:
+        task = bar.add_task("exporting", total=None)
+        copied = run_export(args.store, args.out, codec=args.codec,
+                            progress=lambda done, total, sid: bar.update(task, completed=done, total=total))
+    con.print(f"{args.out}: {len(copied)} stacks copied from {args.store} with {args.codec}", highlight=False,
+              soft_wrap=True)
+    return 0
+
+
+def relabel(args: Namespace) -> int:
+    from stacktrain.stores.maintain import relabel as run_relabel
+
+    meta = run_relabel(args.store, args.stack_id, args.label, args.group)
+    print(f"{args.store}: {meta.stack_id} is now {meta.label} (group {meta.group})")
+    return 0
+
+
+def remove(args: Namespace) -> int:
+    from stacktrain.stores.maintain import remove as run_remove
+
+    removed = run_remove(args.store, args.stack_ids)
+    print(f"{args.store}: removed {', '.join(removed)}")
+    return 0
+
+
 def verify(args: Namespace) -> int:
     from stacktrain import ui
     from stacktrain.errors import StoreError

@@ -135,8 +135,24 @@ def root_group_json(stacks: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def ome_multiscales(name: str, spacing_zyx: tuple[float, float, float] | None) -> dict[str, Any]:
-    """OME-Zarr 0.5 `ome` attributes for a single-level c,z,y,x image."""
+CHANNEL_COLORS = ("FF0000", "00FF00", "0000FF")  # what viewers show the 3 channels as: red, green, blue
+
+
+def omero_channels(dtype_max: float, percentiles: dict[str, list[float]]) -> dict[str, Any]:
+    """OME-Zarr's `omero` block: a name, a colour and a display window per channel. The window spans the
+    stored 1st to 99th percentile, so a viewer shows 16-bit data around 1000-3000 as more than black."""
+    channels = []
+    for i, (low, high) in enumerate(zip(percentiles["p1"], percentiles["p99"])):
+        end = high if high > low else min(low + 1.0, dtype_max)
+        channels.append({"label": f"ch{i}", "color": CHANNEL_COLORS[i % 3], "active": True, "coefficient": 1.0,
+                         "family": "linear", "inverted": False,
+                         "window": {"min": 0.0, "max": float(dtype_max), "start": float(low), "end": float(end)}})
+    return {"channels": channels, "rdefs": {"model": "color"}}
+
+
+def ome_multiscales(name: str, spacing_zyx: tuple[float, float, float] | None,
+                    omero: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OME-Zarr 0.5 `ome` attributes for a single-level c,z,y,x image (with its `omero` block when given)."""
     scale = [1.0, *(spacing_zyx or (1.0, 1.0, 1.0))]
     unit = "micrometer" if spacing_zyx else None
     axes = [{"name": "c", "type": "channel"}]
@@ -149,4 +165,5 @@ def ome_multiscales(name: str, spacing_zyx: tuple[float, float, float] | None) -
             "axes": axes,
             "datasets": [{"path": LEVEL0, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
         }],
+        **({"omero": omero} if omero else {}),
     }

@@ -35,7 +35,8 @@ def read_stack_meta(store: Path, stack_id: str) -> StackMeta:
         attrs = json.loads(path.read_text())
     except FileNotFoundError:
         raise StoreError(f"stack {stack_id!r}: {path} is missing; the store is damaged: reconvert this stack "
-                         "(`stacktrain convert` redoes incomplete stacks)") from None
+                         f"(`stacktrain convert` redoes incomplete stacks), or drop it from the list with "
+                         f"`stacktrain remove {store} {stack_id}`") from None
     except ValueError as e:
         raise StoreError(f"stack {stack_id!r}: {path}: corrupt metadata ({e}); the store is damaged: "
                          "reconvert this stack") from None

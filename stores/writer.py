@@ -32,6 +32,7 @@ from .layout import (
     STATS_CELL_ZYX,
     StackMeta,
     ome_multiscales,
+    omero_channels,
     root_group_json,
     shard_grid,
 )
@@ -159,7 +160,8 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
             raise StoreError(f"{source}: got {expected_z} slices, expected {shape[1]}")
         if callable(source_sha256):
             source_sha256 = source_sha256()
-        image.attrs.put({"ome": ome_multiscales(stack_id, spacing_zyx)})
+        omero = omero_channels(np.iinfo(np.dtype(dtype)).max, stats.percentiles())
+        image.attrs.put({"ome": ome_multiscales(stack_id, spacing_zyx, omero)})
         stats_group = stack_group.create_group(STATS)
         stats_group.create_array("foreground", data=stats.fg, chunks=stats.fg.shape)
         stats_group.create_array("mean", data=stats.mean, chunks=stats.mean.shape)

@@ -7,6 +7,7 @@ normalisation) and the model; patch probabilities are aggregated per stack as in
     DIR/stacks.csv         stack_id, aggregated_probability, predicted_label, predicted_class, label, n_patches
     DIR/predictions.json   the same plus checkpoint, store, aggregation and metrics against the stored labels
     DIR/heatmaps/<id>.png  a mid-slice of the stack next to its patch probabilities (max over z)
+    DIR/probabilities.zarr each stack's probabilities as an OME-Zarr image over it (predict_layers.py)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from stacktrain.train.loop import evaluate
 from stacktrain.train.models import build_model
 from stacktrain.train.monitor import Monitor
 from stacktrain.train.precision import Precision
+from stacktrain.train.predict_layers import LAYERS, write_layers
 from stacktrain.train.runtime import Runtime, pick_device
 
 PATCH_FIELDS = ("stack_id", "z", "y", "x", "probability", "label")
@@ -80,6 +82,8 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
         (out / "heatmaps").mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"--out {out}: cannot make the folder ({e.strerror}); give a folder path") from None
+    for stale in (out / "heatmaps").glob("*.png"):  # an earlier prediction's: every file in DIR is this one's
+        stale.unlink()
     volumes = [{**v, "predicted_class": CLASS_NAMES[v["predicted_label"]]} for v in result.volumes]
     report = {"checkpoint": str(checkpoint), "epoch": int(ckpt["epoch"]), "model": ckpt["model_name"],
               "store": str(st.path), "aggregate": cfg.train.aggregate, "threshold": THRESHOLD,
@@ -95,14 +99,16 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
         by_stack.setdefault(s["stack_id"], []).append(s)
     for v in volumes:
         heatmap(out / "heatmaps" / f"{v['stack_id']}.png", st, v, by_stack[v["stack_id"]], cfg.patch.size)
+    write_layers(out, st, by_stack, cfg.patch.size)
 
     table = Table("stack", "label", "probability", "predicted", "patches", title=f"predictions of {checkpoint}")
     for v in volumes:
         table.add_row(v["stack_id"], CLASS_NAMES[v["label"]], f"{v['aggregated_probability']:.3f}",
                       v["predicted_class"], str(v["n_patches"]))
     console.print(table)
-    console.print(f"wrote {out}/patches.csv, stacks.csv, predictions.json and {len(volumes)} heatmaps in "
-                  f"{out}/heatmaps", highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}/patches.csv, stacks.csv, predictions.json, {len(volumes)} heatmaps in "
+                  f"{out}/heatmaps and the probability layers in {out}/{LAYERS} (OME-Zarr, for napari)",
+                  highlight=False, soft_wrap=True)
     return report
 
 
@@ -128,12 +134,17 @@ def probability_map(samples: list[dict], patch_size, shape_yx) -> np.ndarray:
 
 
 def _display_slice(store: Store, stack_id: str) -> tuple[np.ndarray, int]:
-    """The middle z-slice as an image matplotlib shows: (Y, X, 3) RGB or (Y, X) grey, in [0, 1]."""
+    """The middle z-slice as an image matplotlib shows: (Y, X, 3) RGB or (Y, X) grey, in [0, 1], each
+    channel stretched over its stored 1st-99th percentile."""
     meta = store.meta(stack_id)
     c, z, y, x = meta.shape
     mid = z // 2
     plane = store.read(stack_id, ((mid, mid + 1), (0, y), (0, x)))[:, 0].astype(np.float32)
-    plane /= float(np.iinfo(meta.dtype).max)
+    # contrast from the stack's stored 1st-99th percentiles (not the dtype's range: 16-bit data around
+    # 1000-3000 would show black)
+    low = np.array(meta.percentiles["p1"], np.float32)[:, None, None]
+    high = np.array(meta.percentiles["p99"], np.float32)[:, None, None]
+    plane = np.clip((plane - low) / np.maximum(high - low, 1.0), 0.0, 1.0)
     return (np.moveaxis(plane[:3], 0, -1) if c >= 3 else plane[0]), mid
 
 

@@ -78,6 +78,21 @@ def test_every_stack_is_a_valid_ome_zarr_05_image(converted):
     assert Store(out).meta("b").spacing_zyx == pytest.approx((z * 1000, y * 1000, x * 1000))
 
 
+def test_every_image_has_an_omero_block_from_its_stored_percentiles(converted):
+    from ome_zarr_models.common.omero import Omero
+    out, arrays, _ = converted
+    for sid in arrays:
+        ome = zarr.open_group(out / sid / IMAGE, mode="r").attrs["ome"]
+        omero = Omero.model_validate(ome["omero"])  # the same model ome-zarr-models checks v0.4 images with
+        meta = Store(out).meta(sid)
+        assert [c["label"] for c in ome["omero"]["channels"]] == ["ch0", "ch1", "ch2"]
+        assert [c.color for c in omero.channels] == ["FF0000", "00FF00", "0000FF"]
+        for ch, channel in enumerate(omero.channels):
+            assert channel.window.start == meta.percentiles["p1"][ch]
+            assert channel.window.end >= meta.percentiles["p99"][ch] and channel.window.end > channel.window.start
+            assert channel.window.max == {"uint8": 255, "uint16": 65535}[meta.dtype]
+
+
 def test_plain_zarr_python_reads_identical_arrays(converted):
     out, arrays, _ = converted
     root = zarr.open_group(out, mode="r")

@@ -126,3 +126,21 @@ def test_unequal_optimizer_budgets_are_reported(tmp_path, fake_data):
     same = report(study_dir(tmp_path, fake_data, TWINS, name="same"), n_resamples=50, plots=False,
                   console=Console(quiet=True))["notes"]
     assert not any("budgets differ" in n for n in same)
+
+
+def test_report_of_a_single_run(tmp_path, fake_data):
+    """`stacktrain report RUN_DIR`: the per-epoch table, the curves and the best epoch's patient CIs."""
+    from stacktrain.train.study.runner import run_study
+    store, split = fake_data
+    out = run_study(write_study(tmp_path / "one.toml", store, split, "", head="folds = [0]"), tmp_path / "out",
+                    trainer=FAKE)
+    run = next((out / "runs").iterdir())
+    assert main(["report", str(run), "--resamples", "200"]) == 0
+    results = load_results(run / RESULTS_NAME)
+    rows = list(csv.DictReader((run / "epochs.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [e["epoch"] for e in results["epochs"]]
+    best = results["epochs"][results["best_epoch"]]
+    assert float(rows[results["best_epoch"]]["stack_f1_MALADE"]) == best["volume_metrics"]["f1"]["MALADE"]
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    text = (run / "report.md").read_text()
+    assert f"Best epoch {results['best_epoch']}" in text and "| stack |" in text

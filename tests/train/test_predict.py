@@ -75,6 +75,25 @@ def test_predict_writes_consistent_csv_json_and_heatmaps(setup, tmp_path):
         assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > png.shape[0]  # two panels side by side
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == [f"{sid}.png" for sid in chosen]
 
+    # the probabilities as OME-Zarr layers over each stack: valid images, on the stack's grid
+    import zarr
+    from ome_zarr_models.v05.image import Image
+    for sid in chosen:
+        group = zarr.open_group(out / "probabilities.zarr" / sid, mode="r")
+        (ms,) = Image.from_zarr(group).ome_attributes.multiscales
+        scale = ms.datasets[0].coordinateTransformations[0].scale
+        spacing = st.meta(sid).spacing_zyx or (1.0, 1.0, 1.0)
+        assert list(scale) == pytest.approx([p * s for p, s in zip(PATCH, spacing)])  # one voxel per patch
+        volume = group["0"][:]
+        assert volume.shape == tuple(n // p for n, p in zip(st.meta(sid).shape[1:], PATCH))
+        for row in (r for r in patches if r["stack_id"] == sid):
+            cell = tuple(int(row[k]) // p for k, p in zip("zyx", PATCH))
+            assert volume[cell] == pytest.approx(float(row["probability"]), abs=1e-6)
+
+    predict(ckpt, store, out, stacks=chosen[1:], console=Console(file=io.StringIO()))  # again, into the same DIR
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == [f"{chosen[1]}.png"]  # no stale heatmap
+    assert sorted(p.name for p in (out / "probabilities.zarr").iterdir() if p.is_dir()) == [chosen[1]]
+
 
 def test_probability_map_takes_the_max_of_covering_patches():
     samples = [{"position": [0, 0, 0], "probability": 0.2}, {"position": [8, 0, 2], "probability": 0.7},
@@ -94,3 +113,16 @@ def test_unknown_stack_is_one_clear_error(setup, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no stack 'nope'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_heatmap_contrast_comes_from_the_stored_percentiles(tmp_path):
+    """16-bit data around 1000-3000 (a real microscope's range) is not shown black: the display window is
+    the stack's stored 1st-99th percentile, not the dtype's 0-65535."""
+    from stacktrain.testing import write_array
+    from stacktrain.train.predict import _display_slice
+    rng = np.random.default_rng(0)
+    arr = rng.integers(1000, 3000, size=(3, 8, 32, 32)).astype(np.uint16)
+    write_array(tmp_path / "s.zarr", "u16", arr)
+    image, mid = _display_slice(Store(tmp_path / "s.zarr"), "u16")
+    assert mid == 4 and image.shape == (32, 32, 3)
+    assert 0.3 < image.mean() < 0.7 and image.min() == 0.0 and image.max() == 1.0

@@ -263,6 +263,9 @@ def report(study_dir: str | Path, *, level: str | None = None, n_resamples: int 
                          "1,000 or more for a CI worth reading)")
     console = console or ui.console()
     study_dir = Path(study_dir)
+    if (study_dir / RESULTS_NAME).exists() and not (study_dir / "study.json").exists():  # one run, no study
+        from stacktrain.train.study.run_report import report_run
+        return report_run(study_dir, n_resamples=n_resamples, seed=seed, plots=plots, console=console)
     manifest, groups, notes = load_runs(study_dir, storage=storage)
     hpo = manifest["kind"] == "hpo"
     baseline = manifest["baseline"]
