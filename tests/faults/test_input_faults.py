@@ -30,14 +30,6 @@ V = mk.VOL
 GOOD, TINY, registered, write_manifest = mk.GOOD, mk.TINY, mk.registered, mk.write_manifest
 
 
-@pytest.fixture(scope="module")
-def prior_store(tmp_path_factory):
-    return mk.prior_store(tmp_path_factory.mktemp("prior"))
-
-
-@pytest.fixture
-def store(prior_store, tmp_path):
-    return mk.copy_store(prior_store, tmp_path)
 
 
 def convert_bad(folder: Path, store: Path, bad: str, **opts) -> str:

@@ -14,20 +14,11 @@ import pytest
 from stacktrain.errors import ConversionFailed, InputError
 from stacktrain.stores.convert import convert
 from stacktrain.stores.options import ConvertOptions
-from tests.faults import input_makers as mk
 from tests.faults.input_makers import GOOD, TINY, registered
 
 HEAD = "path,stack_id,label,group\n"
 
 
-@pytest.fixture(scope="module")
-def prior_store(tmp_path_factory):
-    return mk.prior_store(tmp_path_factory.mktemp("prior"))
-
-
-@pytest.fixture
-def store(prior_store, tmp_path):
-    return mk.copy_store(prior_store, tmp_path)
 
 
 def rows(*lines: str) -> bytes:
