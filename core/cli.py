@@ -135,6 +135,8 @@ def _train(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=KEEP, help="share of stacks in val (default 0.2)")
     p.add_argument("--test-fraction", type=float, default=KEEP, help="share held out as test (default 0)")
     p.add_argument("--seed", type=int, default=KEEP, help="default 0")
+    p.add_argument("--allow-one-class", action="store_true", default=KEEP,
+                   help="keep a split whose train, val or test part holds one class only (warns)")
     p.set_defaults(func=commands.split)
 
     p = sub.add_parser("train", help="train a model on a store's split (one process, or one rank per GPU under "

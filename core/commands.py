@@ -169,7 +169,8 @@ def split(args: Namespace) -> int:
     from stacktrain import ui
     from stacktrain.train.split import make_splits, split_table, write_split
 
-    result = make_splits(args.store, **_given(args, "folds", "val_fraction", "test_fraction", "seed"))
+    result = make_splits(args.store, **_given(args, "folds", "val_fraction", "test_fraction", "seed",
+                                               "allow_one_class"))
     write_split(result, args.out)
     con = ui.console()
     con.print(split_table(result, args.store))

@@ -24,7 +24,7 @@ COMMANDS = {
     "relabel": (["store", "stack_id", "label"], ["--group"]),
     "remove": (["store", "stack_ids"], []),
     "verify": (["store"], ["--deep"]),
-    "split": (["store"], ["--folds", "--out", "--seed", "--test-fraction", "--val-fraction"]),
+    "split": (["store"], ["--allow-one-class", "--folds", "--out", "--seed", "--test-fraction", "--val-fraction"]),
     "train": (["config"], ["--resume", "--run-dir", "--set"]),
     "predict": (["checkpoint", "store"], ["--batch-size", "--device", "--loader", "--out", "--stacks"]),
     "demo": ([], ["--epochs", "--out"]),

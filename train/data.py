@@ -44,6 +44,16 @@ def open_data(cfg: TrainConfig) -> tuple[Store, list[str], list[str]]:
     return store, ids["train_part"], ids["val_part"]
 
 
+def one_class_warning(store: Store, train_ids: list[str], val_ids: list[str]) -> str | None:
+    """A loud line when the training or validation part holds one class: F1 and selection mean little then."""
+    for part, ids in (("training", train_ids), ("validation", val_ids)):
+        labels = {store.meta(s).label for s in ids}
+        if len(labels) < 2:
+            return (f"[bold yellow]warning:[/] the {part} part holds only {labels.pop()} stacks ({len(ids)}): "
+                    "its F1 and the selected epoch say little; remake the split with both classes in every part")
+    return None
+
+
 def resolve_norm(cfg: TrainConfig, store: Store, train_ids: list[str]) -> TrainConfig:
     """For normalize = meanstd without explicit values, put the training stacks' per-channel mean/std
     into the config: validation, resume and `predict` then normalize exactly as training did."""

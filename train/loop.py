@@ -26,7 +26,7 @@ from stacktrain.errors import EvalError
 from stacktrain.io import hold_dir
 from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import ConfigError, TrainConfig, config_to_dict, save_config
-from stacktrain.train.data import make_loader, open_data, resolve_norm
+from stacktrain.train.data import make_loader, one_class_warning, open_data, resolve_norm
 from stacktrain.train.early_stopping import EarlyStopping
 from stacktrain.train.evaluator import EvalResult, Evaluator, check_coverage
 from stacktrain.train.models import build_model
@@ -109,8 +109,9 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
         monitor = Monitor(run_dir, enabled=rt.is_main, epochs=cfg.train.epochs,
                           log_interval=cfg.train.log_interval, device=rt.device)
         stack.callback(monitor.close)
-        if notice:
-            monitor.print(notice)
+        for line in (notice, one_class_warning(store, train_ids, val_ids)):
+            if line:
+                monitor.print(line)
         monitor.print(f"training {cfg.model.name}{' (tiny)' if cfg.model.tiny else ''} on {rt.device} "
                       f"x{rt.world_size} ({prec.name}, loader {train_loader.kind}): {len(train_ids)} train "
                       f"stacks, {len(train_loader)} batches/epoch/rank, {len(val_ids)} val stacks -> {run_dir}"

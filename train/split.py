@@ -51,9 +51,21 @@ def _open(store: Store | str | Path) -> Store:
     return store if isinstance(store, Store) else Store(store)
 
 
-def _one_fold(y: np.ndarray, groups: np.ndarray, fraction: float, seed: int, what: str, where: str):
-    """Indices (rest, part) where `part` is one of round(1/fraction) group folds, stratified."""
+FRACTION_TOLERANCE = 0.2  # relative: 0.3 gives one of 3 folds (0.333); 0.9 cannot be had (at most 0.5)
+
+
+def folds_for(fraction: float, flag: str) -> int:
+    """round(1/fraction) folds, of which the part is one; refused when 1/k is far from what was asked."""
     k = max(2, round(1 / fraction))
+    if abs(1 / k - fraction) > FRACTION_TOLERANCE * fraction:
+        raise InputError(f"{flag} {fraction:g}: a part is one of k folds of the patients, so the fractions that can "
+                         f"be had are 1/2, 1/3, 1/4, ...; {fraction:g} would give {1 / k:.3g} (one of {k}): give "
+                         f"{1 / k:.3g}, or a fraction near 1/k")
+    return k
+
+
+def _one_fold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str, where: str):
+    """Indices (rest, part) where `part` is one of `k` group folds, stratified."""
     return next(_kfold(y, groups, k, seed, what, where))
 
 
@@ -75,8 +87,9 @@ def _kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str, wher
 
 
 def make_splits(store: Store | str | Path, *, folds: int | None = None, val_fraction: float = 0.2,
-                test_fraction: float = 0.0, seed: int = 0) -> dict[str, Any]:
-    """Split the store's stacks into train/val(/test) by patient group; K folds when `folds` is given."""
+                test_fraction: float = 0.0, seed: int = 0, allow_one_class: bool = False) -> dict[str, Any]:
+    """Split the store's stacks into train/val(/test) by patient group; K folds when `folds` is given.
+    A part that holds only one class is refused (`allow_one_class`: kept, with a warning)."""
     store = _open(store)
     where = str(store.path)
     if folds is not None and folds < 2:
@@ -92,10 +105,10 @@ def make_splits(store: Store | str | Path, *, folds: int | None = None, val_frac
     groups = np.array([m.group for m in metas])
     rest, test = np.arange(len(ids)), np.array([], dtype=int)
     if test_fraction > 0:
-        rest, test = _one_fold(y, groups, test_fraction, seed, "the test part", where)
+        rest, test = _one_fold(y, groups, folds_for(test_fraction, "--test-fraction"), seed, "the test part", where)
     if folds is None:
         rel = val_fraction / (1 - test_fraction)  # of what is left after the test part
-        pairs = [_one_fold(y[rest], groups[rest], rel, seed, "the val part", where)]
+        pairs = [_one_fold(y[rest], groups[rest], folds_for(rel, "--val-fraction"), seed, "the val part", where)]
     else:
         pairs = list(_kfold(y[rest], groups[rest], folds, seed, f"{folds} folds", where))
     out = [{"train": sorted(ids[rest[tr]].tolist()), "val": sorted(ids[rest[va]].tolist()),
@@ -105,7 +118,24 @@ def make_splits(store: Store | str | Path, *, folds: int | None = None, val_frac
                         "seed": seed},
              "folds": out, "sha256": split_hash(out)}
     check_split(split, store)
+    _check_classes(out, {m.stack_id: m.label for m in metas}, where, allow_one_class)
     return split
+
+
+def _check_classes(folds: list[dict[str, list[str]]], labels: dict[str, str], where: str, allow: bool) -> None:
+    """Every non-empty part holds both classes; otherwise one line with the counts (a warning if allowed)."""
+    for i, fold in enumerate(folds):
+        for part in PARTS:
+            ids = fold.get(part, [])
+            counts = Counter(labels[s] for s in ids)
+            if ids and len(counts) < 2:
+                held = ", ".join(f"{n} {k}" for k, n in counts.items())
+                text = (f"{where}: fold {i}: the {part} part holds only {held} ({len(ids)} stacks); with so few "
+                        "stacks of a class, use fewer folds or larger fractions, or a leave-one-patient-out design")
+                if not allow:
+                    raise InputError(text + " (--allow-one-class keeps such a split)")
+                warnings.warn(text, UserWarning, stacklevel=3)
+                return
 
 
 def check_split(split: dict[str, Any], store: Store | str | Path, where: str = "split") -> None:

@@ -169,3 +169,52 @@ def test_check_split_refuses_a_test_part_that_leaks_into_a_fold(uneven):
         folds[2]["val"] = [s for s in folds[2]["val"] if s != mates[-1]]
         with pytest.raises(SplitError, match=r"p01.* is in parts test, train|held-out test part"):
             check_split({"folds": folds}, uneven)
+
+
+@pytest.fixture(scope="module")
+def small_lab(tmp_path_factory):
+    """6 stacks, 3 per class, one patient each: what a small lab starts with."""
+    path = tmp_path_factory.mktemp("lab") / "s.zarr"
+    for i in range(6):
+        write_array(path, f"s{i}", np.full((3, 8, 16, 16), i + 1, np.uint8), label="MALADE" if i % 2 else "SAIN",
+                    group=f"p{i}", chunk_zyx=(8, 16, 16), shard_zyx=(8, 16, 16))
+    return path
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--folds", "5"], "cannot be split into 5 stratified group folds|holds only"),
+    (["--val-fraction", "0.2"], "holds only 1 (SAIN|MALADE)"),
+    (["--val-fraction", "0.9"], "--val-fraction 0.9: .* would give 0.5"),
+    (["--val-fraction", "0.7"], "--val-fraction 0.7: .* would give 0.5"),
+    (["--test-fraction", "0.6", "--val-fraction", "0.2"], "--test-fraction 0.6"),
+])
+def test_impossible_splits_of_a_small_dataset_are_one_line(small_lab, tmp_path, capsys, args, says):
+    out = tmp_path / "splits.json"
+    assert main(["split", str(small_lab), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    import re
+    assert re.search(says, err), err
+    assert not out.exists()
+
+
+def test_a_fraction_near_one_over_k_is_honoured(store):
+    """0.3 is one of 3 folds (0.333); 0.5 one of 2: the part holds about that share of the patients."""
+    for fraction in (0.3, 0.5):
+        val = make_splits(store, val_fraction=fraction)["folds"][0]["val"]
+        assert abs(len(val) / 16 - fraction) <= 0.1
+
+
+def test_a_part_with_one_class_is_refused_unless_allowed(small_lab, tmp_path):
+    with pytest.raises(InputError, match="holds only 1 (SAIN|MALADE).*--allow-one-class"):
+        make_splits(small_lab, val_fraction=0.2)  # one of 5 folds of 6 patients: a single stack in val
+    with pytest.warns(UserWarning, match="holds only 1"):
+        split = make_splits(small_lab, val_fraction=0.2, allow_one_class=True)
+    assert len(split["folds"][0]["val"]) == 1
+
+
+def test_training_warns_when_validation_holds_one_class(small_lab):
+    from stacktrain.train.data import one_class_warning
+    st = Store(small_lab)
+    assert one_class_warning(st, ["s0", "s1"], ["s2", "s3"]) is None
+    assert "validation part holds only SAIN" in one_class_warning(st, ["s0", "s1"], ["s2", "s4"])
