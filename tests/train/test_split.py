@@ -183,10 +183,10 @@ def small_lab(tmp_path_factory):
 
 @pytest.mark.parametrize("args, says", [
     (["--folds", "5"], "cannot be split into 5 stratified group folds|holds only"),
-    (["--val-fraction", "0.2"], "holds only 1 (SAIN|MALADE)"),
+    (["--val-fraction", "0.2"], "the val part cannot be split into 5 stratified group folds"),
     (["--val-fraction", "0.9"], "--val-fraction 0.9: .* would give 0.5"),
     (["--val-fraction", "0.7"], "--val-fraction 0.7: .* would give 0.5"),
-    (["--test-fraction", "0.6", "--val-fraction", "0.2"], "--test-fraction 0.6"),
+    (["--test-fraction", "0.6", "--val-fraction", "0.2"], "train part holds only 1 (SAIN|MALADE)"),
 ])
 def test_impossible_splits_of_a_small_dataset_are_one_line(small_lab, tmp_path, capsys, args, says):
     out = tmp_path / "splits.json"
@@ -205,12 +205,18 @@ def test_a_fraction_near_one_over_k_is_honoured(store):
         assert abs(len(val) / 16 - fraction) <= 0.1
 
 
-def test_a_part_with_one_class_is_refused_unless_allowed(small_lab, tmp_path):
-    with pytest.raises(InputError, match="holds only 1 (SAIN|MALADE).*--allow-one-class"):
-        make_splits(small_lab, val_fraction=0.2)  # one of 5 folds of 6 patients: a single stack in val
-    with pytest.warns(UserWarning, match="holds only 1"):
-        split = make_splits(small_lab, val_fraction=0.2, allow_one_class=True)
-    assert len(split["folds"][0]["val"]) == 1
+def test_a_part_with_one_class_is_refused_unless_allowed(tmp_path):
+    """All MALADE stacks belong to one patient: whichever part gets that patient, the other has no MALADE."""
+    path = tmp_path / "s.zarr"
+    for i in range(6):
+        write_array(path, f"s{i}", np.full((3, 8, 16, 16), i + 1, np.uint8), label="MALADE" if i < 2 else "SAIN",
+                    group="p0" if i < 2 else f"p{i}", chunk_zyx=(8, 16, 16), shard_zyx=(8, 16, 16))
+    with pytest.raises(InputError, match="part holds only [0-9]+ SAIN.*--allow-one-class"):
+        make_splits(path, val_fraction=0.5)
+    with pytest.warns(UserWarning, match="holds only"):
+        split = make_splits(path, val_fraction=0.5, allow_one_class=True)
+    fold = split["folds"][0]
+    assert {"s0", "s1"} <= set(fold["train"]) or {"s0", "s1"} <= set(fold["val"])
 
 
 def test_training_warns_when_validation_holds_one_class(small_lab):
