@@ -153,6 +153,9 @@ def _train(sub) -> None:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     p.add_argument("--run-dir", type=Path, metavar="DIR",
                    help="run directory (default: train.out_dir / train.run_name, or <model>-<time>)")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the training memory estimate exceeds the GPU's (or the host's) memory "
+                        "(--set train.memory_check=false)")
     p.set_defaults(func=commands.train)
 
     p = sub.add_parser("predict", help="predict patches and stacks of a store with a checkpoint; CSV, JSON, heatmaps",

@@ -188,7 +188,7 @@ def train(args: Namespace) -> int:
         config = Path(args.resume) / CONFIG_NAME  # the resolved config the run saved
     if config is None:
         raise ConfigError("give a CONFIG.toml or a preset name (demo, seed-gpu), or --resume RUN_DIR")
-    cfg = load_config(config, args.set)
+    cfg = load_config(config, [*args.set, *(["train.memory_check=false"] if args.force else [])])
     run_dir = Path(args.resume or args.run_dir or resolve_run_dir(cfg))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (args.resume or args.run_dir or cfg.train.run_name):
         from stacktrain.train.runtime import setup_runtime  # ranks may disagree on a timestamp: take rank 0's

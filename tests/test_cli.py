@@ -25,7 +25,7 @@ COMMANDS = {
     "remove": (["store", "stack_ids"], []),
     "verify": (["store"], ["--deep"]),
     "split": (["store"], ["--allow-one-class", "--folds", "--out", "--seed", "--test-fraction", "--val-fraction"]),
-    "train": (["config"], ["--resume", "--run-dir", "--set"]),
+    "train": (["config"], ["--force", "--resume", "--run-dir", "--set"]),
     "predict": (["checkpoint", "store"], ["--batch-size", "--device", "--loader", "--out", "--stacks"]),
     "demo": ([], ["--epochs", "--out"]),
     "study": (["study"], ["--final", "--out", "--print-runs", "--set", "--storage", "--trials", "--workers"]),

@@ -105,6 +105,9 @@ class LoopConfig:
     """Use the channels_last_3d memory format for the model (GPU only)."""
     cudnn_benchmark: bool = True
     """Let cuDNN pick the fastest convolution algorithms (GPU only)."""
+    memory_check: bool = True
+    """Refuse to start when the estimated training memory exceeds the GPU's (or, on the CPU, the host's
+    available RAM), naming the batch that fits (train/preflight.py); false: start anyway (train --force)."""
     seed: int = 0
     """Seed of model initialisation and of python/numpy/torch RNGs."""
     log_interval: int = 50

@@ -32,6 +32,7 @@ from stacktrain.train.evaluator import EvalResult, Evaluator, check_coverage
 from stacktrain.train.models import build_model
 from stacktrain.train.monitor import Monitor
 from stacktrain.train.precision import Precision
+from stacktrain.train.preflight import preflight
 from stacktrain.train.results import RESULTS_NAME, environment_info, epoch_entry, load_results, new_results, now
 from stacktrain.train.results_io import ResultsWriter
 from stacktrain.train.resume import check_data_identity, config_changes, config_comment, data_identity
@@ -52,6 +53,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
     """
     run_dir, level = Path(run_dir), cfg.train.select_level
     results_path = run_dir / RESULTS_NAME
+    preflight(cfg)  # every device/precision/loader problem at once, and the memory estimate, before anything starts
     rt = setup_runtime(cfg.train.device)
     with contextlib.ExitStack() as stack:
         stack.callback(rt.close)

@@ -22,6 +22,7 @@ RESUMABLE: dict[str, str] = {
     "train.epochs": "the epoch budget: extend (or end) a run",
     "train.patience": "early stopping's patience: extend (or end) a run",
     "train.log_interval": "how often the log prints",
+    "train.memory_check": "whether the start checks the memory estimate, not what is trained",
     "loader.workers": "how many processes read chunks, not which patches",
     "loader.prefetch": "how many batches are prepared ahead, not which",
     "train.out_dir": "where the run directory lives",

@@ -74,6 +74,7 @@ ALLOWED = {  # key -> its new value as an override (a function: built in the tes
     "train.epochs": lambda data, tmp: "train.epochs=2",
     "train.patience": lambda data, tmp: "train.patience=5",
     "train.log_interval": lambda data, tmp: "train.log_interval=7",
+    "train.memory_check": lambda data, tmp: "train.memory_check=false",
     "loader.workers": lambda data, tmp: "loader.workers=1",
     "loader.prefetch": lambda data, tmp: "loader.prefetch=3",
     "train.out_dir": lambda data, tmp: f"train.out_dir={tmp}",

@@ -29,6 +29,7 @@ from rich.console import Console
 from stacktrain import ui
 from stacktrain.io import atomic_write_bytes, atomic_write_json, make_dir, remove_stale_temps
 from stacktrain.train.config import config_to_dict
+from stacktrain.train.preflight import preflight
 from stacktrain.train.split import check_split, load_split, split_hash
 from stacktrain.train.study import claims, hpo
 from stacktrain.train.study.config import Study, StudyError, load_study
@@ -174,7 +175,15 @@ def print_runs(study: Study, out: Path, split_copy: Path, console: Console) -> N
 
 
 def check_stores(study: Study, split: dict[str, Any], configs: list[Any]) -> None:
-    """Every store the runs read must hold the split's stacks (checked before any training)."""
+    """Every store the runs read must hold the split's stacks, and this machine must be able to run every
+    distinct model, patch, batch, device, precision and loader of the runs (checked before any training)."""
+    seen = set()
+    for cfg in configs:
+        key = (cfg.model.name, cfg.model.tiny, repr(cfg.model.options), cfg.patch.size, cfg.loader.batch_size,
+               cfg.loader.loader, cfg.train.device, cfg.train.precision, cfg.train.memory_check)
+        if key not in seen:
+            seen.add(key)
+            preflight(cfg)
     for store in sorted({cfg.data.store for cfg in configs}):
         if not store:
             raise StudyError(f"{study.path}: no store: set data.store in the base config or study.store")
