@@ -3,7 +3,7 @@
 - Device, precision and loader are checked together (a GPU preset on a CPU machine gets one message
   listing every key to change, not one refusal per try).
 - The training memory is estimated on the meta device (no memory, no compute): what autograd saves
-  for backward at batch 1, times the batch, plus 16 bytes per parameter (fp32 weights, gradients and
+  for backward per patch, times the batch, plus 16 bytes per parameter (fp32 weights, gradients and
   Adam's two moments). It must fit in the GPU's memory, or on the CPU in the host's available RAM;
   otherwise the run is refused with the largest batch that fits. `train.memory_check = false`
   (`stacktrain train --force`) starts it anyway.
@@ -29,7 +29,7 @@ def machine_problems(cfg: TrainConfig, has_cuda: bool, has_dali: bool) -> list[s
     """What in `cfg` this machine cannot run (device, precision, loader), each with the fix."""
     problems = []
     t, loader = cfg.train, cfg.loader.loader
-    on_gpu = t.device == "cuda" or (t.device == "auto" and has_cuda)
+    on_gpu = has_cuda and t.device != "cpu"
     if t.device == "cuda" and not has_cuda:
         problems.append('train.device = "cuda" but torch sees no CUDA device: set "cpu" or "auto"')
     if not on_gpu and t.precision in ("bf16", "fp16"):
@@ -47,8 +47,9 @@ def activation_bytes_per_patch(cfg: TrainConfig, dtype: torch.dtype) -> tuple[in
 
     with torch.device("meta"):
         model = build_model(cfg.model.name, tiny=cfg.model.tiny, options=cfg.model.options).to(dtype).train()
-        x = torch.empty(1, 3, *cfg.patch.size, dtype=dtype)
-        per_patch = saved_activation_bytes(model, x)
+        # batch 2, halved: BatchNorm refuses one value per channel (a batch of 1 at a 1x1x1 bottleneck)
+        x = torch.empty(2, 3, *cfg.patch.size, dtype=dtype)
+        per_patch = saved_activation_bytes(model, x) // 2
     return per_patch, sum(p.numel() for p in model.parameters())
 
 
