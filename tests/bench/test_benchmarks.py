@@ -223,6 +223,7 @@ def test_gpu_script_writes_json_on_failure_and_exits_1(tmp_path, monkeypatch):
     assert summary["status"] == "error" and summary["error"] == "OSError: disk full"
 
 
+@pytest.mark.slow  # one of the heaviest integration tests: `make test-slow` (CI) runs it
 def test_gpu_script_needs_no_monai_scipy_or_sklearn(tmp_path):
     """What the offline GPU node lacks must not be imported: run the script with them blocked."""
     import subprocess

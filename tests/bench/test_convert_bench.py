@@ -29,6 +29,7 @@ def result(tmp_path_factory):
                                 segments=2, warmup=0)
 
 
+@pytest.mark.slow  # one of the heaviest integration tests: `make test-slow` (CI) runs it
 def test_every_row_is_measured_and_the_ratios_follow_from_the_rates(result):
     _, r = result
     assert r["bench"] == "convert" and r["config"]["workers"] == 2 and set(r["results"]) == {"tiff", "npy"}
@@ -61,6 +62,7 @@ def test_every_row_is_measured_and_the_ratios_follow_from_the_rates(result):
     json.dumps(r)
 
 
+@pytest.mark.slow  # one of the heaviest integration tests: `make test-slow` (CI) runs it
 def test_inputs_are_generated_once_and_convert_round_trips_them(result, tmp_path):
     from stacktrain.stores.convert import ConvertOptions, convert
     from stacktrain.stores.reader import Store
@@ -76,6 +78,7 @@ def test_inputs_are_generated_once_and_convert_round_trips_them(result, tmp_path
     np.testing.assert_array_equal(Store(tmp_path / "s.zarr").read("s01"), want)
 
 
+@pytest.mark.slow  # one of the heaviest integration tests: `make test-slow` (CI) runs it
 def test_tables_and_markdown(result):
     _, r = result
     tables = report.convert_tables(r)

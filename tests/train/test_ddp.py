@@ -53,6 +53,7 @@ def _close(a: dict, b: dict, tol: float = 1e-4) -> None:
         [v["predicted_label"] for v, c in zip(b["volumes"], clear) if c]
 
 
+@pytest.mark.slow  # one of the heaviest integration tests: `make test-slow` (CI) runs it
 def test_two_gloo_ranks_equal_one_process(tmp_path, monkeypatch):
     from stacktrain.train.config import save_config
     from stacktrain.train.loop import train
