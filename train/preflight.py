@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from stacktrain.errors import ConfigError
+from stacktrain.stores.guards import available_memory
 from stacktrain.train.config import TrainConfig, resolve_precision
 
 GIB = 2**30
@@ -53,18 +54,6 @@ def activation_bytes_per_patch(cfg: TrainConfig, dtype: torch.dtype) -> tuple[in
     return per_patch, sum(p.numel() for p in model.parameters())
 
 
-def _host_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def memory_problem(cfg: TrainConfig, on_gpu: bool, available: int, world_size: int = 1) -> str | None:
     """The refusal when the estimated training memory exceeds `available` bytes, else None."""
     precision = resolve_precision(cfg.train.precision, "cuda" if on_gpu else "cpu", True)
@@ -94,7 +83,7 @@ def preflight(cfg: TrainConfig) -> None:
     if not cfg.train.memory_check:
         return
     on_gpu = cfg.train.device != "cpu" and has_cuda
-    available = torch.cuda.mem_get_info()[1] if on_gpu else _host_available()
+    available = torch.cuda.mem_get_info()[1] if on_gpu else available_memory()
     problem = memory_problem(cfg, on_gpu, available)
     if problem:
         raise ConfigError(problem)

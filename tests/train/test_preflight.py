@@ -39,7 +39,7 @@ def test_a_batch_that_does_not_fit_is_refused_with_the_batch_that_does():
 
 def test_force_starts_anyway(monkeypatch):
     import stacktrain.train.preflight as pf
-    monkeypatch.setattr(pf, "_host_available", lambda: 1)  # nothing fits
+    monkeypatch.setattr(pf, "available_memory", lambda: 1)  # nothing fits
     with pytest.raises(ConfigError, match="needs about"):
         preflight(load_config("demo", ["train.device=cpu"]))
     preflight(load_config("demo", ["train.device=cpu", "train.memory_check=false"]))  # no error
