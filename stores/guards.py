@@ -153,11 +153,13 @@ def quiet_libraries(name: str) -> Iterator[list[tuple[str, str]]]:
             heard.append((record.name.split(".")[0], record.getMessage()))
 
     handler = Collect(logging.WARNING)
-    loggers = [logging.getLogger(lib) for lib in LIBRARIES]
+    names = [n for n in logging.root.manager.loggerDict
+             if any(n == lib or n.startswith(lib + ".") for lib in LIBRARIES)]
+    loggers = [logging.getLogger(n) for n in sorted({*LIBRARIES, *names})]
     with _LOCK:
-        propagate = [lg.propagate for lg in loggers]
-        for lg in loggers:
-            lg.addHandler(handler)
+        saved = [(lg.propagate, lg.handlers[:]) for lg in loggers]
+        for lg in loggers:  # nibabel.global has a stderr handler of its own: every handler is set aside
+            lg.handlers = [handler]
             lg.propagate = False  # not also to the root logger (or Python's last-resort stderr print)
         caught: list = []
         try:
@@ -168,8 +170,8 @@ def quiet_libraries(name: str) -> Iterator[list[tuple[str, str]]]:
                     _sort(caught, heard)
                     raise InputError(with_warnings(str(e), heard)) from e
         finally:
-            for lg, p in zip(loggers, propagate):
-                lg.removeHandler(handler)
+            for lg, (p, handlers) in zip(loggers, saved):
+                lg.handlers = handlers
                 lg.propagate = p
     for w in _sort(caught, heard):
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)

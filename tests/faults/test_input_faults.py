@@ -218,7 +218,15 @@ def test_allow_gaps_converts_the_series_and_records_the_gap(tmp_path):
 def test_nibabel_warning_is_logged_quietly_on_success(tmp_path, capfd, caplog):
     name = mk.nifti_with_dims(tmp_path, "odd.nii", (16, 16, 8), sizeof_hdr=349)
     caplog.set_level(logging.INFO, logger="stacktrain.inputs")
-    convert(write_manifest(tmp_path, [(name, "odd", "SAIN", "p1")]), tmp_path / "s.zarr", ConvertOptions(**TINY, **R3))
+    # nibabel's own logger has a stderr handler, bound to whatever stderr was when nibabel was first imported;
+    # one bound to this test's stderr stands for it, so the test fails whatever the import order
+    own = logging.StreamHandler(sys.stderr)
+    logging.getLogger("nibabel.global").addHandler(own)
+    try:
+        convert(write_manifest(tmp_path, [(name, "odd", "SAIN", "p1")]), tmp_path / "s.zarr",
+                ConvertOptions(**TINY, **R3))
+    finally:
+        logging.getLogger("nibabel.global").removeHandler(own)
     assert "sizeof_hdr" not in capfd.readouterr().err
     assert any("nibabel warned: sizeof_hdr should be 348" in r.getMessage() and "odd.nii" in r.getMessage()
                for r in caplog.records)

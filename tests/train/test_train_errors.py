@@ -112,7 +112,7 @@ def test_existing_run_precision_and_device(config, tmp_path, capsys):
     err = run_train(capsys, config, "--run-dir", run_dir)
     assert "already holds a run" in err and "--resume" in err
     err = run_train(capsys, config, "--set", "train.precision=bf16", "--run-dir", tmp_path / "r")
-    assert "CPU training runs in fp32" in err
+    assert "train.precision = \"bf16\" on the CPU, which trains in fp32" in err
     if not torch.cuda.is_available():
         err = run_train(capsys, config, "--set", "train.device=cuda", "--run-dir", tmp_path / "r")
         assert "no CUDA device" in err
