@@ -24,7 +24,7 @@ import re
 import socket
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,28 +108,26 @@ def open_storage(url: str, heartbeat_s: int = 0):
     if heartbeat_s > 0:  # trials of a silent machine are failed after 2 beats and retried with their params
         kwargs.update(heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
                       heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-    with database_errors(url):
-        for attempt in range(CREATE_ATTEMPTS):
-            try:
-                return optuna.storages.RDBStorage(url, **kwargs)
-            except Exception as e:
-                if not _schema_race(e) or attempt == CREATE_ATTEMPTS - 1:
-                    raise
-                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))  # back off: the winner is creating the schema
+    return _racing(url, lambda: optuna.storages.RDBStorage(url, **kwargs))
 
 
 def create_or_load(name: str, storage: Any, url: str, sampler: Any, pruner: Any):
     """optuna.create_study(load_if_exists=True), retried when another process created it at the same moment."""
     optuna = _optuna()
+    return _racing(url, lambda: optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                                    pruner=pruner, direction="maximize", load_if_exists=True))
+
+
+def _racing(url: str, make: Callable[[], Any]) -> Any:
+    """`make()`, retried while it loses the schema race to another process (which is creating it)."""
     with database_errors(url):
         for attempt in range(CREATE_ATTEMPTS):
             try:
-                return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                           direction="maximize", load_if_exists=True)
+                return make()
             except Exception as e:
                 if not _schema_race(e) or attempt == CREATE_ATTEMPTS - 1:
                     raise
-                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))  # back off: the winner is creating it
 
 
 def load(name: str, url: str):
