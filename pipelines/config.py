@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from stacktrain.choices import EdgePolicy, LoaderKind, Normalization, OutDtype
+from stacktrain.choices import EdgePolicy, LoaderKind, Normalization, OutDtype, Sampling
 from stacktrain.config import check_choices, require
 
 
@@ -85,6 +85,14 @@ class LoaderConfig:
     """Normalise images into the torch.channels_last_3d memory format (on the device, in the same copy)."""
     balance: bool = False
     """Class-balanced sampling of training patches (each epoch draws equally from SAIN and MALADE)."""
+    sampling: Sampling = "patch"
+    """patch: every training patch weighs the same (one shuffled pass per epoch); per-stack: every
+    training stack draws an equal share of the epoch (a stack of 4,500 patches weighs as much as one of
+    20), within each class when `balance` is on too."""
+    steps_per_epoch: int = 0
+    """Optimizer steps (batches per rank) in a training epoch; 0: as many as one pass over the training
+    patches fills. Fix it to give every variant of a study the same budget when their patch counts
+    differ (overlapping strides, the foreground filter, balancing)."""
     seed: int = 0
     """Seed of the per-epoch shuffle and augmentation; epoch e uses (seed, e)."""
 
@@ -94,3 +102,5 @@ class LoaderConfig:
         require(self.workers >= 0, "loader.workers", self.workers, "give 0 (read in this process) or more")
         require(self.prefetch >= 1, "loader.prefetch", self.prefetch, "give at least 1 batch")
         require(self.seed >= 0, "loader.seed", self.seed, "give 0 or more")
+        require(self.steps_per_epoch >= 0, "loader.steps_per_epoch", self.steps_per_epoch,
+                "give 0 (one pass over the patches) or more")

@@ -112,6 +112,7 @@ def build_loader(store: Store, stack_ids: list[str], *, train: bool, patch: Patc
     groups = _inflate_groups(store, stack_ids, patch, channels, cfg.batch_size) if kind == "dali" else 1
     source = PatchSource(store, index, norm, train=train, raw_lz4=kind == "dali", batch_size=cfg.batch_size,
                          seed=cfg.seed, rank=rank, world_size=world_size, balance=cfg.balance and train,
+                         sampling=cfg.sampling, steps_per_epoch=cfg.steps_per_epoch,
                          flip=prep.flip, jitter=prep.jitter, inflate_groups=groups, patch_dtype=store_dtype)
     device = _device(kind, device_id)
     spec = BatchSpec(channels, tuple(patch.size), DTYPES[cfg.dtype], device.type, cfg.batch_size,

@@ -67,7 +67,8 @@ class PatchSource:
 
     def __init__(self, store: Store, index: PatchIndex, norm: list[NormParams], *, train: bool,
                  raw_lz4: bool, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 balance: bool = False, flip=(False, False, False), jitter: int = 0,
+                 balance: bool = False, sampling: str = "patch", steps_per_epoch: int = 0,
+                 flip=(False, False, False), jitter: int = 0,
                  epoch_offset: int = 0, inflate_groups: int = 1, patch_dtype: str | None = None):
         self.store = store
         self.index = index
@@ -79,6 +80,8 @@ class PatchSource:
         self.rank = rank
         self.world_size = world_size
         self.balance = balance
+        self.per_stack = sampling == "per-stack"
+        self.steps_per_epoch = steps_per_epoch
         self.flip = np.asarray(flip, bool)
         self.jitter = int(jitter)
         self.epoch_offset = epoch_offset  # DALI counts epochs from 0 per pipeline; we may start later
@@ -97,7 +100,8 @@ class PatchSource:
         if plan is None:
             if self.train:
                 plan = train_plan(self.index.label, seed=self.seed, epoch=epoch, batch_size=self.batch_size,
-                                  rank=self.rank, world_size=self.world_size, balance=self.balance)
+                                  rank=self.rank, world_size=self.world_size, balance=self.balance,
+                                  stacks=self.index.stack, per_stack=self.per_stack, steps=self.steps_per_epoch)
             else:
                 plan = eval_plan(len(self.index), batch_size=self.batch_size, rank=self.rank,
                                  world_size=self.world_size)

@@ -95,9 +95,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- save / load -----------------------------------------------------------------------------------
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     scaler: Any | None, epoch: int, early_stopping: Any | None, config: dict[str, Any],
-                    model_name: str, model_tiny: bool = False, data: dict[str, str] | None = None) -> None:
+                    model_name: str, model_tiny: bool = False, data: dict[str, str] | None = None,
+                    threshold: float = 0.5) -> None:
     """Write a checkpoint atomically (a kill -9 or a full disk leaves the previous one intact). `data`: the
-    identity of the store and train/val stacks (train/resume.py), checked on resume."""
+    identity of the store and train/val stacks (train/resume.py), checked on resume; `threshold`: the
+    epoch's stack threshold (0.5, or tuned on validation), what `predict` applies."""
     state = {
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
@@ -109,6 +111,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         "scaler": scaler.state_dict() if scaler is not None else None,
         "early_stopping": early_stopping.state_dict() if early_stopping is not None else None,
         "rng": rng_state(),
+        "threshold": float(threshold),
     }
     if data is not None:
         state["data"] = data
@@ -245,6 +248,11 @@ def restore(ckpt: dict[str, Any], *, model: nn.Module, optimizer: torch.optim.Op
             raise CheckpointError(f"{where}: its random-number states are damaged ({_first_line(e)}); start a "
                                   "new run directory") from None
     return int(ckpt["epoch"])
+
+
+def stack_threshold(ckpt: dict[str, Any]) -> float:
+    """The stack threshold a checkpoint decides with (0.5 in checkpoints older than train.threshold)."""
+    return float(ckpt.get("threshold", 0.5))
 
 
 def checkpoint_paths(run_dir: str | Path) -> dict[str, Path]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import tomli_w
 
-from stacktrain.choices import Aggregate, Device, Level, Precision
+from stacktrain.choices import Aggregate, Device, Level, Precision, ThresholdRule
 from stacktrain.config import all_problems, build, check_choices, is_text, parse_value, require, resolve_file, to_dict
 from stacktrain.errors import ConfigError
 from stacktrain.io import atomic_write_text, read_toml
@@ -95,6 +95,12 @@ class LoopConfig:
     """Per-stack probability from its patches: mean, max or topk (mean of the `topk` highest)."""
     topk: int = 3
     """k of the topk aggregate (a stack with fewer patches uses all of them)."""
+    threshold: ThresholdRule = "fixed"
+    """fixed: a stack is MALADE when its probability is >= 0.5 (the seed's rule); tuned: >= the threshold
+    that maximises the validation stack F1 of MALADE at each epoch (never one that calls every stack one
+    class). The best epoch's threshold goes into best.pt, and `predict` and `study --final` apply it;
+    selection and early stopping then rank epochs at their tuned threshold (optimistic on validation:
+    the held-out test part is the honest figure)."""
     precision: Precision = "auto"
     """auto (bf16 on GPUs that support it, else fp16 with a GradScaler; fp32 on CPU), bf16, fp16 or fp32."""
     device: Device = "auto"

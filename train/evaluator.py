@@ -6,7 +6,9 @@
     result = ev.finalize()          # EvalResult: patch_metrics, volume_metrics, samples, volumes, val_loss
 
 Per-patch probability = sigmoid(logit); per-stack probability = mean (or max, or mean of the top k)
-of its patch probabilities; a label is predicted MALADE (1) when its probability is >= 0.5.
+of its patch probabilities; a label is predicted MALADE (1) when its probability is >= 0.5 (the
+seed's rule), or, with `threshold="tuned"` (train.threshold), >= the threshold that maximises the
+stack F1 of MALADE over this evaluation's stacks (`tune_threshold`); the patch level keeps 0.5.
 `add` keeps tensors where they are (no host sync per batch); everything moves to the CPU in finalize.
 Under DDP, gather `arrays()` from every rank and `add` them into one evaluator on rank 0.
 """
@@ -36,8 +38,8 @@ THRESHOLD = 0.5
 AGGREGATES = options(Aggregate)
 
 
-def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, Any]:
-    """accuracy, balanced accuracy; precision, recall, F1 per class (SAIN, MALADE); the threshold-free
+def binary_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = THRESHOLD) -> dict[str, Any]:
+    """At `threshold`: accuracy, balanced accuracy; precision, recall, F1 per class (SAIN, MALADE); the threshold-free
     ROC-AUC and PR-AUC (average precision of MALADE); confusion matrix [0, 1].
 
     A class never predicted (or never present) scores 0 rather than raising (zero_division=0);
@@ -45,7 +47,7 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, A
     """
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
-    pred = (p >= THRESHOLD).astype(np.int64)
+    pred = (p >= threshold).astype(np.int64)
     precision, recall, f1, _ = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
     both = len(np.unique(y)) == 2
     per_class = lambda v: {name: float(v[i]) for i, name in enumerate(CLASS_NAMES)}  # noqa: E731
@@ -59,6 +61,26 @@ def binary_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, A
         "pr_auc": float(average_precision_score(y, p)) if both else None,
         "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
     }
+
+
+def tune_threshold(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """The threshold that maximises F1 of MALADE over these items without predicting one class for all:
+    a midpoint between two neighbouring distinct probabilities (so no item sits on it); ties go to the
+    higher balanced accuracy, then to the threshold nearest 0.5. 0.5 when no threshold separates
+    anything (one class present, or all probabilities equal)."""
+    y = np.asarray(labels, dtype=bool)
+    p = np.asarray(probabilities, dtype=np.float64)
+    distinct = np.unique(p)
+    if len(distinct) < 2 or y.all() or not y.any():
+        return THRESHOLD
+    cuts = (distinct[1:] + distinct[:-1]) / 2
+    pred = p[None, :] >= cuts[:, None]  # (cuts, items)
+    tp, fp = (pred & y).sum(1), (pred & ~y).sum(1)
+    fn, tn = (~pred & y).sum(1), (~pred & ~y).sum(1)
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    balanced = (tp / (tp + fn) + tn / (tn + fp)) / 2
+    best = np.lexsort((np.abs(cuts - THRESHOLD), -balanced, -f1))[0]  # the last key is the primary one
+    return float(cuts[best])
 
 
 def aggregate_probabilities(probabilities: np.ndarray, how: str = "mean", topk: int = 3) -> float:
@@ -105,6 +127,10 @@ class EvalResult:
     """{stack_id, position: [z, y, x], probability, label}, sorted by stack then position."""
     volumes: list[dict[str, Any]]
     """{stack_id, aggregated_probability, predicted_label, label, n_patches}, in stack order."""
+    threshold: float = THRESHOLD
+    """The stack threshold of predicted_label and volume_metrics (0.5, or tuned on these stacks)."""
+    fixed_volume_metrics: dict[str, Any] | None = None
+    """With a tuned threshold: the stack metrics at 0.5 beside it, for comparison; else None."""
 
     def score(self, level: str) -> float:
         """The selection score at `level` ("patch" or "stack"): see `selection_score`."""
@@ -143,11 +169,14 @@ class Evaluator:
     """Aggregator of one validation pass; `add` per batch, `finalize` once."""
 
     def __init__(self, stack_ids: Sequence[str], *, aggregate: str = "mean", topk: int = 3,
-                 pos_weight: float | None = None):
+                 pos_weight: float | None = None, threshold: float | str = THRESHOLD):
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
+        if threshold != "tuned" and not (isinstance(threshold, float) and 0 < threshold < 1):
+            raise ValueError(f"threshold {threshold!r}; give a number in (0, 1) or 'tuned'")
         self.stack_ids = list(stack_ids)
         self.aggregate, self.topk, self.pos_weight = aggregate, topk, pos_weight
+        self.threshold = threshold
         self._parts: list[tuple[Any, Any, Any, Any]] = []
 
     def add(self, stack_index, positions, logits, labels) -> None:
@@ -190,22 +219,25 @@ class Evaluator:
         prob = expit(logit.astype(np.float64))
         samples = [{"stack_id": self.stack_ids[s], "position": p.tolist(), "probability": float(q),
                     "label": int(y)} for s, p, q, y in zip(sidx, pos, prob, labels)]
-        volumes = []
         starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
-        for lo, hi in zip(starts, [*starts[1:], n]):
-            sid = self.stack_ids[sidx[lo]]
+        spans = list(zip(starts, [*starts[1:], n]))
+        for lo, hi in spans:
             if len(set(labels[lo:hi].tolist())) != 1:
-                raise EvalError(f"stack {sid!r} has patches labelled both 0 and 1; labels are per stack")
-            agg = aggregate_probabilities(prob[lo:hi], self.aggregate, self.topk)
-            volumes.append({"stack_id": sid, "aggregated_probability": agg,
-                            "predicted_label": int(agg >= THRESHOLD), "label": int(labels[lo]),
-                            "n_patches": int(hi - lo)})
+                raise EvalError(f"stack {self.stack_ids[sidx[lo]]!r} has patches labelled both 0 and 1; "
+                                "labels are per stack")
+        stack_labels = np.array([labels[lo] for lo, _ in spans], np.int64)
+        stack_probs = np.array([aggregate_probabilities(prob[lo:hi], self.aggregate, self.topk) for lo, hi in spans])
+        tuned = self.threshold == "tuned"
+        threshold = tune_threshold(stack_labels, stack_probs) if tuned else self.threshold
+        volumes = [{"stack_id": self.stack_ids[sidx[lo]], "aggregated_probability": float(q),
+                    "predicted_label": int(q >= threshold), "label": int(y), "n_patches": int(hi - lo)}
+                   for (lo, hi), q, y in zip(spans, stack_probs, stack_labels)]
         return EvalResult(
             val_loss=_bce_with_logits(logit.astype(np.float64), labels, self.pos_weight),
             patch_metrics=binary_metrics(labels, prob),
-            volume_metrics=binary_metrics(np.array([v["label"] for v in volumes]),
-                                          np.array([v["aggregated_probability"] for v in volumes])),
-            samples=samples, volumes=volumes)
+            volume_metrics=binary_metrics(stack_labels, stack_probs, threshold),
+            samples=samples, volumes=volumes, threshold=threshold,
+            fixed_volume_metrics=binary_metrics(stack_labels, stack_probs) if tuned else None)
 
 
 def check_coverage(index: Any, where: str = "validation") -> None:

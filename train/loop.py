@@ -28,7 +28,7 @@ from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from stacktrain.train.data import make_loader, one_class_warning, open_data, resolve_norm
 from stacktrain.train.early_stopping import EarlyStopping
-from stacktrain.train.evaluator import EvalResult, Evaluator, check_coverage
+from stacktrain.train.evaluator import THRESHOLD, EvalResult, Evaluator, check_coverage
 from stacktrain.train.models import build_model
 from stacktrain.train.monitor import Monitor
 from stacktrain.train.precision import Precision
@@ -140,7 +140,8 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
                 writer.append(entry, best_epoch=stopper.best_epoch, stop_reason=None, updated_at=now())
                 ckpts.save_checkpoint(run_dir / ckpts.LAST, model=model, optimizer=optimizer, scaler=prec.scaler,
                                       epoch=epoch, early_stopping=stopper, config=config,
-                                      model_name=cfg.model.name, model_tiny=cfg.model.tiny, data=identity)
+                                      model_name=cfg.model.name, model_tiny=cfg.model.tiny, data=identity,
+                                      threshold=evaluation.threshold)
                 if improved:
                     ckpts.copy_checkpoint(run_dir / ckpts.LAST, run_dir / ckpts.BEST)
                 if stop_reason is not None:
@@ -174,10 +175,14 @@ def train_epoch(net: nn.Module, loader, epoch: int, *, optimizer, criterion, pre
 
 @torch.no_grad()
 def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: Runtime, monitor: Monitor,
-             epoch: int = 0) -> EvalResult:
-    """Every validation patch once; predictions of all ranks gathered before aggregation."""
+             epoch: int = 0, threshold: float | None = None) -> EvalResult:
+    """Every validation patch once; predictions of all ranks gathered before aggregation. Stacks are
+    decided at `threshold`, or by train.threshold when None (0.5, or tuned on these stacks)."""
     net.eval()
-    options = dict(aggregate=cfg.train.aggregate, topk=cfg.train.topk, pos_weight=cfg.optim.pos_weight)
+    if threshold is None:
+        threshold = "tuned" if cfg.train.threshold == "tuned" else THRESHOLD
+    options = dict(aggregate=cfg.train.aggregate, topk=cfg.train.topk, pos_weight=cfg.optim.pos_weight,
+                   threshold=threshold)
     local = Evaluator(loader.stack_ids, **options)
     meter = monitor.meter("val", epoch, len(loader), loader.cfg.batch_size)
     for batch in meter.iterate(loader.epoch(epoch)):

@@ -151,13 +151,16 @@ class Monitor:
         """The epoch's log line (loss | lr | patches/s | data-wait % | peak memory | F1) and curves."""
         e, th = entry["epoch"], entry["throughput"]
         patch_f1, stack_f1 = f1_malade(entry, "patch"), f1_malade(entry, "stack")
+        threshold = entry.get("threshold", 0.5)
+        tuned = f" (threshold {threshold:.3f})" if "fixed_volume_metrics" in entry else ""
         self.print(f"epoch {e} ({e + 1}/{self.epochs}) | loss {entry['train_loss']:.4f} | val_loss "
                    f"{entry['val_loss']:.4f} | lr {entry['lr']:.2e} | {th['train_patches_per_s']:,.1f} patches/s"
                    f" | data-wait {th['data_wait_pct']:.1f}% | {memory_text(th)} | "
-                   f"F1(MALADE) patch {patch_f1:.3f} stack {stack_f1:.3f} | {entry['wall_s']:.1f} s"
+                   f"F1(MALADE) patch {patch_f1:.3f} stack {stack_f1:.3f}{tuned} | {entry['wall_s']:.1f} s"
                    + (f" | best ({level})" if improved else ""))
         for tag, value in (("loss/train", entry["train_loss"]), ("loss/val", entry["val_loss"]),
-                           ("lr", entry["lr"]), ("throughput/patches_per_s", th["train_patches_per_s"]),
+                           ("lr", entry["lr"]), ("val_stack/threshold", threshold),
+                           ("throughput/patches_per_s", th["train_patches_per_s"]),
                            ("throughput/data_wait_pct", th["data_wait_pct"]),
                            ("memory/peak_gib", th["peak_memory_gib"]),
                            ("memory/device_used_gib", th.get("device_used_gib"))):

@@ -5,7 +5,10 @@ normalisation) and the model; patch probabilities are aggregated per stack as in
 
     DIR/patches.csv        stack_id, z, y, x, probability, label
     DIR/stacks.csv         stack_id, aggregated_probability, predicted_label, predicted_class, label, n_patches
-    DIR/predictions.json   the same plus checkpoint, store, aggregation and metrics against the stored labels
+    DIR/predictions.json   the same plus checkpoint, store, aggregation, threshold and metrics against the
+                           stored labels
+A stack is MALADE when its probability is >= the checkpoint's threshold: 0.5, or the one tuned on the
+run's validation stacks (train.threshold = "tuned").
     DIR/heatmaps/<id>.png  a mid-slice of the stack next to its patch probabilities (max over z)
     DIR/probabilities.zarr each stack's probabilities as an OME-Zarr image over it (predict_layers.py)
 """
@@ -32,7 +35,6 @@ from stacktrain.stores.verify import require_intact
 from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import config_from_dict
 from stacktrain.train.data import make_loader
-from stacktrain.train.evaluator import THRESHOLD
 from stacktrain.train.loop import evaluate
 from stacktrain.train.models import build_model
 from stacktrain.train.monitor import Monitor
@@ -67,13 +69,14 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
                                      cfg.loader.channels_last)
     model = build_model(ckpt["model_name"], tiny=ckpt["model_tiny"], options=cfg.model.options)
     ckpts.restore(ckpt, model=model, rng=False, where=checkpoint)
+    threshold = ckpts.stack_threshold(ckpt)  # chosen on validation when train.threshold = tuned, else 0.5
     model = model.to(rt.device).eval()
     prec = Precision.create("fp32" if cpu else cfg.train.precision, rt.device)  # the arithmetic it was selected with
     monitor = Monitor(None, enabled=True, epochs=1, log_interval=cfg.train.log_interval, device=rt.device,
                       console=console)
     try:
         with make_loader(cfg, st, ids, train=False, rt=rt, loader_cfg=loader_cfg) as patches:
-            result = evaluate(model, patches, cfg, prec=prec, rt=rt, monitor=monitor)
+            result = evaluate(model, patches, cfg, prec=prec, rt=rt, monitor=monitor, threshold=threshold)
     finally:
         monitor.close()
 
@@ -86,7 +89,7 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
         stale.unlink()
     volumes = [{**v, "predicted_class": CLASS_NAMES[v["predicted_label"]]} for v in result.volumes]
     report = {"checkpoint": str(checkpoint), "epoch": int(ckpt["epoch"]), "model": ckpt["model_name"],
-              "store": str(st.path), "aggregate": cfg.train.aggregate, "threshold": THRESHOLD,
+              "store": str(st.path), "aggregate": cfg.train.aggregate, "threshold": threshold,
               "patch_size": list(cfg.patch.size), "patch_metrics": result.patch_metrics,
               "volume_metrics": result.volume_metrics, "stacks": volumes, "patches": result.samples}
     _write_csv(out / "patches.csv", PATCH_FIELDS,

@@ -44,7 +44,8 @@ class PerClass(_Strict):
 
 
 class Metrics(_Strict):
-    """Binary metrics at one level (patch or stack); predicted label = probability >= 0.5."""
+    """Binary metrics at one level (patch or stack); predicted label = probability >= 0.5 (at the stack
+    level: >= the epoch's `threshold`)."""
     accuracy: float
     balanced_accuracy: float | None = Field(None, description="mean recall of the two classes")
     precision: PerClass
@@ -65,7 +66,8 @@ class Sample(_Strict):
 class Volume(_Strict):
     stack_id: str
     aggregated_probability: float = Field(ge=0, le=1, description="mean (max, top-k mean) of its samples")
-    predicted_label: Literal[0, 1] = Field(description="1 iff aggregated_probability >= 0.5")
+    predicted_label: Literal[0, 1] = Field(description="1 iff aggregated_probability >= the epoch's threshold "
+                                           "(0.5 unless train.threshold = tuned)")
     label: Literal[0, 1]
     n_patches: int = Field(ge=1)
 
@@ -86,7 +88,11 @@ class Epoch(BaseModel):
     wall_s: float = Field(description="seconds for the whole epoch (train + validation)")
     throughput: Throughput
     patch_metrics: Metrics
-    volume_metrics: Metrics
+    volume_metrics: Metrics = Field(description="stack metrics at `threshold`")
+    threshold: float = Field(0.5, gt=0, lt=1, description="stack threshold: 0.5, or with train.threshold = "
+                             "tuned the one that maximises this epoch's validation stack F1 of MALADE")
+    fixed_volume_metrics: Metrics | None = Field(None, description="with a tuned threshold: the stack metrics "
+                                                 "at 0.5, for comparison")
     samples: list[Sample] = Field(description="in the file for every epoch (load_results(samples='best') "
                                   "leaves it out of the other epochs)")
     volumes: list[Volume]
@@ -205,6 +211,8 @@ def epoch_entry(*, epoch: int, train_loss: float, lr: float, evaluation: Any, th
     return {"epoch": epoch, "train_loss": float(train_loss), "val_loss": ev["val_loss"], "lr": float(lr),
             "wall_s": float(wall_s), "throughput": dict(throughput),
             "patch_metrics": ev["patch_metrics"], "volume_metrics": ev["volume_metrics"],
+            "threshold": ev["threshold"],
+            **({"fixed_volume_metrics": ev["fixed_volume_metrics"]} if ev["fixed_volume_metrics"] else {}),
             "samples": ev["samples"], "volumes": ev["volumes"], **extra}
 
 

@@ -70,3 +70,48 @@ def test_eval_plan_covers_every_patch_once(world_size):
 def test_bad_rank_is_an_error():
     with pytest.raises(PipelineError, match="rank 2"):
         eval_plan(10, batch_size=2, rank=2, world_size=2)
+
+
+# -- per-stack sampling and a fixed number of steps -------------------------------------------------
+STACKS = np.array([0] * 60 + [1] * 10 + [2] * 25 + [3] * 8)  # stacks 0-1 SAIN, 2-3 MALADE (as LABELS)
+
+
+@pytest.mark.parametrize("balance", [False, True], ids=["per-stack", "per-stack-and-class"])
+def test_per_stack_epoch_gives_every_stack_an_equal_share(balance):
+    n = len(LABELS)
+    plan = train_plan(LABELS, seed=2, epoch=0, batch_size=1, stacks=STACKS, per_stack=True, balance=balance)
+    counts = np.bincount(STACKS[plan.rows], minlength=4)
+    assert counts.sum() == n
+    if balance:  # half per class, then equal within it
+        assert abs(counts[:2].sum() - counts[2:].sum()) <= 1
+        assert abs(counts[0] - counts[1]) <= 1 and abs(counts[2] - counts[3]) <= 1
+    else:
+        assert counts.max() - counts.min() <= 1
+    for s in range(4):  # a small stack repeats as whole passes: each of its patches floor or ceil times
+        per_patch = np.bincount(plan.rows[STACKS[plan.rows] == s], minlength=n)[STACKS == s]
+        assert per_patch.max() - per_patch.min() <= 1
+
+
+def test_per_stack_plan_is_reproducible_and_changes_with_the_epoch():
+    a, b, c = (train_plan(LABELS, seed=1, epoch=e, batch_size=4, stacks=STACKS, per_stack=True) for e in (0, 0, 1))
+    np.testing.assert_array_equal(a.rows, b.rows)
+    assert not np.array_equal(a.rows, c.rows)
+
+
+@pytest.mark.parametrize("steps", [3, 40], ids=["fewer-than-a-pass", "more-than-a-pass"])
+@pytest.mark.parametrize("sampling", ["patch", "per-stack"])
+def test_steps_per_epoch_fixes_the_batches_on_every_rank(steps, sampling):
+    plans = [train_plan(LABELS, seed=0, epoch=0, batch_size=4, rank=r, world_size=2, stacks=STACKS,
+                        per_stack=sampling == "per-stack", steps=steps) for r in range(2)]
+    assert [len(p) for p in plans] == [steps, steps] and all(len(p.rows) == steps * 4 for p in plans)
+    every = np.concatenate([p.rows for p in plans])
+    uses = np.bincount(every, minlength=len(LABELS))
+    if sampling == "patch":  # whole passes over the patches: each used floor or ceil times
+        assert uses.max() - uses.min() <= 1
+
+
+def test_steps_per_epoch_with_one_pass_equals_the_default_plan():
+    steps = train_batches(len(LABELS), 8, 1)
+    default = train_plan(LABELS, seed=5, epoch=2, batch_size=8)
+    fixed = train_plan(LABELS, seed=5, epoch=2, batch_size=8, steps=steps)
+    assert len(default) == len(fixed) == steps

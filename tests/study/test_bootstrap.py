@@ -10,8 +10,8 @@ from stacktrain.train.study import stats
 from stacktrain.train.study.stats import FoldPredictions
 
 
-def sk_metrics(y, p, w=None) -> dict[str, float]:
-    pred = (np.asarray(p) >= 0.5).astype(int)
+def sk_metrics(y, p, w=None, threshold=0.5) -> dict[str, float]:
+    pred = (np.asarray(p) >= threshold).astype(int)
     return {"f1_malade": f1_score(y, pred, sample_weight=w, zero_division=0),
             "f1_sain": f1_score(y, pred, pos_label=0, sample_weight=w, zero_division=0),
             "accuracy": accuracy_score(y, pred, sample_weight=w),
@@ -43,6 +43,22 @@ def test_weighted_metrics_equal_sklearn_with_sample_weight():
         for m in stats.METRICS:
             assert got[m][b] == pytest.approx(want[m], abs=1e-12, nan_ok=True), (m, b)
     assert np.isnan(got["roc_auc"][0]) and got["f1_sain"][0] == 0.0
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.65])
+def test_stack_level_resamples_decide_at_the_epochs_threshold(threshold):
+    """A tuned run's epoch records its threshold; the stack-level bootstrap decides with it."""
+    entry = {"threshold": threshold,
+             "volumes": [{"stack_id": f"s{i}", "aggregated_probability": p, "label": i % 2}
+                         for i, p in enumerate([0.2, 0.35, 0.4, 0.6, 0.55, 0.7, 0.25, 0.45])],
+             "samples": [{"stack_id": f"s{i}", "probability": 0.5, "label": i % 2} for i in range(8)]}
+    fold = stats.fold_predictions(entry, 0)
+    assert fold.stack_threshold == threshold
+    identity = np.ones((1, 8))
+    got = stats.level_metrics(fold, identity, "stack")
+    want = sk_metrics(fold.stack_label, fold.stack_prob, threshold=threshold)
+    for m in stats.METRICS:
+        assert got[m][0] == pytest.approx(want[m], abs=1e-12), m
 
 
 def direct_bootstrap(folds, level, n_resamples, seed):

@@ -40,13 +40,15 @@ def phase(tmp_path, name, store, split, body, base=None, sets=("train.epochs=3",
 
 
 def fake_evaluate(checkpoint, store, stacks, config, out):
-    """The fake trainer's 'model' on the test part: better with its quality, like its validation."""
+    """The fake trainer's 'model' on the test part: better with its quality, like its validation; its
+    threshold 0.5."""
     from stacktrain.stores.reader import Store
     from stacktrain.train.config import config_from_dict
     from tests.support import quality
     q = quality(config_from_dict(config))
     st = Store(store)
-    return {s: 0.5 + (st.meta(s).label_index - 0.5) * q * (0.5 + 0.5 * (i % 3) / 2) for i, s in enumerate(stacks)}
+    return {s: 0.5 + (st.meta(s).label_index - 0.5) * q * (0.5 + 0.5 * (i % 3) / 2)
+            for i, s in enumerate(stacks)}, 0.5
 
 
 def test_phases_chain_and_the_final_step_reads_the_test_part_once(tmp_path, test_split_data):

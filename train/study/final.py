@@ -3,7 +3,8 @@
 `stacktrain study STUDY --out DIR --final` (after the study has finished and recorded its selection)
 takes the selected label's runs (one per fold, and per seed), loads each run's best.pt (chosen on its
 own validation part) and predicts the split's test part with it; the ensemble's stack probability is
-the mean of the runs' stack probabilities, thresholded at 0.5 as everywhere. Nothing is retrained, and
+the mean of the runs' stack probabilities, thresholded at the mean of the runs' thresholds (0.5, or
+each tuned on its own validation part with train.threshold = "tuned"). Nothing is retrained, and
 no choice (epoch, variant, threshold) looks at the test part: the test stacks are read here only.
 The result is DIR/final.json; a second `--final` prints it again and evaluates nothing, so the test
 part is evaluated once per study directory. The test part is the one every fold of the split shares
@@ -24,7 +25,7 @@ from stacktrain import ui
 from stacktrain.errors import StudyError
 from stacktrain.io import atomic_write_json
 from stacktrain.stores.reader import Store
-from stacktrain.train.evaluator import THRESHOLD, binary_metrics
+from stacktrain.train.evaluator import binary_metrics
 from stacktrain.train.predict import predict
 from stacktrain.train.split import load_split
 from stacktrain.train.study.runs import RUN_RECORD
@@ -32,15 +33,17 @@ from stacktrain.train.study.selection import read_selection
 
 FINAL = "final.json"
 METHOD = ("ensemble of the selected label's runs: each run's best.pt (selected on its own validation part) "
-          "predicts the test stacks; stack probability = mean over the runs; MALADE when >= 0.5")
+          "predicts the test stacks; stack probability = mean over the runs; MALADE when >= the mean of the "
+          "runs' thresholds (0.5 unless train.threshold = tuned, then each tuned on its validation part)")
 
 
 def evaluate_checkpoint(checkpoint: Path, store: str, stacks: list[str], config: dict[str, Any],
-                        out: Path) -> dict[str, float]:
-    """Stack id -> aggregated probability of one checkpoint on `stacks` (stacktrain.train.predict)."""
+                        out: Path) -> tuple[dict[str, float], float]:
+    """(stack id -> aggregated probability, the checkpoint's threshold) of one checkpoint on `stacks`
+    (stacktrain.train.predict)."""
     result = predict(checkpoint, store, out, stacks=stacks, loader=config["loader"]["loader"],
                      device=config["train"]["device"], console=Console(quiet=True))
-    return {v["stack_id"]: float(v["aggregated_probability"]) for v in result["stacks"]}
+    return {v["stack_id"]: float(v["aggregated_probability"]) for v in result["stacks"]}, result["threshold"]
 
 
 def test_part(split: dict[str, Any], where: str) -> list[str]:
@@ -66,23 +69,25 @@ def run_final(study_dir: str | Path, *, evaluate: Callable[..., dict[str, float]
         return final
     selection = read_selection(study_dir, str(study_dir))
     test = test_part(load_split(study_dir / "split.json"), str(study_dir / "split.json"))
-    per_run, probs = [], []
+    per_run, probs, thresholds = [], [], []
     for rel in selection["runs"]:
         run_dir = study_dir / rel
         config = json.loads((run_dir / RUN_RECORD).read_text())["config"]
         store = config["data"]["store"]
-        got = evaluate(run_dir / "best.pt", store, test, config, study_dir / "final" / Path(rel).name)
+        got, threshold = evaluate(run_dir / "best.pt", store, test, config, study_dir / "final" / Path(rel).name)
         probs.append([got[s] for s in test])
-        per_run.append({"run": rel, "probabilities": dict(zip(test, probs[-1]))})
+        thresholds.append(threshold)
+        per_run.append({"run": rel, "threshold": threshold, "probabilities": dict(zip(test, probs[-1]))})
     st = Store(store)
     labels = np.array([st.meta(s).label_index for s in test])
     mean = np.mean(np.array(probs), axis=0)
+    threshold = float(np.mean(thresholds))
     for entry, p in zip(per_run, probs):
-        entry["volume_metrics"] = binary_metrics(labels, np.array(p))
+        entry["volume_metrics"] = binary_metrics(labels, np.array(p), entry["threshold"])
     final = {"label": selection["label"], "method": METHOD, "runs": selection["runs"], "level": "stack",
              "n_stacks": len(test), "n_patients": len({st.meta(s).group for s in test}),
-             "volume_metrics": binary_metrics(labels, mean),
-             "stacks": [{"stack_id": s, "probability": float(p), "predicted_label": int(p >= THRESHOLD),
+             "threshold": threshold, "volume_metrics": binary_metrics(labels, mean, threshold),
+             "stacks": [{"stack_id": s, "probability": float(p), "predicted_label": int(p >= threshold),
                          "label": int(y)} for s, p, y in zip(test, mean, labels)],
              "per_run": per_run}
     atomic_write_json(path, final)

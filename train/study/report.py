@@ -286,7 +286,8 @@ def report(study_dir: str | Path, *, level: str | None = None, n_resamples: int 
     if budgets and max(budgets.values()) > 1.1 * min(budgets.values()):
         notes.append("optimizer budgets differ: steps per epoch " + ", ".join(
             f"{k} {v:.0f}" for k, v in budgets.items()) + " at the same epochs and patience (overlap, foreground "
-            "filter or balancing change the patches per epoch); a gap may come from the budget, not the variant")
+            "filter or balancing change the patches per epoch); a gap may come from the budget, not the variant: "
+            "give every run the same budget with set = [\"loader.steps_per_epoch=N\"] in the study")
     final_path = study_dir / "final.json"
     final = json.loads(final_path.read_text()) if final_path.exists() else None
     files = []

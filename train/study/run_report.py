@@ -23,13 +23,14 @@ from stacktrain.train.results import RESULTS_NAME, f1_malade, level_metrics, loa
 from stacktrain.train.study.config import StudyError
 from stacktrain.train.study.stats import LEVELS, METRICS, bootstrap, fold_predictions, json_metrics, percentile_ci
 
-COLUMNS = ("epoch", "train_loss", "val_loss", "patch_f1_MALADE", "stack_f1_MALADE", "stack_roc_auc", "lr",
-           "patches_per_s")
+COLUMNS = ("epoch", "train_loss", "val_loss", "patch_f1_MALADE", "stack_f1_MALADE", "stack_roc_auc",
+           "stack_threshold", "lr", "patches_per_s")
 
 
 def epoch_rows(results: dict[str, Any]) -> list[list[Any]]:
     return [[e["epoch"], e["train_loss"], e["val_loss"], f1_malade(e, "patch"), f1_malade(e, "stack"),
-             level_metrics(e, "stack").get("roc_auc"), e["lr"], e["throughput"]["train_patches_per_s"]]
+             level_metrics(e, "stack").get("roc_auc"), e.get("threshold", 0.5), e["lr"],
+             e["throughput"]["train_patches_per_s"]]
             for e in results["epochs"]]
 
 

@@ -50,6 +50,8 @@ class FoldPredictions:
     patch_prob: np.ndarray
     stack_group: np.ndarray | None = None
     """Patient (group) number of every stack; None: every stack is its own patient."""
+    stack_threshold: float = THRESHOLD
+    """The epoch's stack threshold (0.5, or tuned with train.threshold = "tuned"); patches keep 0.5."""
 
     def groups(self) -> np.ndarray:
         return np.arange(len(self.stack_ids)) if self.stack_group is None else self.stack_group
@@ -74,7 +76,8 @@ def fold_predictions(entry: dict[str, Any], fold: int, groups: dict[str, str] | 
         stack_prob=np.array([v["aggregated_probability"] for v in volumes], np.float64),
         patch_stack=np.array([where[s["stack_id"]] for s in samples], np.int64),
         patch_label=np.array([s["label"] for s in samples], np.int64),
-        patch_prob=np.array([s["probability"] for s in samples], np.float64))
+        patch_prob=np.array([s["probability"] for s in samples], np.float64),
+        stack_threshold=float(entry.get("threshold", THRESHOLD)))
 
 
 def json_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -129,12 +132,13 @@ def _safe_div(num: np.ndarray, den: np.ndarray, zero: float) -> np.ndarray:
     return out
 
 
-def weighted_metrics(weights: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict[str, np.ndarray]:
-    """Each metric for every row of `weights` (rows x items); F1 of an absent class is 0, as sklearn's
-    zero_division=0; ROC-AUC is NaN when a row weighs one class only."""
+def weighted_metrics(weights: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                     threshold: float = THRESHOLD) -> dict[str, np.ndarray]:
+    """Each metric for every row of `weights` (rows x items), predicting MALADE from `threshold`; F1 of
+    an absent class is 0, as sklearn's zero_division=0; ROC-AUC is NaN when a row weighs one class only."""
     w = np.atleast_2d(np.asarray(weights, np.float64))
     y = np.asarray(labels).astype(bool)
-    pred = np.asarray(probs) >= THRESHOLD
+    pred = np.asarray(probs) >= threshold
     tp, fp = w @ (y & pred), w @ (~y & pred)
     fn, tn = w @ (y & ~pred), w @ (~y & ~pred)
     out = {"f1_malade": _safe_div(2 * tp, 2 * tp + fp + fn, 0.0),
@@ -153,7 +157,7 @@ def weighted_metrics(weights: np.ndarray, labels: np.ndarray, probs: np.ndarray)
 def level_metrics(fold: FoldPredictions, counts: np.ndarray, level: str) -> dict[str, np.ndarray]:
     """Metrics of one fold at `level` for every resample (rows of stack `counts`)."""
     if level == "stack":
-        return weighted_metrics(counts, fold.stack_label, fold.stack_prob)
+        return weighted_metrics(counts, fold.stack_label, fold.stack_prob, fold.stack_threshold)
     block = max(1, _BLOCK_CELLS // max(1, len(fold.patch_prob)))
     parts = [weighted_metrics(counts[i:i + block][:, fold.patch_stack], fold.patch_label, fold.patch_prob)
              for i in range(0, len(counts), block)]
