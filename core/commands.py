@@ -95,10 +95,12 @@ def convert(args: Namespace) -> int:
     opts = ConvertOptions(**values)
     report = run_convert(args.manifest, args.out, opts, progress=ui.ConvertBar(bar=not args.no_progress))
     con = ui.console()
-    for o in report.outcomes:  # stacks a killed or damaged earlier run left incomplete
+    for o in report.outcomes:  # stacks a killed or damaged earlier run left incomplete; notes
         if o.redone:
             con.print(f"{o.stack_id}: reconverted, the stored stack was incomplete: {o.redone}", highlight=False,
                       soft_wrap=True, markup=False)
+        if o.note:
+            con.print(f"{o.stack_id}: {o.note}", highlight=False, soft_wrap=True, markup=False)
     con.print(f"{report.store}: {report.summary()}", highlight=False, soft_wrap=True)
     return 0
 

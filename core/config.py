@@ -17,6 +17,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+import os
 import tomllib
 import types
 import typing
@@ -201,6 +202,44 @@ def resolve_file(arg: str | Path, package: str, what: str) -> Path:
         raise ConfigError(f"{text}: no such {what} file, and no packaged preset of that name; presets: "
                           f"{', '.join(preset_names(package))}")
     return Path(str(found))
+
+
+def is_preset(path: Path, package: str) -> bool:
+    """Whether `path` is one of `package`'s packaged presets (whose relative paths are templates that
+    mean the current directory), rather than a user's file."""
+    from importlib.resources import files
+    return Path(path).resolve().parent == Path(str(files(package) / "presets")).resolve()
+
+
+def _path_slots(raw: dict[str, Any], key: str):
+    """(table, leaf) for every place a dotted key (`*` matches any table name) holds a non-empty string."""
+    head, _, rest = key.partition(".")
+    names = [k for k in raw if isinstance(raw[k], dict)] if head == "*" else [head]
+    for name in names:
+        if not rest:
+            if isinstance(raw.get(name), str) and raw[name]:
+                yield raw, name
+        elif isinstance(raw.get(name), dict):
+            yield from _path_slots(raw[name], rest)
+
+
+def anchor_paths(raw: dict[str, Any], keys: tuple[str, ...], base: Path | None) -> dict[str, Any]:
+    """Make the paths at `keys` of a raw nested dict absolute, a relative one taken from `base` (the
+    folder of the file that names it; None: the current directory, as for the command line's values).
+    In place; returns `raw`."""
+    for key in keys:
+        for table, leaf in _path_slots(raw, key):
+            table[leaf] = os.path.abspath(os.path.join(base or os.curdir, os.path.expanduser(table[leaf])))
+    return raw
+
+
+def relative_paths(raw: dict[str, Any], keys: tuple[str, ...], base: Path) -> dict[str, Any]:
+    """The inverse of `anchor_paths` for a file written into `base`: each path at `keys` relative to it,
+    so the file still reads right after its whole tree is moved. In place; returns `raw`."""
+    for key in keys:
+        for table, leaf in _path_slots(raw, key):
+            table[leaf] = os.path.relpath(os.path.abspath(table[leaf]), os.path.abspath(base))
+    return raw
 
 
 def check_choices(obj: Any, section: str) -> None:

@@ -48,6 +48,7 @@ class StackOutcome:
     error: str | None = None
     seconds: float = 0.0
     redone: str | None = None  # converted again because the stack in place was incomplete: why
+    note: str | None = None  # what the user should know (e.g. --axes not applied to a file that states its own)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +214,8 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
                 raise InputError(f"{row.where}: already in {store} but {'; '.join(changes)}; "
                                  "pass --overwrite to reconvert it")
             return StackOutcome(row.stack_id, "skipped", meta=present)
-        src = open_source(row.path, axes=row.axes, allow_gaps=opts.allow_gaps, slab_depth=opts.slab_depth)
+        src = open_source(row.path, axes=row.axes, axes_from_option=row.axes_from_option, allow_gaps=opts.allow_gaps,
+                          slab_depth=opts.slab_depth)
         shape, dtype = plan_stack(src, row, opts)
         hasher = StreamingSha256(row.path)
         meta = writer.write_stack(
@@ -234,7 +236,8 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
     finally:
         if hasher is not None:
             hasher.close()
-    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0, redone=redone)
+    return StackOutcome(row.stack_id, "converted", meta=meta, seconds=time.perf_counter() - t0, redone=redone,
+                        note=src.axes_note)
 
 
 # -- the store -------------------------------------------------------------------------------------

@@ -102,6 +102,7 @@ class DicomFile(FrameReader):
             next(iter_pixels(path, indices=[n - 1]))
         self.shape, self.dtype = (n, *first.shape), first.dtype
         self.inferred_axes = "zyx" if first.ndim == 2 else "zyxc"
+        self.stated_axes = True  # frames are slices; samples per pixel are channels
         self.spacing_zyx = _spacing(ds)
 
     def iter_frames(self, indices: range):
@@ -133,6 +134,7 @@ class DicomSeries(FrameReader):
         first = self._read(self.files[0])
         self.shape, self.dtype = (len(files), *first.shape), first.dtype
         self.inferred_axes = "zyx" if first.ndim == 2 else "zyxc"
+        self.stated_axes = True  # frames are slices; samples per pixel are channels
         self.spacing_zyx = _spacing(headers[order[0]], z_mm)
 
     def _order(self, files, headers) -> tuple[list[int], float | None]:

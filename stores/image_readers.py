@@ -89,6 +89,8 @@ class TiffReader:
             check_tiff_pages(self.name, pages, size)  # contiguous: tifffile may list only the first page
             self.spacing_zyx = self._spacing(tif)
         self.inferred_axes = tiff_axes(self.tiff_axes)
+        # ImageJ / OME metadata name every axis; a bare multi-page TIFF's leading axis is a guess (Q, I)
+        self.stated_axes = all(a in TIFF_AXES for a in self.tiff_axes)
 
     @staticmethod
     def _spacing(tif) -> tuple[float, float, float] | None:
@@ -206,6 +208,7 @@ class SliceFolderReader(FrameReader):
         self.files = files
         self.shape, self.dtype = (len(files), *first[0]), np.dtype(first[1])
         self.inferred_axes = "zyx" if len(first[0]) == 2 else "zyxc"
+        self.stated_axes = True  # one image per slice: the folder is z
         self.spacing_zyx = None
 
     def iter_frames(self, indices: range):

@@ -40,6 +40,7 @@ class ManifestRow:
     label: str
     group: str
     axes: str | None  # source axis order, e.g. "zyxc"; None lets the reader infer it
+    axes_from_option: bool = False  # `axes` is --axes (a default for ambiguous files), not the row's cell
 
     @property
     def where(self) -> str:
@@ -149,6 +150,7 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None,
         sid, group, raw_path = rec["stack_id"], rec["group"], rec["path"]
         label = label_map.get(rec["label"].strip().lower(), rec["label"].strip().upper())
         axes = rec.get("axes") or default_axes
+        from_option = not rec.get("axes") and default_axes is not None
         here = f"line {line}"
         if EXTRA in rec:
             problems.append(f"{here}: more cells than the header has columns (extra: {rec[EXTRA]!r}); quote cells "
@@ -177,7 +179,7 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None,
             problems.append(f"{here}: {why}")
         if path is not None:
             rows.append(ManifestRow(line=line, path=path, stack_id=sid, label=label, group=group,
-                                    axes=axes or None))
+                                    axes=axes or None, axes_from_option=from_option))
     if problems:
         shown = "; ".join(problems[:10]) + (f"; ... and {len(problems) - 10} more" if len(problems) > 10 else "")
         raise InputError(f"{csv_path}: {len(problems)} problem(s), nothing was converted: {shown}")

@@ -175,6 +175,7 @@ class NiftiReader:
         self.dtype = np.asarray(img.dataobj[(slice(0, 1),) * len(shape)]).dtype
         self.shape = shape[:3] + shape[4:] if self.squeeze_t else shape
         self.inferred_axes = "xyz" if len(self.shape) == 3 else "xyzc"
+        self.stated_axes = True  # the NIfTI format fixes x, y, z (then t, then the vector dimension)
         unit = img.header.get_xyzt_units()[0]
         unit = "mm" if unit == "unknown" else unit  # NIfTI tools assume millimeters
         self.spacing_zyx = _all_or_none([_um(v, unit) for v in img.header.get_zooms()[2::-1]])

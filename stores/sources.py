@@ -45,6 +45,7 @@ class RawSource:
     spacing_zyx: tuple[float, float, float] | None  # micrometers, when the file says
     axes: str = "zyx"  # the source array's own axis order, over {c, z, y, x}
     gaps: dict[str, Any] | None = None  # DICOM series opened with allow_gaps: where slices are missing
+    axes_note: str | None = None  # --axes was not applied: the file's own metadata states its axes
     _reader: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -124,10 +125,11 @@ def detect_format(path: Path) -> str:
                      ".dcm, a folder of 2-D slices or a DICOM series folder")
 
 
-def open_source(path: str | Path, *, axes: str | None = None, allow_gaps: bool = False,
-                slab_depth: int = DEFAULT_SLAB_DEPTH) -> RawSource:
-    """Open a raw stack: detect the format, read headers, settle the axes (see module docstring). Headers
-    are held against the file's size and the available memory before anything is decoded (guards.py);
+def open_source(path: str | Path, *, axes: str | None = None, axes_from_option: bool = False,
+                allow_gaps: bool = False, slab_depth: int = DEFAULT_SLAB_DEPTH) -> RawSource:
+    """Open a raw stack: detect the format, read headers, settle the axes (see module docstring and
+    `resolve_axes`; `axes_from_option`: `axes` is --axes, not the row's own cell). Headers are held
+    against the file's size and the available memory before anything is decoded (guards.py);
     `allow_gaps` accepts a DICOM series with missing slices (recorded in `RawSource.gaps`)."""
     path = Path(path)
     if not path.exists():
@@ -152,28 +154,39 @@ def open_source(path: str | Path, *, axes: str | None = None, allow_gaps: bool =
             raise InputError(f"{path}: cannot read this {fmt} input ({type(e).__name__}: {one_line(e)}); "
                              "the file is unreadable, truncated or not what its name says") from e
     declared(reader.name, reader.shape, 1)  # every reader checks; this keeps an empty stack out for good
-    axes = resolve_axes(reader.name, reader.shape, axes, reader.inferred_axes)
+    axes, note = resolve_axes(reader.name, reader.shape, axes, reader.inferred_axes,
+                              stated=getattr(reader, "stated_axes", False), from_option=axes_from_option)
     c = reader.shape[axes.index("c")] if "c" in axes else 1
     shape = (c, *(reader.shape[axes.index(a)] for a in "zyx"))
     dtype = np.dtype(reader.dtype).newbyteorder("=")
     check_memory(reader.name, shape, dtype.itemsize, slab_depth)
     # Native byte order (values unchanged), so '>u2' from a big-endian file is plain uint16 downstream.
     return RawSource(path=path, format=fmt, shape=shape, dtype=dtype, spacing_zyx=reader.spacing_zyx, axes=axes,
-                     gaps=getattr(reader, "gaps", None), _reader=reader)
+                     gaps=getattr(reader, "gaps", None), axes_note=note, _reader=reader)
 
 
-def resolve_axes(name: str, shape: tuple[int, ...], axes: str | None, inferred: str | None) -> str:
-    """The explicit `axes` (checked against the shape), else the inferred order, else an error."""
+def resolve_axes(name: str, shape: tuple[int, ...], axes: str | None, inferred: str | None, *,
+                 stated: bool = False, from_option: bool = False) -> tuple[str, str | None]:
+    """(axis order, a note or None): the explicit `axes` (checked against the shape), else the inferred
+    order, else an error. When the file's metadata states its axes (`stated`: TIFF with ImageJ/OME axes,
+    NIfTI, DICOM, slice folders), --axes (`from_option`) is not applied to it (the note says so), and a
+    manifest cell that disagrees is refused: a default meant for ambiguous files never overrides a file
+    that says what it holds."""
     if axes is None:
         if inferred is None:
             raise InputError(f"{name}: cannot tell the axes of an array of shape {tuple(shape)}; {AXES_HINT}")
-        return inferred
+        return inferred, None
     axes = axes.strip().lower()
+    if stated and inferred is not None and axes != inferred:
+        if from_option:
+            return inferred, f"--axes {axes} not applied: the file's metadata states {inferred}, which is used"
+        raise InputError(f"{name}: the manifest's axes cell says {axes!r}, but the file's metadata states "
+                         f"{inferred!r}; clear the cell (the file's own order is used) or fix the file")
     if (len(set(axes)) != len(axes) or set(axes) - set("czyx") or not set("zyx") <= set(axes)
             or len(axes) != len(shape)):
         raise InputError(f"{name}: axes {axes!r} do not fit an array of shape {tuple(shape)}; give one letter "
                          "per dimension from c, z, y, x, each once, with z, y and x present")
-    return axes
+    return axes, None
 
 
 

@@ -11,7 +11,8 @@
 ```
 
 TOML has no null: a field whose default is None is simply left out (or set to the string "none" in
-an override). Every field's docstring is what the README's config table shows.
+an override). Paths (PATH_KEYS) are relative to the file that names them. Every field's docstring is
+what the README's config table shows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,19 @@ from typing import Any
 import tomli_w
 
 from stacktrain.choices import Aggregate, Device, Level, Precision, ThresholdRule
-from stacktrain.config import all_problems, build, check_choices, is_text, parse_value, require, resolve_file, to_dict
+from stacktrain.config import (
+    all_problems,
+    anchor_paths,
+    build,
+    check_choices,
+    is_preset,
+    is_text,
+    parse_value,
+    relative_paths,
+    require,
+    resolve_file,
+    to_dict,
+)
 from stacktrain.errors import ConfigError
 from stacktrain.io import atomic_write_text, read_toml
 from stacktrain.pipelines.config import LoaderConfig, PatchConfig, PreprocessConfig
@@ -150,6 +163,9 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)  # section name -> its dataclass
+# The paths a config names: relative to the file that names them (a packaged preset's and the command
+# line's: to the current directory); absolute once loaded; written relative to the file written.
+PATH_KEYS = ("data.store", "data.split", "train.out_dir")
 
 
 def config_from_dict(raw: dict[str, Any], where: str = "config") -> TrainConfig:
@@ -198,10 +214,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if path is not None:
         path = resolve_file(path, "stacktrain.train", "config")
         raw = read_toml(path, "config file")
+        anchor_paths(raw, PATH_KEYS, None if is_preset(path, "stacktrain.train") else path.parent)
     where = str(path) if path is not None else "defaults"
     for override in overrides:
         apply_override(raw, override)
-    return config_from_dict(raw, where)
+    if isinstance(raw.setdefault("train", {}), dict):  # (a bad [train] is config_from_dict's to report)
+        raw["train"].setdefault("out_dir", LoopConfig.out_dir)  # the default, from here too
+    return config_from_dict(anchor_paths(raw, PATH_KEYS, None), where)  # the overrides' from here
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -216,8 +235,10 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | Path, header: str = "") -> None:
     """Write the resolved config as TOML, atomically; `load_config(path)` gives `cfg` back. `header`:
-    comment lines put first (a resumed run's record of config changes)."""
-    atomic_write_text(path, header + tomli_w.dumps(_drop_none(config_to_dict(cfg))))
+    comment lines put first (a resumed run's record of config changes). Its paths are written relative
+    to the file's folder, as `load_config` reads them."""
+    raw = relative_paths(_drop_none(config_to_dict(cfg)), PATH_KEYS, Path(path).parent)
+    atomic_write_text(path, header + tomli_w.dumps(raw))
 
 
 # -- resolution helpers for the trainer ------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from stacktrain.config import anchor_paths, relative_paths
 from stacktrain.errors import InputError, SplitError
 from stacktrain.io import atomic_write_json
 from stacktrain.stores.reader import Store
@@ -206,6 +207,8 @@ def _check_test_part(folds: list[dict[str, list[str]]], metas: dict[str, Any], w
 
 
 def write_split(split: dict[str, Any], path: str | Path) -> None:
+    """Atomically; its `store` relative to the file's folder (as `load_split` reads it)."""
+    split = relative_paths(dict(split), ("store",), Path(path).parent)
     atomic_write_json(Path(path), split)
 
 
@@ -220,7 +223,7 @@ def load_split(path: str | Path) -> dict[str, Any]:
         raise SplitError(f"{path}: not valid JSON ({e}); regenerate it with `stacktrain split`") from None
     if not isinstance(split, dict):
         raise SplitError(f"{path}: not a split file; make it with `stacktrain split`")
-    return split
+    return anchor_paths(split, ("store",), path.parent)
 
 
 def split_parts(split: dict[str, Any], fold: int = 0, where: str = "split") -> dict[str, list[str]]:

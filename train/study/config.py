@@ -20,7 +20,9 @@ store = "resampled.zarr"            # a variant that needs another store names i
 [hpo]                               # phase 3 only: see hpo.py and hpo_config.py
 ```
 
-Relative store and split paths are taken from the current directory (as in the presets). A run is
+Relative store and split paths are taken from the folder of the file that names them: the study
+file's, or the base config file's (a packaged preset's, such as the ones above, from the current
+directory). A run is
 one (variant, model, fold, seed); its label in the report is the axes that vary (variant, model, or
 both). A `base` that is a study directory (relative to the study file or the current directory)
 chains the phases: the base config is the recorded config of that study's selected run
@@ -36,14 +38,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from stacktrain.config import build, require, resolve_file
+from stacktrain.config import anchor_paths, build, is_preset, require, resolve_file
 from stacktrain.errors import StudyError
-from stacktrain.train.config import ConfigError, TrainConfig, apply_override, config_from_dict
+from stacktrain.train.config import PATH_KEYS, ConfigError, TrainConfig, apply_override, config_from_dict
 from stacktrain.train.split import load_split
 from stacktrain.train.study.hpo_config import HpoConfig
 from stacktrain.train.study.selection import parent_base
 
 VARIANT_SECTIONS = ("patch", "preprocess", "loader")
+STUDY_PATH_KEYS = ("study.store", "study.split", "variants.*.store")
 BASE_VARIANT = "base"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -250,22 +253,28 @@ def _base_raw(path: Path, head: StudyTable, overrides: list[str],
             except ConfigError as e:
                 raise StudyError(f"{where}: study.base: {e}") from None
         base_raw = _read_toml(base_path, "base training config (study.base, relative to the study file)")
-    try:
-        for override in [*head.set, *overrides]:
+        anchor_paths(base_raw, PATH_KEYS, None if is_preset(base_path, "stacktrain.train") else base_path.parent)
+    try:  # study.set's paths are the study file's, the command line's the current directory's
+        for override in head.set:
+            apply_override(base_raw, override)
+        anchor_paths(base_raw, PATH_KEYS, None if is_preset(path, "stacktrain.train.study") else path.parent)
+        for override in overrides:
             apply_override(base_raw, override)
     except ConfigError as e:
         raise StudyError(f"{where}: {e}") from None
     if head.store:
         base_raw.setdefault("data", {})["store"] = head.store
-    return base_raw, parent
+    return anchor_paths(base_raw, PATH_KEYS, None), parent
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     """Parse and check a study file; `overrides` (section.key=value) apply to every run."""
     path = resolve_file(path, "stacktrain.train.study", "study")
     where = str(path)
+    raw = anchor_paths(_read_toml(path, "study file"), STUDY_PATH_KEYS,
+                       None if is_preset(path, "stacktrain.train.study") else path.parent)
     try:  # every key and value, [hpo] included; the run configs are checked when the runs are expanded
-        spec = build(StudyFile, _read_toml(path, "study file"), where)
+        spec = build(StudyFile, raw, where)
     except ConfigError as e:
         raise StudyError(str(e)) from None
     head = spec.study

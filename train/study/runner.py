@@ -30,7 +30,7 @@ from stacktrain import ui
 from stacktrain.io import atomic_write_bytes, atomic_write_json, make_dir, remove_stale_temps
 from stacktrain.train.config import config_to_dict
 from stacktrain.train.preflight import preflight
-from stacktrain.train.split import check_split, load_split, split_hash
+from stacktrain.train.split import check_split, load_split, split_hash, write_split
 from stacktrain.train.study import claims, hpo
 from stacktrain.train.study.config import Study, StudyError, load_study
 from stacktrain.train.study.final import run_final
@@ -71,7 +71,7 @@ def prepare_split(study: Study, out: Path) -> tuple[Path, dict[str, Any]]:
                              f"with ({copy}, sha256 {str(kept.get('sha256'))[:12]}); all runs of a study use "
                              "one split: restore the file or start a new --out directory")
     else:
-        atomic_write_json(copy, {**split, "sha256": digest})
+        write_split({**split, "sha256": digest}, copy)
     return copy, {**split, "sha256": digest}
 
 
