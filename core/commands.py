@@ -176,6 +176,9 @@ def split(args: Namespace) -> int:
     write_split(result, args.out)
     con = ui.console()
     con.print(split_table(result, args.store))
+    if result["unlabeled"]:
+        con.print(f"{len(result['unlabeled'])} unlabeled stack(s) left out (for prediction only): "
+                  f"{', '.join(result['unlabeled'][:10])}", highlight=False, soft_wrap=True)
     con.print(f"wrote {args.out} (sha256 {result['sha256'][:12]})", highlight=False)
     return 0
 

@@ -276,7 +276,8 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
             progress: Progress | None = None) -> ConvertReport:
     """Convert every stack of `manifest` into the store `out`; raise ConversionFailed if any failed.
     `progress` hears about every slab and stack (stores.cli.RichProgress draws the bar); default silent."""
-    rows = read_manifest(manifest, default_axes=options.axes, label_map=options.labels())
+    rows = read_manifest(manifest, default_axes=options.axes, label_map=options.labels(),
+                         allow_unlabeled=options.allow_unlabeled)
     store = writer.init_store(out)
     progress = progress or Progress()
     t0 = time.perf_counter()

@@ -46,6 +46,7 @@ PERCENTILES = (0.5, 1.0, 99.0, 99.5)
 CODECS = options(Codec)
 GPU_CODECS = ("lz4",)
 LABELS = {"SAIN": 0, "MALADE": 1}
+UNLABELED = ""  # the label of a stack converted to be predicted on (convert --allow-unlabeled)
 CLASS_NAMES = options(Label)
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -72,7 +73,7 @@ class StackMeta:
     """What the store knows about one stack; saved in `<stack_id>/zarr.json` and the root list."""
 
     stack_id: str
-    label: str  # SAIN or MALADE
+    label: str  # SAIN, MALADE or UNLABELED ("": a stack to predict on, converted with --allow-unlabeled)
     group: str  # patient id; splits never separate a group
     shape: tuple[int, int, int, int]  # c, z, y, x
     dtype: str  # uint8 or uint16
@@ -98,7 +99,8 @@ class StackMeta:
 
     @property
     def label_index(self) -> int:
-        return LABELS[self.label]
+        """0 SAIN, 1 MALADE; -1 for an unlabeled stack (one to predict on, never to train on)."""
+        return LABELS.get(self.label, -1)
 
     @property
     def n_voxels(self) -> int:

@@ -1,7 +1,9 @@
 """Read a conversion manifest (labels.csv) and check every row before anything is written.
 
 The manifest is a CSV with the columns `path, stack_id, label, group` and an optional `axes`; paths
-are relative to the CSV's folder. Real spreadsheets vary, so the delimiter is sniffed (`,`, `;` or tab:
+are relative to the CSV's folder. A manifest of stacks to predict on (`allow_unlabeled`: `convert
+--allow-unlabeled`, `predict` on a manifest) may leave `label` empty or out (an unlabeled stack), and
+`group` too (the stack is its own patient). Real spreadsheets vary, so the delimiter is sniffed (`,`, `;` or tab:
 what a French Excel writes), headers and labels are case-insensitive (`Path`, `Stack_ID`, `sain`), and a
 column nobody knows is an error rather than silently ignored. Problems here are the user's
 bookkeeping, not the data's, so they abort the whole run up front: every problem of every row is
@@ -21,9 +23,10 @@ from pathlib import Path
 from stacktrain.errors import InputError
 
 from .guards import one_line
-from .layout import LABELS, check_stack_id
+from .layout import LABELS, UNLABELED, check_stack_id
 
 REQUIRED_COLUMNS = ("path", "stack_id", "label", "group")
+PREDICT_COLUMNS = ("path", "stack_id")  # what a manifest of stacks to predict on needs
 OPTIONAL_COLUMNS = ("axes",)
 EXTRA = "\0extra"  # the cells of a row beyond the header's columns
 DELIMITERS = ",;\t"
@@ -64,7 +67,7 @@ def _encoding(csv_path: Path) -> str:
     return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
 
-def _read_records(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
+def _read_records(csv_path: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> list[tuple[int, dict[str, str]]]:
     """(line, {lower-case column: stripped cell}) per row, with the delimiter sniffed from the header.
     A row with more cells than the header has columns gets the key EXTRA (a problem of that row)."""
     with csv_path.open(newline="", encoding=_encoding(csv_path)) as f:
@@ -76,10 +79,11 @@ def _read_records(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
             dialect = csv.excel
         reader = csv.DictReader(f, dialect=dialect, skipinitialspace=True)
         columns = [(c or "").strip().lower() for c in reader.fieldnames or []]
-        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        missing = [c for c in required if c not in columns]
         if missing:
+            optional = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c not in required]
             raise InputError(f"{csv_path}: missing column(s) {', '.join(missing)}; the header must "
-                             f"have {', '.join(REQUIRED_COLUMNS)} (and optionally axes), separated by "
+                             f"have {', '.join(required)} (and optionally {', '.join(optional)}), separated by "
                              "commas, semicolons or tabs")
         unknown = [c for c in columns if c and c not in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)]
         if unknown:
@@ -125,11 +129,12 @@ def _path_problem(path: Path, raw_path: str) -> str | None:
 
 
 def read_manifest(csv_path: str | Path, *, default_axes: str | None = None,
-                  label_map: dict[str, str] | None = None) -> list[ManifestRow]:
+                  label_map: dict[str, str] | None = None, allow_unlabeled: bool = False) -> list[ManifestRow]:
     """Parse and validate the manifest; raise one InputError listing every bad row.
 
     `default_axes` (the --axes option) applies to rows whose `axes` cell is empty or absent;
-    `label_map` (--label-map, lower-case words) names the lab's own label words.
+    `label_map` (--label-map, lower-case words) names the lab's own label words; `allow_unlabeled`
+    accepts an empty (or absent) label, stored as UNLABELED, and an empty group (the stack id).
     """
     label_map = label_map or {}
     csv_path = Path(csv_path)
@@ -139,7 +144,7 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None,
     if default_axes is not None and (why := check_axes(default_axes)):
         raise InputError(f"--axes: {why}")
     try:
-        records = _read_records(csv_path)
+        records = _read_records(csv_path, PREDICT_COLUMNS if allow_unlabeled else REQUIRED_COLUMNS)
     except (UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"{csv_path}: not a readable CSV ({one_line(e)}); save it as UTF-8 CSV") from None
     if not records:
@@ -147,8 +152,11 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None,
 
     rows, problems, first_line = [], [], {}
     for line, rec in records:
-        sid, group, raw_path = rec["stack_id"], rec["group"], rec["path"]
-        label = label_map.get(rec["label"].strip().lower(), rec["label"].strip().upper())
+        sid, group, raw_path, word = rec["stack_id"], rec.get("group", ""), rec["path"], rec.get("label", "")
+        label = label_map.get(word.strip().lower(), word.strip().upper())
+        if allow_unlabeled:
+            group = group or sid  # an unlabeled stack of unknown patient is its own
+
         axes = rec.get("axes") or default_axes
         from_option = not rec.get("axes") and default_axes is not None
         here = f"line {line}"
@@ -162,10 +170,11 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None,
                             "every stack needs its own id")
         else:
             first_line[sid] = line
-        if label not in LABELS:
+        if label not in LABELS and not (allow_unlabeled and label == UNLABELED):
             known = ", ".join([*LABELS, *label_map])
-            problems.append(f"{here}: unknown label {rec['label']!r}; use one of {known} (any case), or map the "
-                            "lab's words with --label-map WORD=SAIN,WORD=MALADE")
+            empty = "" if word else " (an empty label is for stacks to predict on: convert --allow-unlabeled)"
+            problems.append(f"{here}: unknown label {word!r}; use one of {known} (any case), or map the "
+                            f"lab's words with --label-map WORD=SAIN,WORD=MALADE{empty}")
         if not group:
             problems.append(f"{here}: empty group; give the patient id (stacks of one patient share it)")
         path = csv_path.parent / raw_path if raw_path else None

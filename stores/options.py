@@ -50,6 +50,9 @@ class ConvertOptions:
     pad: bool = False
     """Zero-pad stacks smaller than min_patch_zyx (at the end of each axis) instead of refusing them
     (an empty stack, with a zero-length axis, is refused all the same)."""
+    allow_unlabeled: bool = False
+    """Accept manifest rows with an empty label (or no label column) and an empty group: stacks to predict
+    on. They are stored unlabeled; split leaves them out and train refuses them."""
     allow_gaps: bool = False
     """Convert a DICOM series with missing slices (a step over 1.5x the median slice spacing) instead of
     refusing it; the slices are stacked as they are and the gaps recorded in the stack's metadata (gaps)."""

@@ -32,6 +32,7 @@ import numpy as np
 from stacktrain.config import anchor_paths, relative_paths
 from stacktrain.errors import InputError, SplitError
 from stacktrain.io import atomic_write_json
+from stacktrain.stores.layout import UNLABELED
 from stacktrain.stores.reader import Store
 
 FORMAT_VERSION = 1
@@ -98,7 +99,8 @@ def make_splits(store: Store | str | Path, *, folds: int | None = None, val_frac
     if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise InputError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction}: each must be "
                          "in [0, 1) (val > 0) and their sum below 1")
-    metas = store.stacks
+    metas = [m for m in store.stacks if m.label != UNLABELED]  # stacks to predict on have no place here
+    unlabeled = sorted(m.stack_id for m in store.stacks if m.label == UNLABELED)
     if len(metas) < 2:
         raise InputError(f"{where}: {len(metas)} stack(s); a split needs at least 2")
     ids = np.array([m.stack_id for m in metas])
@@ -117,7 +119,7 @@ def make_splits(store: Store | str | Path, *, folds: int | None = None, val_frac
     split = {"format_version": FORMAT_VERSION, "store": where, "store_id": store_identity(store),
              "params": {"folds": folds, "val_fraction": val_fraction, "test_fraction": test_fraction,
                         "seed": seed},
-             "folds": out, "sha256": split_hash(out)}
+             "folds": out, "sha256": split_hash(out), "unlabeled": unlabeled}
     check_split(split, store)
     _check_classes(out, {m.stack_id: m.label for m in metas}, where, allow_one_class)
     return split
@@ -153,6 +155,10 @@ def check_split(split: dict[str, Any], store: Store | str | Path, where: str = "
         if unknown:
             raise SplitError(f"{where}: fold {i} names stacks not in {store.path}: "
                              f"{', '.join(unknown[:10])}; was the split made for another store?")
+        unlabeled = sorted(sid for ids in fold.values() for sid in ids if metas[sid].label == UNLABELED)
+        if unlabeled:
+            raise SplitError(f"{where}: fold {i} holds unlabeled stack(s) {', '.join(unlabeled[:10])}; they are "
+                             "for prediction only: label them (`stacktrain relabel`) and regenerate the split")
         seen: dict[str, str] = {}
         for part, ids in fold.items():
             for sid in ids:
