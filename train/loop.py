@@ -177,7 +177,8 @@ def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: R
              epoch: int = 0) -> EvalResult:
     """Every validation patch once; predictions of all ranks gathered before aggregation."""
     net.eval()
-    options = dict(aggregate=cfg.train.aggregate, topk=cfg.train.topk, pos_weight=cfg.optim.pos_weight)
+    options = dict(aggregate=cfg.train.aggregate, topk=cfg.train.topk, pos_weight=cfg.optim.pos_weight,
+                   padded=loader.index.padded_fraction)
     local = Evaluator(loader.stack_ids, **options)
     meter = monitor.meter("val", epoch, len(loader), loader.cfg.batch_size)
     for batch in meter.iterate(loader.epoch(epoch)):
