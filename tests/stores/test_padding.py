@@ -2,8 +2,8 @@
 patches, heatmap and compression ratio; the zeros `--pad` adds count nowhere. Older stores still open.
 
 The volume is the first of nibabel's shipped `example4d.nii.gz` (an EPI MR series of 128x96x24 voxels),
-cropped to 117x90x21 (so that stats cells at its edges are partly padding) and written as a uint16
-NIfTI (its int16 values are all >= 0) so that it is stored as is.
+cropped to 117x90x15 (fewer slices than half the padded depth; stats cells at its edges partly padding)
+and written as a uint16 NIfTI (its int16 values are all >= 0) so that it is stored as is.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import torch
 from rich.console import Console
 
 from stacktrain.cli import main
+from stacktrain.errors import StoreError
 from stacktrain.pipelines.config import PatchConfig
 from stacktrain.pipelines.normalize import channel_mean_std
 from stacktrain.pipelines.patches import build_index
 from stacktrain.stores.info import summarize
 from stacktrain.stores.layout import PERCENTILES, STATS_CELL_ZYX, StackMeta
 from stacktrain.stores.reader import Store
+from stacktrain.testing import write_array
 from stacktrain.train.checkpoint import save_checkpoint
 from stacktrain.train.config import config_to_dict
 from stacktrain.train.models import build_model
@@ -34,7 +36,7 @@ from stacktrain.train.predict import _display_slice, predict
 from stacktrain.train.results import load_results
 from tests.support import tiny_config
 
-CROP = (21, 90, 117)  # z, y, x kept of the volume: off the 8x32x32 stats cells, so edge cells are partial
+CROP = (15, 90, 117)  # z, y, x kept of the volume: off the 8x32x32 stats cells, so edge cells are partial
 VALID = CROP
 PADDED = (32, 256, 256)  # the default --min-patch
 
@@ -97,15 +99,15 @@ def test_percentiles_and_sums_are_those_of_the_source(padded):
     assert std == pytest.approx([source.std()] * 3, rel=1e-9)
 
 
-def _cell_reference(source: np.ndarray, threshold: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground fraction and mean per stats cell of the padded grid over the voxels of `source` in
-    each cell; 0 for cells without any."""
-    grid = tuple(-(-n // k) for n, k in zip(PADDED, STATS_CELL_ZYX))
+def _cell_reference(source: np.ndarray, padded_zyx=PADDED) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground fraction (> 0) and mean per stats cell of the padded grid over the voxels of `source`
+    in each cell; 0 for cells without any."""
+    grid = tuple(-(-n // k) for n, k in zip(padded_zyx, STATS_CELL_ZYX))
     fg, mean = np.zeros(grid), np.zeros(grid)
     for cell in np.ndindex(*grid):
         block = source[tuple(slice(i * k, (i + 1) * k) for i, k in zip(cell, STATS_CELL_ZYX))]
         if block.size:
-            fg[cell], mean[cell] = (block > threshold).mean(), block.mean()
+            fg[cell], mean[cell] = (block > 0).mean(), block.mean()
     return fg, mean
 
 
@@ -125,11 +127,44 @@ def test_cell_statistics_cover_only_valid_voxels(padded):
     assert edge.any() and not edge[: VALID[0] // 8, : VALID[1] // 32, : VALID[2] // 32].any()
 
 
+@pytest.mark.parametrize("dtype, valid", [
+    (np.uint8, (13, 50, 70)),  # off the cells on every axis
+    (np.uint16, (13, 50, 70)),
+    (np.uint8, (16, 64, 96)),  # on the cells: whole cells of padding only
+    (np.uint8, (40, 96, 96)),  # the whole shape: nothing padded
+], ids=["uint8-partial-cells", "uint16-partial-cells", "uint8-whole-cells", "unpadded"])
+def test_slab_statistics_of_a_padded_array(tmp_path, dtype, valid):
+    """The writer's statistics of a zero-padded array equal numpy's over its valid region (synthetic data,
+    slabs that start inside and past the valid region)."""
+    rng = np.random.default_rng(3)
+    source = rng.integers(0, np.iinfo(dtype).max, (3, *valid), dtype=dtype, endpoint=True)
+    source[:, :, :10] = 0  # some background, so foreground fractions differ per cell
+    arr = np.zeros((3, 40, 96, 96), dtype)
+    arr[:, :valid[0], :valid[1], :valid[2]] = source
+    meta = write_array(tmp_path / "s.zarr", "a", arr, valid_zyx=valid, chunk_zyx=(8, 32, 32), shard_zyx=(8, 32, 32))
+    assert meta.valid_zyx == valid and meta.n_voxels == math.prod(valid)
+    for p in PERCENTILES:
+        assert meta.percentiles[f"p{p:g}"] == [float(np.percentile(c, p, method="inverted_cdf")) for c in source]
+    assert meta.channel_sum == [float(c.sum(dtype=np.int64)) for c in source]
+    assert meta.channel_sumsq == [float((c.astype(np.int64) ** 2).sum()) for c in source]
+    stats = Store(tmp_path / "s.zarr").stats("a")
+    fg, _ = _cell_reference((source > 0).any(axis=0), arr.shape[1:])
+    np.testing.assert_allclose(stats["foreground"], fg, rtol=1e-6)
+    for ch in range(3):
+        np.testing.assert_allclose(stats["mean"][ch], _cell_reference(source[ch], arr.shape[1:])[1], rtol=1e-6)
+
+
+def test_a_valid_region_outside_the_shape_is_refused(tmp_path):
+    with pytest.raises(StoreError, match=r"valid region .* must lie inside the shape"):
+        write_array(tmp_path / "s.zarr", "a", np.zeros((3, 8, 32, 32), np.uint8), valid_zyx=(9, 32, 32))
+    assert not (tmp_path / "s.zarr" / "a").exists()
+
+
 @pytest.mark.parametrize("size, foreground_min, kept", [
-    ((16, 64, 64), 0.0, 8),  # of 32 grid patches, 24 lie wholly in padding
-    ((16, 64, 64), 0.1, 6),
+    ((16, 64, 64), 0.0, 4),  # of 32 grid patches, 28 lie wholly in padding
+    ((16, 64, 64), 0.14, 3),
     ((32, 256, 256), 0.0, 1),  # smaller than one patch: the patch at the origin stays
-    ((32, 256, 256), 0.04, 1),
+    ((32, 256, 256), 0.03, 1),
 ], ids=["grid", "grid-foreground-filter", "one-patch", "one-patch-foreground-filter"])
 def test_patches_wholly_in_padding_are_never_indexed(padded, size, foreground_min, kept):
     store, source = padded
@@ -144,7 +179,7 @@ def test_patches_wholly_in_padding_are_never_indexed(padded, size, foreground_mi
     frac = index.padded_fraction(index.stack, index.position)
     inside = np.prod(np.minimum(index.position + size, VALID) - index.position, axis=1)
     np.testing.assert_allclose(frac, 1 - inside / math.prod(size))
-    assert frac.max() < 1 and (frac[0] == 0) == (size != PADDED)
+    assert 0 < frac.min() and frac.max() < 1  # 15 slices: every patch kept is partly padding, none wholly
 
 
 def test_info_reports_the_source_bytes_and_honest_ratios(padded, capsys):
@@ -185,7 +220,7 @@ def test_an_old_store_without_the_fields_still_opens(padded, tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Four real MR stacks (two volumes x two patients each) padded to 32x128x128, a split, and one
-    epoch of the tiny model on 16x64x64 patches (8 per stack, of which 7 are partly padded)."""
+    epoch of the tiny model on 8x64x64 patches (8 per stack, of which 7 are partly padded)."""
     from stacktrain.train.loop import train
     from stacktrain.train.split import make_splits, write_split
     root = tmp_path_factory.mktemp("trained")
@@ -197,7 +232,7 @@ def trained(tmp_path_factory):
     split = {**split, "folds": [{"train": ["a0", "a1"], "val": ["b1", "b0"]}]}
     split.pop("sha256", None)
     write_split(split, root / "split.json")
-    cfg = tiny_config(store, root / "split.json", "patch.size=[16, 64, 64]", "train.epochs=1")
+    cfg = tiny_config(store, root / "split.json", "patch.size=[8, 64, 64]", "train.epochs=1")
     train(cfg, run_dir=root / "run")
     return store, root / "run", cfg
 
@@ -210,8 +245,8 @@ def test_training_results_flag_partly_padded_samples(trained):
     for s in samples:
         z, y, x = s["position"]
         assert z < VALID[0] and y < VALID[1] and x < VALID[2]  # nothing wholly in padding is evaluated
-        inside = math.prod(min(p + n, v) - p for p, n, v in zip(s["position"], (16, 64, 64), VALID))
-        assert s["padded_fraction"] == pytest.approx(1 - inside / (16 * 64 * 64))
+        inside = math.prod(min(p + n, v) - p for p, n, v in zip(s["position"], (8, 64, 64), VALID))
+        assert s["padded_fraction"] == pytest.approx(1 - inside / (8 * 64 * 64))
     assert sum(s["padded_fraction"] > 0 for s in samples) == 2 * 7  # all but the one at the origin
     assert min(s["padded_fraction"] for s in samples) == 0
     assert all(v["n_patches"] == 8 for v in results.epochs[0]["volumes"])
