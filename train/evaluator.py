@@ -146,7 +146,7 @@ class Evaluator:
                  pos_weight: float | None = None,
                  padded: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
         """`padded(stack_index, positions)`: each patch's share of padding (PatchIndex.padded_fraction),
-        written into its sample as `padded_fraction`; None leaves the key out."""
+        written as `padded_fraction` into the sample of every partly padded patch; None: never written."""
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
         self.stack_ids = list(stack_ids)
@@ -193,9 +193,10 @@ class Evaluator:
         prob = expit(logit.astype(np.float64))
         samples = [{"stack_id": self.stack_ids[s], "position": p.tolist(), "probability": float(q),
                     "label": int(y)} for s, p, q, y in zip(sidx, pos, prob, labels)]
-        if self.padded is not None:  # partly padded patches are evaluated, and say so
+        if self.padded is not None:  # partly padded patches are evaluated, and say so (only they: file size)
             for sample, f in zip(samples, self.padded(sidx, pos)):
-                sample["padded_fraction"] = float(f)
+                if f > 0:
+                    sample["padded_fraction"] = float(f)
         volumes = []
         starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
         for lo, hi in zip(starts, [*starts[1:], n]):

@@ -246,9 +246,9 @@ def test_training_results_flag_partly_padded_samples(trained):
         z, y, x = s["position"]
         assert z < VALID[0] and y < VALID[1] and x < VALID[2]  # nothing wholly in padding is evaluated
         inside = math.prod(min(p + n, v) - p for p, n, v in zip(s["position"], (8, 64, 64), VALID))
-        assert s["padded_fraction"] == pytest.approx(1 - inside / (8 * 64 * 64))
-    assert sum(s["padded_fraction"] > 0 for s in samples) == 2 * 7  # all but the one at the origin
-    assert min(s["padded_fraction"] for s in samples) == 0
+        assert s.get("padded_fraction", 0.0) == pytest.approx(1 - inside / (8 * 64 * 64))
+    flagged = [s["position"] for s in samples if "padded_fraction" in s]
+    assert len(flagged) == 2 * 7 and [0, 0, 0] not in flagged  # all but the one at the origin
     assert all(v["n_patches"] == 8 for v in results.epochs[0]["volumes"])
 
 
@@ -260,7 +260,7 @@ def test_heatmap_shows_the_valid_region(trained, tmp_path):
     save_checkpoint(ckpt, model=model, optimizer=None, scaler=None, epoch=0, early_stopping=None,
                     config=config_to_dict(cfg), model_name="resnet3d18", model_tiny=True)
     report = predict(ckpt, store, tmp_path / "pred", stacks=["a0"], console=Console(file=io.StringIO()))
-    assert len(report["patches"]) == 8 and all("padded_fraction" in p for p in report["patches"])
+    assert len(report["patches"]) == 8 and sum("padded_fraction" in p for p in report["patches"]) == 7
     assert not Store(store).read("a0", ((16, 17), (0, 128), (0, 128))).any()  # the padded mid-slice it showed
     image, mid = _display_slice(Store(store), "a0")
     assert image.shape == (*VALID[1:], 3) and mid == VALID[0] // 2  # not the padded 128x128, nor a zero slice
