@@ -37,23 +37,24 @@ def tissue(shape_czyx, seed: int = 0, dtype=np.uint8, empty_corner: bool = True)
 
 
 def _write(store_path, stack_id: str, arr: np.ndarray, *, label: str, group: str | None, codec: str,
-           chunk_zyx, shard_zyx, slab: int | None, spacing):
+           chunk_zyx, shard_zyx, slab: int | None, spacing, valid_zyx=None):
     depth = slab or shard_zyx[0]
     slabs = ((z0, arr[:, z0:z0 + depth]) for z0 in range(0, arr.shape[1], depth))
     return writer.write_stack(
         store_path, stack_id=stack_id, label=label, group=group or stack_id, source=f"memory:{stack_id}",
         source_sha256=hashlib.sha256(arr.tobytes()).hexdigest(), shape=arr.shape, dtype=arr.dtype.str[1:],
-        slabs=slabs, spacing_zyx=spacing, codec=codec, chunk_zyx=tuple(chunk_zyx), shard_zyx=tuple(shard_zyx))
+        slabs=slabs, spacing_zyx=spacing, codec=codec, chunk_zyx=tuple(chunk_zyx), shard_zyx=tuple(shard_zyx),
+        valid_zyx=valid_zyx)
 
 
 def write_array(store_path, stack_id: str, arr: np.ndarray, *, label: str = "SAIN", group: str | None = None,
                 codec: str = "lz4", chunk_zyx=(8, 16, 16), shard_zyx=(16, 32, 32), slab: int | None = None,
-                spacing=None):
+                spacing=None, valid_zyx=None):
     """Write `arr` (C, Z, Y, X) as one stack of the store (created if needed) and register it beside the
-    stacks already there; returns its StackMeta."""
+    stacks already there; returns its StackMeta. `valid_zyx`: arr is zero-padded past it (as convert --pad)."""
     writer.init_store(store_path)
     meta = _write(store_path, stack_id, arr, label=label, group=group, codec=codec, chunk_zyx=chunk_zyx,
-                  shard_zyx=shard_zyx, slab=slab, spacing=spacing)
+                  shard_zyx=shard_zyx, slab=slab, spacing=spacing, valid_zyx=valid_zyx)
     try:
         metas = Store(store_path).stacks
     except Exception:  # a store whose index is not written yet

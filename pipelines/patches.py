@@ -2,7 +2,9 @@
 
 Positions are per-axis grids (stride `patch.step`); the edge policy decides what happens to the
 remainder: `drop` leaves it, `fit` adds one patch shifted back to end at the stack's edge, `pad` adds
-patches that run past the edge (read as zeros). The foreground filter aggregates the statistics
+patches that run past the edge (read as zeros). Patches wholly outside a stack's valid region (the
+zeros `convert --pad` added) are never indexed, whatever the filter; the patch at the origin always
+is, so a stack smaller than one patch keeps one. The foreground filter aggregates the statistics
 written at conversion (fraction of foreground voxels per stats cell), so it reads no voxels.
 """
 
@@ -27,6 +29,7 @@ class PatchIndex:
     stack: np.ndarray  # int64 (N,): index into stack_ids
     position: np.ndarray  # int64 (N, 3): patch origin (z, y, x) in voxels
     label: np.ndarray  # int64 (N,): 0 = SAIN, 1 = MALADE
+    valid: np.ndarray | None = None  # int64 (S, 3): each stack's valid region (z, y, x); None: no padding
 
     def __len__(self) -> int:
         return len(self.stack)
@@ -37,6 +40,19 @@ class PatchIndex:
 
     def class_counts(self) -> tuple[int, int]:
         return int((self.label == 0).sum()), int((self.label == 1).sum())
+
+    def padded_fraction(self, stack: np.ndarray, position: np.ndarray) -> np.ndarray:
+        """float64 (N,): share of each patch (stack index, origin z, y, x) outside its stack's valid region."""
+        if self.valid is None:
+            return np.zeros(len(stack))
+        return padded_fraction(self.valid[np.asarray(stack, np.int64)], position, self.size)
+
+
+def padded_fraction(valid_zyx: np.ndarray, position: np.ndarray, size) -> np.ndarray:
+    """Share of each patch's voxels outside the valid region [0, valid) on some axis: --pad's zeros, or
+    past the stored edge (edge = pad). 1.0 for a patch wholly in padding."""
+    inside = np.clip(np.minimum(np.asarray(position) + np.asarray(size), valid_zyx) - position, 0, None)
+    return 1.0 - np.prod(inside, axis=-1, dtype=np.float64) / float(np.prod(size))
 
 
 def axis_positions(extent: int, size: int, step: int, edge: str) -> np.ndarray:
@@ -73,6 +89,14 @@ def foreground_fraction(fg_cells: np.ndarray, cell_zyx, shape_zyx, axes_position
     return fg_voxels / float(np.prod(size))
 
 
+def _stored_foreground(store: Store, sid: str, axes_positions, size) -> np.ndarray:
+    """`foreground_fraction` over the stack's valid region: the stats cells it covers, padding as background."""
+    meta = store.meta(sid)
+    cells = tuple(slice(0, -(-v // c)) for v, c in zip(meta.valid, meta.stats_cell_zyx))
+    fg = store.stats(sid)["foreground"][cells]
+    return foreground_fraction(fg, meta.stats_cell_zyx, meta.valid, axes_positions, size)
+
+
 def build_index(store: Store, stack_ids: list[str], patch: PatchConfig) -> PatchIndex:
     """Tile every stack into grid positions; raise PipelineError naming any stack that cannot be tiled."""
     if not stack_ids:
@@ -91,15 +115,17 @@ def build_index(store: Store, stack_ids: list[str], patch: PatchConfig) -> Patch
                 f"{size}; use a smaller patch.size, patch.edge = \"pad\", or leave this stack out")
         per_axis = [axis_positions(n, s, st, patch.edge) for n, s, st in zip(shape_zyx, size, step)]
         grid = np.stack(np.meshgrid(*per_axis, indexing="ij"), axis=-1).reshape(-1, 3)
+        keep = (grid < np.array(meta.valid)).all(axis=1)  # not wholly in padding; the origin always stays
         if patch.foreground_min > 0:
-            fg = store.stats(sid)["foreground"]
-            frac = foreground_fraction(fg, meta.stats_cell_zyx, shape_zyx, per_axis, size)
-            grid = grid[frac.reshape(-1) >= patch.foreground_min]
+            frac = _stored_foreground(store, sid, per_axis, size)
+            keep &= frac.reshape(-1) >= patch.foreground_min
+        grid = grid[keep]
         stacks.append(np.full(len(grid), i, np.int64))
         positions.append(grid)
         labels.append(np.full(len(grid), meta.label_index, np.int64))
+    valid = np.array([store.meta(sid).valid for sid in stack_ids], np.int64).reshape(-1, 3)
     index = PatchIndex(tuple(stack_ids), size, np.concatenate(stacks), np.concatenate(positions),
-                       np.concatenate(labels))
+                       np.concatenate(labels), valid)
     if len(index) == 0:
         raise PipelineError(f"{store.path}: patch.foreground_min = {patch.foreground_min} leaves no patch "
                             f"in {len(stack_ids)} stacks; lower it (0 keeps every patch)")

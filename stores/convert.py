@@ -165,7 +165,8 @@ def _scaler(src: RawSource, row: ManifestRow, opts: ConvertOptions, depth: int) 
 def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_shape, out_dtype: str,
                  on_progress: Callable[[float], None] | None = None,
                  hasher: StreamingSha256 | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """The source as stored, as (z0, slab) pairs: checked, scaled, channels replicated, zero-padded,
+    """The source as stored, as (z0, slab) pairs: checked, scaled, channels replicated, zero-padded at the
+    end of each axis (the writer records the source's z, y, x as the valid region),
     read in a reader thread one slab ahead of the caller (`read_ahead`), which also feeds `hasher`
     the source's bytes as it goes. (The writer re-cuts the slabs into whole shards.)"""
     depth = opts.slab_depth
@@ -223,7 +224,8 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
             source_sha256=hasher.hexdigest, shape=shape, dtype=dtype,
             slabs=stored_slabs(src, row, opts, shape, dtype, on_progress, hasher), spacing_zyx=src.spacing_zyx,
             gaps=src.gaps, codec=opts.codec, chunk_zyx=opts.chunk_zyx, shard_zyx=opts.shard_zyx,
-            foreground_threshold=opts.foreground_threshold)
+            foreground_threshold=opts.foreground_threshold,
+            valid_zyx=src.shape[1:], source_bytes=_disk_size(row.path))  # what --pad's zeros do not count in
     except (StackTrainError, OSError, ValueError) as e:
         text = str(e)
         if text.startswith(row.where):

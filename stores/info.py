@@ -18,26 +18,36 @@ def _tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _ratio_of(n: int | None, stored: int) -> float | None:
+    return round(n / stored, 3) if stored and n is not None else None
+
+
 def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     stored = sum(r["stored_bytes"] for r in rows)
     raw = sum(r["raw_bytes"] for r in rows)
-    return {"stacks": len(rows), "stored_bytes": stored, "raw_bytes": raw,
-            "ratio": round(raw / stored, 3) if stored else None}
+    # only where every stack recorded its source size: a partial sum would understate the ratio
+    known = all(r["source_bytes"] is not None for r in rows)
+    source = sum(r["source_bytes"] for r in rows) if known else None
+    return {"stacks": len(rows), "stored_bytes": stored, "raw_bytes": raw, "ratio": _ratio_of(raw, stored),
+            "source_bytes": source, "source_ratio": _ratio_of(source, stored)}
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
-    """Every stack (stack_id, label, group, shape c,z,y,x, dtype, codec, stored/raw bytes, ratio) and
-    totals per label and overall. Stored = the files under the stack's image/0; raw = voxels x itemsize.
-    Refuses stores of an unknown format_version (StoreError from Store)."""
+    """Every stack (stack_id, label, group, shape c,z,y,x, valid z,y,x, dtype, codec, stored/raw/source
+    bytes, ratios) and totals per label and overall. Stored = the files under the stack's image/0; raw =
+    the valid region's voxels (not convert --pad's zeros) x channels x itemsize; source = the source's
+    size on disk recorded at conversion (None in older stores); ratio = raw / stored, source_ratio =
+    source / stored. Refuses stores of an unknown format_version (StoreError from Store)."""
     store = Store(path)
     rows = []
     for m in store.stacks:
         stored = _tree_bytes(store.array_path(m.stack_id))
-        raw = math.prod(m.shape) * np.dtype(m.dtype).itemsize
+        raw = m.shape[0] * math.prod(m.valid) * np.dtype(m.dtype).itemsize
         rows.append({"stack_id": m.stack_id, "label": m.label, "group": m.group, "shape": list(m.shape),
-                     "dtype": m.dtype, "codec": m.codec, "chunk_zyx": list(m.chunk_zyx),
+                     "valid_zyx": list(m.valid), "dtype": m.dtype, "codec": m.codec, "chunk_zyx": list(m.chunk_zyx),
                      "shard_zyx": list(m.shard_zyx), "stored_bytes": stored, "raw_bytes": raw,
-                     "ratio": round(raw / stored, 3) if stored else None})
+                     "ratio": _ratio_of(raw, stored), "source_bytes": m.source_bytes,
+                     "source_ratio": _ratio_of(m.source_bytes, stored)})
     labels = [name for name in CLASS_NAMES if any(r["label"] == name for r in rows)]
     totals = {name: _totals([r for r in rows if r["label"] == name]) for name in labels}
     totals["all"] = _totals(rows)
@@ -45,8 +55,14 @@ def summarize(path: str | Path) -> dict[str, Any]:
             "groups": len({r["group"] for r in rows}), "stacks": rows, "totals": totals}
 
 
-def _mb(n: int) -> str:
-    return f"{n / MB:,.2f}"
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / MB:,.2f}"
+
+
+def _shape(row: dict[str, Any]) -> str:
+    """c,z,y,x as stored, and the valid z,y,x where convert --pad added zeros."""
+    shape = "x".join(map(str, row["shape"]))
+    return shape if row["valid_zyx"] == row["shape"][1:] else f"{shape} ({'x'.join(map(str, row['valid_zyx']))} valid)"
 
 
 def _ratio(r: float | None) -> str:
@@ -61,14 +77,17 @@ def render(summary: dict[str, Any]):
                         f"format {summary['format_version']})", title_justify="left")
     for name, justify in (("stack_id", "left"), ("label", "left"), ("group", "left"),
                           ("shape (c,z,y,x)", "right"), ("dtype", "left"), ("codec", "left"),
-                          ("stored MB", "right"), ("raw MB", "right"), ("ratio", "right")):
+                          ("stored MB", "right"), ("raw MB", "right"), ("ratio", "right"),
+                          ("source MB", "right"), ("source ratio", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in summary["stacks"]:
-        table.add_row(r["stack_id"], r["label"], r["group"], "x".join(map(str, r["shape"])), r["dtype"],
-                      r["codec"], _mb(r["stored_bytes"]), _mb(r["raw_bytes"]), _ratio(r["ratio"]))
+        table.add_row(r["stack_id"], r["label"], r["group"], _shape(r), r["dtype"],
+                      r["codec"], _mb(r["stored_bytes"]), _mb(r["raw_bytes"]), _ratio(r["ratio"]),
+                      _mb(r["source_bytes"]), _ratio(r["source_ratio"]))
     table.add_section()
     for name, t in summary["totals"].items():
         title = "total" if name == "all" else f"total {name}"
         table.add_row(title, "" if name == "all" else name, f"{t['stacks']} stacks", "", "", "",
-                      _mb(t["stored_bytes"]), _mb(t["raw_bytes"]), _ratio(t["ratio"]), style="bold")
+                      _mb(t["stored_bytes"]), _mb(t["raw_bytes"]), _ratio(t["ratio"]), _mb(t["source_bytes"]),
+                      _ratio(t["source_ratio"]), style="bold")
     return table

@@ -84,7 +84,7 @@ class StackMeta:
     source: str
     source_sha256: str
     percentiles: dict[str, list[float]]  # "p1" -> one value per channel
-    channel_sum: list[float]  # per channel, over all voxels: for mean/std from training stacks
+    channel_sum: list[float]  # per channel, over the valid voxels: for mean/std from training stacks
     channel_sumsq: list[float]
     foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD
     # DICOM series converted with --allow-gaps: {"unit": "mm" (slice positions) or "InstanceNumber",
@@ -96,6 +96,10 @@ class StackMeta:
     # {"grid": [gz, gy, gx], "shards": {"c/0/z/y/x": [size, file crc32c, content crc32c]}}; None: written
     # by a stacktrain older than the record
     record: dict[str, Any] | None = None
+    # (z, y, x) of the source before --pad added zeros at the end of each axis; statistics, patches,
+    # heatmaps and `info` cover only this region. None: the whole shape (stores older than the field)
+    valid_zyx: tuple[int, int, int] | None = None
+    source_bytes: int | None = None  # the source's size on disk at conversion (None: not recorded)
 
     @property
     def label_index(self) -> int:
@@ -103,8 +107,14 @@ class StackMeta:
         return LABELS.get(self.label, -1)
 
     @property
+    def valid(self) -> tuple[int, int, int]:
+        """(z, y, x) of the voxels that came from the source (the rest is padding)."""
+        return tuple(self.valid_zyx) if self.valid_zyx is not None else tuple(self.shape[1:])
+
+    @property
     def n_voxels(self) -> int:
-        c, z, y, x = self.shape
+        """Voxels per channel that came from the source: what channel_sum / channel_sumsq add up."""
+        z, y, x = self.valid
         return z * y * x
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,7 +122,7 @@ class StackMeta:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StackMeta:
-        tuples = {"shape", "chunk_zyx", "shard_zyx", "stats_cell_zyx", "spacing_zyx"}
+        tuples = {"shape", "chunk_zyx", "shard_zyx", "stats_cell_zyx", "spacing_zyx", "valid_zyx"}
         fields = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in fields}
         return cls(**kw)

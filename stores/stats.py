@@ -2,8 +2,10 @@
 
 Per stats cell (8x32x32): the fraction of foreground voxels (above the threshold in any channel) and
 the mean of every channel; per channel: a histogram (for the percentiles), the sum and the sum of
-squares. Everything is integer arithmetic on views of the slab, with temporaries bounded by one
-stats cell's depth of slices (never a float64 copy of the slab):
+squares. Only the valid region (the source's voxels, not `--pad`'s zeros) counts: a cell partly in
+padding holds the fraction and means of its valid voxels, a cell wholly in padding 0.
+Everything is integer arithmetic on views of the slab, with temporaries bounded by one stats cell's
+depth of slices (never a float64 copy of the slab):
 - cell sums: the slices of one z cell are added into a reused integer plane, then summed per y-x
   cell with `np.add.reduceat` (cells at the edges may be partial);
 - histograms: Pillow's `Image.histogram` over the uint8 data of one z cell (shared, not copied),
@@ -50,11 +52,14 @@ class SlabStats:
     """Streaming statistics of a (C, Z, Y, X) stack fed slab by slab in z order; slabs start on a
     stats-cell boundary in z (the writer's slabs are whole shards and whole cells)."""
 
-    def __init__(self, shape, dtype, threshold: int):
+    def __init__(self, shape, dtype, threshold: int, valid_zyx=None):
         c, z, y, x = shape
         self.cell = STATS_CELL_ZYX
         self.dtype = np.dtype(dtype)
         self.grid = tuple(-(-n // k) for n, k in zip((z, y, x), self.cell))
+        # only the source's voxels count (--pad's zeros do not): cells wholly in padding stay 0
+        self.valid = tuple(valid_zyx) if valid_zyx is not None else (z, y, x)
+        _, y, x = self.valid
         self.fg = np.zeros(self.grid, np.float32)
         self.mean = np.zeros((c, *self.grid), np.float32)
         self.hist = np.zeros((c, np.iinfo(self.dtype).max + 1), np.int64)
@@ -64,6 +69,7 @@ class SlabStats:
         ky, kx = self.cell[1:]
         self._y_starts = np.arange(0, y, ky)
         self._x_starts = np.arange(0, x, kx)
+        self._yx_cells = (slice(0, len(self._y_starts)), slice(0, len(self._x_starts)))
         # voxels per y-x cell (edge cells may be smaller)
         self._yx_count = np.outer(np.diff(np.append(self._y_starts, y)), np.diff(np.append(self._x_starts, x)))
         kz = self.cell[0]
@@ -74,6 +80,13 @@ class SlabStats:
         self._fg_plane = np.empty((y, x), np.uint8)  # foreground voxels per (y, x) over one z cell (<= 8)
         self._values = np.arange(self.hist.shape[1], dtype=np.int64)
         self._squares = self._values * self._values
+
+    def _valid_part(self, z0: int, slab: np.ndarray) -> np.ndarray:
+        """The slab's voxels inside the valid region (a contiguous copy only where y or x is padded)."""
+        vz, vy, vx = self.valid
+        if slab.shape[2:] == (vy, vx):
+            return slab[:, :max(vz - z0, 0)]
+        return np.ascontiguousarray(slab[:, :max(vz - z0, 0), :vy, :vx])
 
     def _cell_sums(self, plane: np.ndarray) -> np.ndarray:
         """Per y-x cell sums of a 2-D integer plane (uint32 holds one cell's sum: 8x32x32x65535 < 2**32)."""
@@ -91,6 +104,7 @@ class SlabStats:
         return np.bincount(block.ravel(), minlength=self.hist.shape[1])
 
     def add(self, z0: int, slab: np.ndarray) -> None:
+        slab = self._valid_part(z0, slab)
         c, dz, y, x = slab.shape
         kz = self.cell[0]
         values, squares = self._values, self._squares
@@ -104,7 +118,7 @@ class SlabStats:
             for ch in range(c):
                 block = slab[ch, lo:hi]
                 plane = np.add.reduce(block, axis=0, dtype=self._plane.dtype, out=self._plane)
-                self.mean[ch, gz] = self._cell_sums(plane) / count
+                self.mean[(ch, gz, *self._yx_cells)] = self._cell_sums(plane) / count
                 h = self._histogram(block)
                 self.hist[ch] += h
                 slab_sums[ch] += int(h @ values)
@@ -115,7 +129,7 @@ class SlabStats:
                 else:
                     np.logical_or(anyfg, mask, out=anyfg)
             fg_plane = np.add.reduce(anyfg.view(np.uint8), axis=0, dtype=np.uint8, out=self._fg_plane)
-            self.fg[gz] = self._cell_sums(fg_plane) / count
+            self.fg[(gz, *self._yx_cells)] = self._cell_sums(fg_plane) / count
         for ch in range(c):
             # below 2**53 the float64 sum of integers is exact, whatever the order of the additions
             self.sum[ch] += float(slab_sums[ch]) if slab_sums[ch] < EXACT else _float_sum(slab[ch].ravel(), False)

@@ -121,19 +121,25 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
                 source_sha256: str | Callable[[], str], shape: tuple[int, int, int, int], dtype: str,
                 slabs: Iterable[tuple[int, np.ndarray]], spacing_zyx=None, codec: str = "lz4",
                 chunk_zyx=DEFAULT_CHUNK_ZYX, shard_zyx=DEFAULT_SHARD_ZYX,
-                foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD, gaps=None) -> StackMeta:
+                foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD, gaps=None, valid_zyx=None,
+                source_bytes: int | None = None) -> StackMeta:
     """Write a stack from `(z0, slab)` pairs (slab: (C, dz, Y, X), in z order) under a staging name
     and rename it into place. Nothing is visible under `<store>/<stack_id>` until it is complete.
     The root list is not touched: call `register` once the stack is in place.
     `source_sha256` may be a function, called once the last slab is written (`convert` hashes the
     source while reading it). Zarr-python writes the metadata; the shard files are assembled by
     `stores.shards.ShardWriter` (the same bytes, without zarr's per-chunk cost) and the statistics
-    come from `stores.stats.SlabStats`, both in one pass over each slab.
+    come from `stores.stats.SlabStats`, both in one pass over each slab. `valid_zyx`: the region that came
+    from the source when the slabs are zero-padded past it (`convert --pad`); statistics cover only it.
     """
     if codec not in CODECS:
         raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     if any(s % c for s, c in zip(shard_zyx, chunk_zyx)):
         raise StoreError(f"shard {shard_zyx} must be a multiple of chunk {chunk_zyx}")
+    if valid_zyx is not None:
+        valid_zyx = tuple(int(n) for n in valid_zyx)
+        if len(valid_zyx) != 3 or not all(1 <= v <= n for v, n in zip(valid_zyx, shape[1:])):
+            raise StoreError(f"{source}: valid region (z, y, x) {valid_zyx} must lie inside the shape {shape}")
     path = Path(path)
     staging = path / STAGING / f"{stack_id}.{uuid.uuid4().hex[:8]}"
     c = shape[0]
@@ -145,7 +151,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
                            compressors=compressors, fill_value=0, dimension_names=("c", "z", "y", "x"))
         shards = ShardWriter(staging / IMAGE / LEVEL0, shape, dtype, codec=codec, chunk_zyx=chunk_zyx,
                              shard_zyx=shard_zyx)
-        stats = SlabStats(shape, dtype, foreground_threshold)
+        stats = SlabStats(shape, dtype, foreground_threshold, valid_zyx)
         expected_z = 0
         # whole shards for zarr, whole statistics cells for _Stats
         for z0, slab in _regroup(slabs, math.lcm(shard_zyx[0], STATS_CELL_ZYX[0])):
@@ -172,7 +178,8 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
             source_sha256=source_sha256, percentiles=stats.percentiles(),
             channel_sum=stats.sum.tolist(), channel_sumsq=stats.sumsq.tolist(),
             foreground_threshold=foreground_threshold, format_version=FORMAT_VERSION,
-            record={"grid": list(shard_grid(shape, shard_zyx)), "shards": shards.files})
+            record={"grid": list(shard_grid(shape, shard_zyx)), "shards": shards.files},
+            valid_zyx=valid_zyx, source_bytes=source_bytes)
         # Complete, and its completeness record written: the rename below is what makes it visible.
         stack_group.attrs.put({"stacktrain": meta.to_dict()})
         remove_stack(path, stack_id)

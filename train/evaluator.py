@@ -16,7 +16,7 @@ Under DDP, gather `arrays()` from every rank and `add` them into one evaluator o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,7 +124,7 @@ class EvalResult:
     patch_metrics: dict[str, Any]
     volume_metrics: dict[str, Any]
     samples: list[dict[str, Any]]
-    """{stack_id, position: [z, y, x], probability, label}, sorted by stack then position."""
+    """{stack_id, position: [z, y, x], probability, label[, padded_fraction]}, sorted by stack then position."""
     volumes: list[dict[str, Any]]
     """{stack_id, aggregated_probability, predicted_label, label, n_patches}, in stack order."""
     threshold: float = THRESHOLD
@@ -169,13 +169,16 @@ class Evaluator:
     """Aggregator of one validation pass; `add` per batch, `finalize` once."""
 
     def __init__(self, stack_ids: Sequence[str], *, aggregate: str = "mean", topk: int = 3,
-                 pos_weight: float | None = None, threshold: float | str = THRESHOLD):
+                 pos_weight: float | None = None, threshold: float | str = THRESHOLD,
+                 padded: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
+        """`padded(stack_index, positions)`: each patch's share of padding (PatchIndex.padded_fraction),
+        written as `padded_fraction` into the sample of every partly padded patch; None: never written."""
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
         if threshold != "tuned" and not (isinstance(threshold, float) and 0 < threshold < 1):
             raise ValueError(f"threshold {threshold!r}; give a number in (0, 1) or 'tuned'")
         self.stack_ids = list(stack_ids)
-        self.aggregate, self.topk, self.pos_weight = aggregate, topk, pos_weight
+        self.aggregate, self.topk, self.pos_weight, self.padded = aggregate, topk, pos_weight, padded
         self.threshold = threshold
         self._parts: list[tuple[Any, Any, Any, Any]] = []
 
@@ -219,6 +222,10 @@ class Evaluator:
         prob = expit(logit.astype(np.float64))
         samples = [{"stack_id": self.stack_ids[s], "position": p.tolist(), "probability": float(q),
                     "label": int(y)} for s, p, q, y in zip(sidx, pos, prob, labels)]
+        if self.padded is not None:  # partly padded patches are evaluated, and say so (only they: file size)
+            for sample, f in zip(samples, self.padded(sidx, pos)):
+                if f > 0:
+                    sample["padded_fraction"] = float(f)
         starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
         spans = list(zip(starts, [*starts[1:], n]))
         for lo, hi in spans:

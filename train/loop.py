@@ -182,7 +182,7 @@ def evaluate(net: nn.Module, loader, cfg: TrainConfig, *, prec: Precision, rt: R
     if threshold is None:
         threshold = "tuned" if cfg.train.threshold == "tuned" else THRESHOLD
     options = dict(aggregate=cfg.train.aggregate, topk=cfg.train.topk, pos_weight=cfg.optim.pos_weight,
-                   threshold=threshold)
+                   threshold=threshold, padded=loader.index.padded_fraction)
     local = Evaluator(loader.stack_ids, **options)
     meter = monitor.meter("val", epoch, len(loader), loader.cfg.batch_size)
     for batch in meter.iterate(loader.epoch(epoch)):

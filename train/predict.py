@@ -137,10 +137,12 @@ def probability_map(samples: list[dict], patch_size, shape_yx) -> np.ndarray:
 
 
 def _display_slice(store: Store, stack_id: str) -> tuple[np.ndarray, int]:
-    """The middle z-slice as an image matplotlib shows: (Y, X, 3) RGB or (Y, X) grey, in [0, 1], each
-    channel stretched over its stored 1st-99th percentile."""
+    """The middle z-slice of the valid region (without convert --pad's zeros) as an image matplotlib
+    shows: (Y, X, 3) RGB or (Y, X) grey, in [0, 1], each channel stretched over its stored 1st-99th
+    percentile."""
     meta = store.meta(stack_id)
-    c, z, y, x = meta.shape
+    c = meta.shape[0]
+    z, y, x = meta.valid
     mid = z // 2
     plane = store.read(stack_id, ((mid, mid + 1), (0, y), (0, x)))[:, 0].astype(np.float32)
     # contrast from the stack's stored 1st-99th percentiles (not the dtype's range: 16-bit data around

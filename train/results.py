@@ -61,6 +61,9 @@ class Sample(_Strict):
     position: list[int] = Field(min_length=3, max_length=3, description="patch origin z, y, x in voxels")
     probability: float = Field(ge=0, le=1, description="sigmoid of the patch logit")
     label: Literal[0, 1] = Field(description="true label: 0 SAIN, 1 MALADE")
+    padded_fraction: float | None = Field(None, gt=0, lt=1, description="only on a partly padded patch: the "
+                                          "share of its voxels outside its stack's valid region (convert --pad's "
+                                          "zeros, or past the edge with patch.edge = pad); absent: none padded")
 
 
 class Volume(_Strict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -96,3 +98,48 @@ def test_empty_inputs_and_filters_are_errors(small_store):
         build_index(store, [], PatchConfig(size=(8, 16, 16)))
     with pytest.raises(PipelineError, match="foreground_min"):
         build_index(store, ["s0"], PatchConfig(size=(8, 16, 16), foreground_min=1.01))
+
+
+def _padded_store(tmp_path, valid=(6, 40, 50), shape=(16, 64, 64)):
+    """A tissue stack of `valid` voxels zero-padded to `shape` (as convert --pad writes it)."""
+    arr = np.zeros((3, *shape), np.uint8)
+    arr[:, :valid[0], :valid[1], :valid[2]] = tissue((3, *valid), seed=2, empty_corner=False)
+    write_array(tmp_path / "pad.zarr", "a", arr, valid_zyx=valid)
+    return Store(tmp_path / "pad.zarr")
+
+
+@pytest.mark.parametrize("edge, size, want", [
+    ("fit", (8, 32, 32), [(0, 0, 0), (0, 0, 32), (0, 32, 0), (0, 32, 32)]),  # of 8: z = 8 is all padding
+    ("drop", (8, 32, 32), [(0, 0, 0), (0, 0, 32), (0, 32, 0), (0, 32, 32)]),
+    ("pad", (12, 48, 48), [(0, 0, 0), (0, 0, 48)]),  # (0, 0, 48) runs past the stored edge too
+    ("pad", (24, 96, 96), [(0, 0, 0)]),  # larger than the stack: its one patch stays
+], ids=["fit", "drop", "pad-edge", "pad-larger-than-stack"])
+def test_patches_wholly_in_padding_are_dropped(tmp_path, edge, size, want):
+    store = _padded_store(tmp_path)
+    index = build_index(store, ["a"], PatchConfig(size=size, edge=edge))
+    assert [tuple(p) for p in index.position.tolist()] == want
+    frac = index.padded_fraction(index.stack, index.position)
+    inside = np.prod(np.minimum(index.position + np.array(size), (6, 40, 50)) - index.position, axis=1)
+    np.testing.assert_allclose(frac, 1 - inside / np.prod(size))
+    assert 0 <= frac.min() and frac.max() < 1
+
+
+def test_foreground_filter_counts_padding_as_background(tmp_path):
+    """Cells partly in padding hold their valid voxels' fraction; a patch's fraction is over all its voxels."""
+    store = _padded_store(tmp_path, valid=(8, 48, 64), shape=(8, 64, 64))
+    size = (8, 32, 32)
+    full = build_index(store, ["a"], PatchConfig(size=size))
+    fg = np.zeros((8, 64, 64))
+    fg[:, :48] = (store.read("a")[:, :, :48] > 0).any(axis=0)
+    exact = np.array([fg[z:z + 8, y:y + 32, x:x + 32].mean() for z, y, x in full.position])
+    assert exact.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.5])  # the lower row is half padding
+    kept = build_index(store, ["a"], PatchConfig(size=size, foreground_min=0.75))
+    assert kept.position.tolist() == full.position[:2].tolist()
+
+
+def test_an_index_without_valid_regions_reports_no_padding(small_store):
+    path, _ = small_store
+    index = build_index(Store(path), ["s0"], PatchConfig(size=(8, 16, 16)))
+    assert not index.padded_fraction(index.stack, index.position).any()
+    bare = dataclasses.replace(index, valid=None)
+    assert bare.padded_fraction(index.stack[:3], index.position[:3]).tolist() == [0.0] * 3
