@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .layout import CLASS_NAMES, FORMAT_VERSION
+from .layout import CLASS_NAMES, FORMAT_VERSION, UNLABELED
 from .reader import Store
 
 MB = 1e6
@@ -48,8 +48,9 @@ def summarize(path: str | Path) -> dict[str, Any]:
                      "shard_zyx": list(m.shard_zyx), "stored_bytes": stored, "raw_bytes": raw,
                      "ratio": _ratio_of(raw, stored), "source_bytes": m.source_bytes,
                      "source_ratio": _ratio_of(m.source_bytes, stored)})
-    labels = [name for name in CLASS_NAMES if any(r["label"] == name for r in rows)]
-    totals = {name: _totals([r for r in rows if r["label"] == name]) for name in labels}
+    kinds = {name: name for name in CLASS_NAMES} | {"unlabeled": UNLABELED}  # total's name -> the label
+    totals = {name: _totals([r for r in rows if r["label"] == label]) for name, label in kinds.items()
+              if any(r["label"] == label for r in rows)}
     totals["all"] = _totals(rows)
     return {"store": str(store.path), "format_version": FORMAT_VERSION,
             "groups": len({r["group"] for r in rows}), "stacks": rows, "totals": totals}

@@ -16,7 +16,8 @@ from stacktrain.cli import build_parser, main
 COMMANDS = {
     "synth": (["out_dir"], ["--difficulty", "--dtype", "--patient-effect", "--prevalence", "--seed", "--shape",
                             "--stacks"]),
-    "convert": (["manifest"], ["--allow-gaps", "--axes", "--chunk", "--codec", "--foreground-threshold", "--label-map",
+    "convert": (["manifest"], ["--allow-gaps", "--allow-unlabeled", "--axes", "--chunk", "--codec",
+                               "--foreground-threshold", "--label-map",
                                "--min-patch", "--no-progress", "--out", "--overwrite", "--pad", "--replicate-channels",
                                "--scale", "--shard", "--workers"]),
     "info": (["store"], ["--json"]),

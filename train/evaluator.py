@@ -119,10 +119,11 @@ def selection_key(metrics: dict[str, Any], stack_metrics: dict[str, Any], val_lo
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-    val_loss: float
-    """Mean BCE-with-logits over validation patches (with the training pos_weight, if any)."""
-    patch_metrics: dict[str, Any]
-    volume_metrics: dict[str, Any]
+    val_loss: float | None
+    """Mean BCE-with-logits over validation patches (with the training pos_weight, if any); this and the
+    metrics are over labelled stacks only, None when none is (prediction on unlabeled stacks)."""
+    patch_metrics: dict[str, Any] | None
+    volume_metrics: dict[str, Any] | None
     samples: list[dict[str, Any]]
     """{stack_id, position: [z, y, x], probability, label[, padded_fraction]}, sorted by stack then position."""
     volumes: list[dict[str, Any]]
@@ -221,7 +222,7 @@ class Evaluator:
                             "each patch must be counted once (drop DDP padding before evaluating)")
         prob = expit(logit.astype(np.float64))
         samples = [{"stack_id": self.stack_ids[s], "position": p.tolist(), "probability": float(q),
-                    "label": int(y)} for s, p, q, y in zip(sidx, pos, prob, labels)]
+                    "label": _label(y)} for s, p, q, y in zip(sidx, pos, prob, labels)]
         if self.padded is not None:  # partly padded patches are evaluated, and say so (only they: file size)
             for sample, f in zip(samples, self.padded(sidx, pos)):
                 if f > 0:
@@ -234,17 +235,28 @@ class Evaluator:
                                 "labels are per stack")
         stack_labels = np.array([labels[lo] for lo, _ in spans], np.int64)
         stack_probs = np.array([aggregate_probabilities(prob[lo:hi], self.aggregate, self.topk) for lo, hi in spans])
+        # Unlabeled stacks (label -1: predict on a store converted with --allow-unlabeled) are predicted
+        # and decided, and left out of the loss and metrics (None when no stack has a label).
+        known, stack_known = labels >= 0, stack_labels >= 0
         tuned = self.threshold == "tuned"
-        threshold = tune_threshold(stack_labels, stack_probs) if tuned else self.threshold
+        threshold = tune_threshold(stack_labels[stack_known], stack_probs[stack_known]) if tuned else self.threshold
         volumes = [{"stack_id": self.stack_ids[sidx[lo]], "aggregated_probability": float(q),
-                    "predicted_label": int(q >= threshold), "label": int(y), "n_patches": int(hi - lo)}
+                    "predicted_label": int(q >= threshold), "label": _label(y), "n_patches": int(hi - lo)}
                    for (lo, hi), q, y in zip(spans, stack_probs, stack_labels)]
+        labelled = known.any()
+        stack_metrics = (lambda t: binary_metrics(stack_labels[stack_known], stack_probs[stack_known], t)  # noqa: E731
+                         if labelled else None)
         return EvalResult(
-            val_loss=_bce_with_logits(logit.astype(np.float64), labels, self.pos_weight),
-            patch_metrics=binary_metrics(labels, prob),
-            volume_metrics=binary_metrics(stack_labels, stack_probs, threshold),
-            samples=samples, volumes=volumes, threshold=threshold,
-            fixed_volume_metrics=binary_metrics(stack_labels, stack_probs) if tuned else None)
+            val_loss=_bce_with_logits(logit[known].astype(np.float64), labels[known], self.pos_weight)
+            if labelled else None,
+            patch_metrics=binary_metrics(labels[known], prob[known]) if labelled else None,
+            volume_metrics=stack_metrics(threshold), samples=samples, volumes=volumes, threshold=threshold,
+            fixed_volume_metrics=stack_metrics(THRESHOLD) if tuned else None)
+
+
+def _label(y: int) -> int | None:
+    """A stored label (0, 1) as it is, an unlabeled stack's (-1) as None."""
+    return int(y) if y >= 0 else None
 
 
 def check_coverage(index: Any, where: str = "validation") -> None:

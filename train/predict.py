@@ -6,7 +6,8 @@ normalisation) and the model; patch probabilities are aggregated per stack as in
     DIR/patches.csv        stack_id, z, y, x, probability, label
     DIR/stacks.csv         stack_id, aggregated_probability, predicted_label, predicted_class, label, n_patches
     DIR/predictions.json   the same plus checkpoint, store, aggregation, threshold and metrics against the
-                           stored labels
+                           stored labels (over the labelled stacks; null when none is: an unlabeled stack's
+                           label is empty in the CSV files, null in the JSON)
 A stack is MALADE when its probability is >= the checkpoint's threshold: 0.5, or the one tuned on the
 run's validation stacks (train.threshold = "tuned").
     DIR/heatmaps/<id>.png  a mid-slice of the stack next to its patch probabilities (max over z)
@@ -106,13 +107,18 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
 
     table = Table("stack", "label", "probability", "predicted", "patches", title=f"predictions of {checkpoint}")
     for v in volumes:
-        table.add_row(v["stack_id"], CLASS_NAMES[v["label"]], f"{v['aggregated_probability']:.3f}",
+        table.add_row(v["stack_id"], class_name(v["label"]), f"{v['aggregated_probability']:.3f}",
                       v["predicted_class"], str(v["n_patches"]))
     console.print(table)
     console.print(f"wrote {out}/patches.csv, stacks.csv, predictions.json, {len(volumes)} heatmaps in "
                   f"{out}/heatmaps and the probability layers in {out}/{LAYERS} (OME-Zarr, for napari)",
                   highlight=False, soft_wrap=True)
     return report
+
+
+def class_name(label: int | None) -> str:
+    """SAIN / MALADE for a stored label, "unlabeled" for a stack without one."""
+    return "unlabeled" if label is None else CLASS_NAMES[label]
 
 
 def _write_csv(path: Path, header, rows) -> None:
@@ -164,7 +170,7 @@ def heatmap(path: Path, store: Store, volume: dict, samples: list[dict], patch_s
     fig = Figure(figsize=(10, 4.6 * aspect + 0.8), layout="constrained")
     left, right = fig.subplots(1, 2)
     left.imshow(image, cmap=None if image.ndim == 3 else "gray", interpolation="nearest")
-    left.set_title(f"{sid} ({CLASS_NAMES[volume['label']]}), slice z={mid}")
+    left.set_title(f"{sid} ({class_name(volume['label'])}), slice z={mid}")
     shown = right.imshow(probs, cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
     right.set_title(f"P(MALADE) per patch, max over z\nstack: {volume['aggregated_probability']:.2f} -> "
                     f"{volume['predicted_class']}")

@@ -1,0 +1,121 @@
+"""Unlabeled stacks: converted with --allow-unlabeled, left out of splits, refused for training, and
+predicted with decisions but no metrics (metrics over the labelled stacks when a store mixes both)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from stacktrain.cli import main
+from stacktrain.errors import InputError, SplitError
+from stacktrain.stores.convert import ConvertOptions, convert
+from stacktrain.stores.manifest import read_manifest
+from stacktrain.stores.reader import Store
+from stacktrain.stores.synth import synth
+from stacktrain.train.checkpoint import save_checkpoint
+from stacktrain.train.config import config_to_dict
+from stacktrain.train.evaluator import binary_metrics
+from stacktrain.train.models import build_model
+from stacktrain.train.predict import predict
+from stacktrain.train.split import check_split, make_splits, write_split
+from tests.support import PATCH, tiny_config
+
+UNLABELED_IDS = ("stack001", "stack004", "stack007")
+
+
+def _blank_labels(labels, ids, *, drop_group=False):
+    rows = list(csv.DictReader(labels.open()))
+    for r in rows:
+        if r["stack_id"] in ids:
+            r["label"] = ""
+            if drop_group:
+                r["group"] = ""
+    with labels.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return labels
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """10 synthetic stacks, 3 of them unlabeled (one without a group), converted into one store, and an
+    untrained tiny model's checkpoint (prediction does not need a trained one)."""
+    root = tmp_path_factory.mktemp("unlabeled")
+    labels = synth(root / "raw", stacks=10, shape_zyx=(16, 64, 64), seed=2)
+    _blank_labels(labels, UNLABELED_IDS[:2])
+    _blank_labels(labels, UNLABELED_IDS[2:], drop_group=True)
+    store = root / "store.zarr"
+    convert(labels, store, ConvertOptions(min_patch_zyx=PATCH, allow_unlabeled=True, workers=1))
+    split = root / "split.json"
+    write_split(make_splits(store, val_fraction=0.3, seed=0), split)
+    torch.manual_seed(0)
+    model = build_model("resnet3d18", tiny=True)
+    ckpt = root / "best.pt"
+    save_checkpoint(ckpt, model=model, optimizer=None, scaler=None, epoch=0, early_stopping=None,
+                    config=config_to_dict(tiny_config(store, split)), model_name="resnet3d18", model_tiny=True)
+    return root, labels, store, split, ckpt
+
+
+def test_an_empty_label_needs_allow_unlabeled(mixed):
+    _, labels, *_ = mixed
+    with pytest.raises(InputError, match="an empty label is for stacks to predict on: convert --allow-unlabeled"):
+        read_manifest(labels)
+
+
+def test_a_prediction_manifest_needs_only_path_and_stack_id(tmp_path, mixed):
+    _, labels, *_ = mixed
+    raw = labels.parent
+    (tmp_path / "new.csv").write_text("path,stack_id\n" + f"{raw / 'stack000.tif'},new0\n")
+    (row,) = read_manifest(tmp_path / "new.csv", allow_unlabeled=True)
+    assert (row.label, row.group) == ("", "new0")
+    with pytest.raises(InputError, match="missing column"):
+        read_manifest(tmp_path / "new.csv")
+
+
+def test_unlabeled_stacks_are_stored_and_left_out_of_splits(mixed):
+    _, _, store, split, _ = mixed
+    st = Store(store)
+    assert {m.stack_id for m in st.stacks if m.label == ""} == set(UNLABELED_IDS)
+    assert st.meta(UNLABELED_IDS[2]).group == UNLABELED_IDS[2] and st.meta(UNLABELED_IDS[0]).label_index == -1
+    saved = json.loads(split.read_text())
+    assert saved["unlabeled"] == sorted(UNLABELED_IDS)
+    used = {s for fold in saved["folds"] for ids in fold.values() for s in ids}
+    assert used.isdisjoint(UNLABELED_IDS) and len(used) == 7
+    saved["folds"][0]["train"].append(UNLABELED_IDS[0])  # a hand-edited split that trains on one
+    with pytest.raises(SplitError, match=f"unlabeled stack.*{UNLABELED_IDS[0]}"):
+        check_split(saved, store)
+
+
+def test_the_split_command_says_what_it_left_out(mixed, tmp_path, capsys):
+    _, _, store, *_ = mixed
+    assert main(["split", str(store), "--val-fraction", "0.3", "--out", str(tmp_path / "s.json")]) == 0
+    assert "3 unlabeled stack(s) left out (for prediction only)" in capsys.readouterr().out
+
+
+def test_predict_decides_unlabeled_stacks_and_scores_only_the_labelled(mixed, tmp_path):
+    _, _, store, _, ckpt = mixed
+    report = predict(ckpt, store, tmp_path / "all", console=Console(quiet=True))
+    by_id = {v["stack_id"]: v for v in report["stacks"]}
+    assert all(by_id[s]["label"] is None and by_id[s]["predicted_class"] in ("SAIN", "MALADE") for s in UNLABELED_IDS)
+    known = [v for v in report["stacks"] if v["label"] is not None]
+    want = binary_metrics(np.array([v["label"] for v in known]), np.array([v["aggregated_probability"] for v in known]))
+    assert report["volume_metrics"] == want
+    rows = {r["stack_id"]: r for r in csv.DictReader((tmp_path / "all" / "stacks.csv").open())}
+    assert rows[UNLABELED_IDS[0]]["label"] == "" and rows["stack000"]["label"] in ("0", "1")
+    only = predict(ckpt, store, tmp_path / "only", stacks=list(UNLABELED_IDS), console=Console(quiet=True))
+    saved = json.loads((tmp_path / "only" / "predictions.json").read_text())
+    assert only["volume_metrics"] is None and saved["patch_metrics"] is None and len(saved["stacks"]) == 3
+
+
+def test_info_totals_the_unlabeled_stacks(mixed):
+    from stacktrain.stores.info import summarize
+    _, _, store, *_ = mixed
+    totals = summarize(store)["totals"]
+    assert totals["unlabeled"]["stacks"] == 3 and totals["all"]["stacks"] == 10
+    assert totals["SAIN"]["stacks"] + totals["MALADE"]["stacks"] == 7
