@@ -113,7 +113,10 @@ def info(args: Namespace) -> int:
     if args.json is not None:
         emit_json(summary, args.json)
     if args.json != "-":
-        ui.console().print(render(summary))
+        con = ui.console()
+        con.print(render(summary))
+        for why in summary["damaged"].values():  # listed but unreadable: named, with the way out
+            con.print(f"damaged: {why}", style="bold red", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -38,7 +38,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     the valid region's voxels (not convert --pad's zeros) x channels x itemsize; source = the source's
     size on disk recorded at conversion (None in older stores); ratio = raw / stored, source_ratio =
     source / stored. Refuses stores of an unknown format_version (StoreError from Store)."""
-    store = Store(path)
+    store = Store(path, damaged_ok=True)  # a stack folder deleted by hand is reported, not fatal
     rows = []
     for m in store.stacks:
         stored = _tree_bytes(store.array_path(m.stack_id))
@@ -53,7 +53,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
               if any(r["label"] == label for r in rows)}
     totals["all"] = _totals(rows)
     return {"store": str(store.path), "format_version": FORMAT_VERSION,
-            "groups": len({r["group"] for r in rows}), "stacks": rows, "totals": totals}
+            "groups": len({r["group"] for r in rows}), "stacks": rows, "totals": totals,
+            "damaged": store.damaged}
 
 
 def _mb(n: int | None) -> str:

@@ -83,7 +83,9 @@ def array_problem(array_dir: Path, meta: StackMeta) -> str | None:
 class Store:
     """A read-only view of a stacktrain store. Picklable: worker processes reopen files lazily."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, damaged_ok: bool = False):
+        """`damaged_ok`: a listed stack whose metadata cannot be read (a folder deleted by hand) is kept
+        out of `stacks` and named in `damaged` (stack id -> why) instead of refusing the store."""
         self.path = Path(path)
         if not self.path.is_dir():
             raise StoreError(f"{self.path}: store not found; create it with `stacktrain convert`")
@@ -97,11 +99,17 @@ class Store:
             raise StoreError(f"{self.path}: format_version {version!r} is not supported by this "
                              f"stacktrain (reads {FORMAT_VERSION}); reconvert with this version")
         self._metas: dict[str, StackMeta] = {}
+        self.damaged: dict[str, str] = {}
         for entry in info.get("stacks", []):
             sid = entry.get("stack_id") if isinstance(entry, dict) else None
             if why := check_stack_id(sid):  # a crafted root list must not name paths outside the store
                 raise StoreError(f"{self.path}/zarr.json: {why}; this store's stack list is damaged")
-            self._metas[sid] = read_stack_meta(self.path, sid)
+            try:
+                self._metas[sid] = read_stack_meta(self.path, sid)
+            except StoreError as e:
+                if not damaged_ok:
+                    raise
+                self.damaged[sid] = str(e)
         self._files: OrderedDict[str, _chunks.ShardFiles] = OrderedDict()  # least recently used first
 
     # -- listing -------------------------------------------------------------------------------

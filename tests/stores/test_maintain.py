@@ -65,3 +65,15 @@ def test_relabel_waits_for_no_convert(small_store):
             relabel(store, Store(store).stack_ids[0], "SAIN")
         with pytest.raises(StoreError, match="another `stacktrain convert`"):
             remove(store, [Store(store).stack_ids[0]])
+
+
+def test_info_reports_a_stack_folder_deleted_by_hand(small_store, capsys):
+    store, _ = small_store
+    ids = Store(store).stack_ids
+    shutil.rmtree(store / ids[0])
+    assert main(["info", str(store), "--json", str(store.parent / "info.json")]) == 0
+    out = capsys.readouterr().out
+    assert "damaged" in out and f"stacktrain remove {store} {ids[0]}" in out
+    import json
+    summary = json.loads((store.parent / "info.json").read_text())
+    assert list(summary["damaged"]) == [ids[0]] and [r["stack_id"] for r in summary["stacks"]] == ids[1:]
