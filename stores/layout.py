@@ -95,6 +95,9 @@ class StackMeta:
     # {"grid": [gz, gy, gx], "shards": {"c/0/z/y/x": [size, file crc32c, content crc32c]}}; None: written
     # by a stacktrain older than the record
     record: dict[str, Any] | None = None
+    # what was applied to the source's values (stores/intensity.py): {"kind": identity|offset|window|minmax,
+    # "source_dtype", and "offset" or "low"/"high"}; None: converted before stores recorded it
+    intensity: dict[str, Any] | None = None
 
     @property
     def label_index(self) -> int:
@@ -126,12 +129,13 @@ def shard_relpath(gz: int, gy: int, gx: int) -> str:
     return f"c/0/{gz}/{gy}/{gx}"
 
 
-def root_group_json(stacks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The root zarr.json: a plain Zarr v3 group whose attributes list the stacks."""
+def root_group_json(stacks: list[dict[str, Any]], intensity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The root zarr.json: a plain Zarr v3 group whose attributes list the stacks, with the store's dtype
+    and intensity mapping ({"dtype", "mapping"}, stores/intensity.py) once it has one."""
     return {
         "zarr_format": 3,
         "node_type": "group",
-        "attributes": {"stacktrain": {"format_version": FORMAT_VERSION, "stacks": stacks}},
+        "attributes": {"stacktrain": {"format_version": FORMAT_VERSION, **(intensity or {}), "stacks": stacks}},
     }
 
 

@@ -7,10 +7,11 @@ import dataclasses
 import math
 import os
 
-from stacktrain.choices import Codec, Scale
+from stacktrain.choices import Codec, Scale, TargetDtype
 from stacktrain.config import check_choices, require
 from stacktrain.errors import ConfigError
 
+from .intensity import check_request
 from .layout import DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX, LABELS, STATS_CELL_ZYX
 
 DEFAULT_MIN_PATCH_ZYX = (32, 256, 256)
@@ -46,7 +47,15 @@ class ConvertOptions:
     replicate_channels: bool = False
     """Copy a 1-channel source to the 3 stored channels (otherwise it is an error)."""
     scale: Scale = "none"
-    """Store other dtypes than uint8/uint16 as uint8: minmax per stack, or clip to 0..255."""
+    """Store the stacks as uint8 by a per-stack mapping: minmax (each stack's own range to 0..255) or clip
+    (to 0..255); stacks already uint8 are stored as they are."""
+    dtype: TargetDtype = "keep"
+    """The store's dtype: keep (the sources' uint8 or uint16, when they all agree), uint8 or uint16. Sources
+    of another dtype need --window, except int16 into uint16 (+32768, lossless); one store holds one dtype."""
+    window: tuple[str, str] | None = None
+    """LOW HIGH mapped onto the whole --dtype range (clipped), for every source not already in --dtype:
+    values (e.g. 0 4095, -1024 3071) or percentiles over every source of the manifest that it maps (e.g.
+    p0.5 p99.5: one extra pass before writing), recorded in the store and reused when it grows."""
     pad: bool = False
     """Zero-pad stacks smaller than min_patch_zyx (at the end of each axis) instead of refusing them
     (an empty stack, with a zero-length axis, is refused all the same)."""
@@ -65,6 +74,7 @@ class ConvertOptions:
     def __post_init__(self):
         check_choices(self, "convert")
         self.labels()  # refuses a malformed --label-map now
+        check_request(self.dtype, self.window, self.scale)
         require(self.workers >= 1, "--workers", self.workers, "give at least 1")
         require(self.foreground_threshold >= 0, "--foreground-threshold", self.foreground_threshold,
                 "give 0 or more")
