@@ -70,6 +70,12 @@ def check_request(dtype: str, window, scale: str) -> None:
 
 # -- describing and comparing --------------------------------------------------------------------
 
+def num(value: float) -> str:
+    """A window bound as text that reads back as the same float (4095, 12.5, 1234567.25)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
+
+
 def mapping_key(record: dict[str, Any] | None) -> tuple | None:
     """What makes two mappings the same (not which source dtypes went through it, nor how it was asked)."""
     if record is None:
@@ -85,7 +91,7 @@ def describe(record: dict[str, Any] | None) -> str:
     m = record["mapping"]
     if m["kind"] == "window":
         asked = f" from {' '.join(m['asked'])}" if any(a[:1] in "pP" for a in m.get("asked", [])) else ""
-        what = f"window {m['low']:g}..{m['high']:g}{asked}"
+        what = f"window {num(m['low'])}..{num(m['high'])}{asked}"
     elif m["kind"] == "offset":
         what = f"int16 + {m['offset']}"
     elif m["kind"] == "minmax":
@@ -101,7 +107,7 @@ def describe_applied(applied: dict[str, Any] | None) -> str:
         return "-"
     kind, src = applied["kind"], applied["source_dtype"]
     if kind in ("window", "minmax"):
-        return f"{kind} {applied['low']:g}..{applied['high']:g} of {src}"
+        return f"{kind} {num(applied['low'])}..{num(applied['high'])} of {src}"
     if kind == "offset":
         return f"+{applied['offset']} of {src}"
     return f"as is ({src})"
@@ -112,7 +118,7 @@ def flags(record: dict[str, Any]) -> str:
     m = record["mapping"]
     if m["kind"] == "minmax":
         return "--scale minmax"
-    window = f" --window {m['low']:g} {m['high']:g}" if m["kind"] == "window" else ""
+    window = f" --window {num(m['low'])} {num(m['high'])}" if m["kind"] == "window" else ""
     return f"--dtype {record['dtype']}{window}"
 
 
@@ -124,7 +130,7 @@ def convert_options(record: dict[str, Any], base=None):
     m = record["mapping"]
     if m["kind"] == "minmax":
         return dataclasses.replace(base, scale="minmax", dtype="uint8", window=None)
-    window = (f"{m['low']!r}", f"{m['high']!r}") if m["kind"] == "window" else None
+    window = (num(m["low"]), num(m["high"])) if m["kind"] == "window" else None
     return dataclasses.replace(base, scale="none", dtype=record["dtype"], window=window)
 
 
@@ -172,7 +178,7 @@ def mapping_of(store) -> dict[str, Any] | None:
     """The store's dtype and mapping ({"dtype", "mapping"}): recorded, or identity for a store converted
     before the record that holds one dtype; None for an empty store or an unrecorded mix."""
     path = Path(getattr(store, "path", store))
-    return recorded(path) if recorded(path) is not None else store_state(path)[0]
+    return recorded(path) or store_state(path)[0]
 
 
 def require_same(trained: dict[str, Any] | None, store, where: str | Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from stacktrain.errors import InputError, StackTrainError, StoreError
 
-from .intensity import KEPT, OFFSET, Histogram, describe, flags, mapping_key, parse_bound, recorded, store_state
+from .intensity import KEPT, OFFSET, Histogram, describe, flags, mapping_key, num, parse_bound, recorded, store_state
 from .sources import open_source
 
 
@@ -89,7 +89,7 @@ def _open_dtype(row, opts) -> str | None:
         return None
 
 
-def _scan(pairs, qs: list[float], opts, progress, manifest) -> list[float]:
+def _scan(pairs, qs: list[float], opts, progress) -> list[float]:
     """The percentiles `qs` over every voxel of the given sources: one streaming pass, with a progress bar."""
     for row, dtype in pairs:
         if dtype not in ("uint8", "int8", "uint16", "int16"):
@@ -136,7 +136,7 @@ def plan(rows, out: str | Path, opts, manifest, progress) -> Plan:
         mapped = [(r, d) for r, d in sources if d != record["dtype"]]
         if any(k == "p" for k, _ in bounds):
             qs = [q for k, q in bounds if k == "p"]
-            found = _scan(mapped, qs, opts, progress, manifest) if mapped else None
+            found = _scan(mapped, qs, opts, progress) if mapped else None
             if found is None:
                 raise InputError(f"{manifest}: --window {' '.join(m['asked'])}: no source of this manifest needs "
                                  f"mapping (all are {record['dtype']}), so there is nothing to take percentiles "
@@ -145,7 +145,7 @@ def plan(rows, out: str | Path, opts, manifest, progress) -> Plan:
             bounds = [(k, next(values) if k == "p" else v) for k, v in bounds]
         low, high = (v for _, v in bounds)
         if low >= high:
-            raise InputError(f"{manifest}: --window {' '.join(m['asked'])} gives {low:g}..{high:g} over the "
+            raise InputError(f"{manifest}: --window {' '.join(m['asked'])} gives {num(low)}..{num(high)} over the "
                              "manifest (nearly constant sources); give the window as values; nothing was converted")
         record = {"dtype": record["dtype"], "mapping": {"kind": "window", "low": low, "high": high, **m}}
     return Plan(record, mapping_key(before))

@@ -3,6 +3,7 @@ refused mixes and changes, exact percentiles over the manifest, lossless int16 o
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -118,6 +119,18 @@ def test_percentile_window_is_numpys_over_the_whole_manifest(tmp_path, arrays):
     store = Store(out)
     for sid, a in arrays.items():  # one window for every stack, never per stack
         np.testing.assert_array_equal(store.read(sid), _windowed(a, low, high))
+
+
+def test_the_percentile_pass_has_a_byte_bar():
+    from rich.console import Console
+
+    from stacktrain.ui import ConvertBar
+
+    buf = io.StringIO()
+    bar = ConvertBar(Console(file=buf, width=150))
+    for done in (0, 5_000_000, 10_000_000):
+        bar.scan(done, 10_000_000)
+    assert "percentiles over the manifest" in buf.getvalue() and "10.0/10.0 MB" in buf.getvalue()
 
 
 def test_percentile_window_is_reused_when_the_store_grows(tmp_path):
@@ -263,8 +276,9 @@ def test_predict_refuses_a_store_of_another_mapping(tmp_path):
                     model_name="resnet3d18", model_tiny=True, data={"intensity": trained})
     with pytest.raises(ConfigError) as e:
         predict(ckpt, tmp_path / "other.zarr", tmp_path / "pred")
-    for word in ("other.zarr", "uint8 (min-max per stack)", f"uint8 (window {trained['mapping']['low']:g}..",
-                 "from p1 p99", f"--dtype uint8 --window {trained['mapping']['low']:g}"):
+    low = intensity.num(trained["mapping"]["low"])
+    for word in ("other.zarr", "uint8 (min-max per stack)", f"uint8 (window {low}..", "from p1 p99",
+                 f"--dtype uint8 --window {low}"):
         assert word in str(e.value)
     assert not (tmp_path / "pred").exists()
     # the way out it names: new raw stacks converted with the training store's recorded mapping
