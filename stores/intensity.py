@@ -8,15 +8,17 @@ A store holds one dtype (uint8 or uint16) and records, in its root attributes, h
 kinds: identity (sources already in the dtype), offset (int16 + 32768 -> uint16, lossless), window (LOW..HIGH
 -> 0..dtype max, clipped; percentiles are computed once over the whole manifest and recorded as numbers),
 minmax (per stack, the explicit `--scale minmax`). Under window and minmax a source already in the store's
-dtype is stored as it is. Each stack records what was applied to it (StackMeta.intensity). `convert` plans
-the mapping before writing (`plan`, `settle`); the workers map each stack (`stack_mapping`); `mapping_of`
-and `convert_options` let a later step convert new raw stacks exactly as a training store was.
+dtype is stored as it is. Each stack records what was applied to it (StackMeta.intensity). `convert`
+plans the mapping before writing (stores/intensity_plan.py); the workers map each stack
+(`stack_mapping`); `mapping_of` and `convert_options` let a later step convert new raw stacks exactly as
+a training store was.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ def parse_bound(value: Any, flag: str = "--window") -> tuple[str, float]:
             q = float(text[1:])
             if 0 <= q <= 100:
                 return "p", q
-        else:
+        elif math.isfinite(float(text)):
             return "v", float(text)
     except ValueError:
         pass

@@ -244,6 +244,7 @@ OPTION_CASES = [
     ("scale-to-uint16", dict(dtype="uint16", scale="minmax"), "--scale minmax stores uint8"),
     ("bad-bound", dict(dtype="uint8", window=("q5", "10")), "--window q5: give a value"),
     ("percentile-over-100", dict(dtype="uint8", window=("p0", "p101")), "--window p101"),
+    ("not-finite", dict(dtype="uint8", window=("0", "inf")), "--window inf: give a value"),
     ("low-above-high", dict(dtype="uint8", window=("10", "-5")), "LOW must be below HIGH"),
 ]
 
