@@ -19,6 +19,7 @@ from stacktrain.stores import intensity
 from stacktrain.stores.convert import ConvertOptions, Progress, convert
 from stacktrain.stores.export import export
 from stacktrain.stores.info import summarize
+from stacktrain.stores.maintain import relabel
 from stacktrain.stores.reader import Store
 from stacktrain.stores.sources import open_source
 from stacktrain.testing import tissue
@@ -93,6 +94,9 @@ def test_mixed_manifest_with_dtype_and_window(tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "uint8 (window 0..4095)" in text and "window 0..4095 of uint16" in text and "as is (uint8)" in text
+    record = intensity.mapping_of(out)
+    relabel(out, "a8", "MALADE")  # maintenance rewrites the root list and keeps the record
+    assert intensity.mapping_of(out) == record
     copy = export(out, tmp_path / "copy.zarr")
     assert intensity.mapping_of(tmp_path / "copy.zarr") == intensity.mapping_of(out)
     assert [m.intensity for m in copy] == [m.intensity for m in store.stacks]
