@@ -19,6 +19,7 @@ from zarr.codecs.numcodecs import LZ4
 from stacktrain.errors import StoreError
 from stacktrain.io import atomic_write_text
 
+from .intensity import recorded
 from .layout import (
     CODECS,
     DEFAULT_CHUNK_ZYX,
@@ -82,17 +83,12 @@ def existing_meta(path: str | Path, stack_id: str) -> StackMeta | None:
     return read_stack_meta(Path(path), stack_id)
 
 
-def _recorded_intensity(path: Path) -> dict | None:
-    info = json.loads((path / "zarr.json").read_text())["attributes"]["stacktrain"]
-    return {"dtype": info["dtype"], "mapping": info["mapping"]} if "mapping" in info else None
-
-
 def register(path: str | Path, metas: Iterable[StackMeta]) -> None:
     """Rewrite the root stack list (atomically) in the given order, keeping the store's intensity record
     (its source_dtypes: those of the listed stacks)."""
     metas = list(metas)
     entries = [{"stack_id": m.stack_id, "label": m.label, "group": m.group} for m in metas]
-    record = _recorded_intensity(Path(path))
+    record = recorded(path)
     if record is not None:
         seen = sorted({m.intensity["source_dtype"] for m in metas if m.intensity} | {m.dtype for m in metas
                                                                                   if not m.intensity})
