@@ -78,7 +78,8 @@ def test_mixed_manifest_with_dtype_and_window(tmp_path, capsys):
     a8, b16 = tissue((3, 6, 16, 16), seed=1), _u16(2)
     manifest = _sources(tmp_path, {"a8": a8, "b16": b16})
     out = tmp_path / "s.zarr"
-    convert(manifest, out, ConvertOptions(dtype="uint8", window=("0", "4095"), **TINY))
+    opts = {**TINY, "workers": 2}  # the workers map their stacks by the record the parent wrote
+    convert(manifest, out, ConvertOptions(dtype="uint8", window=("0", "4095"), **opts))
     store = Store(out)
     np.testing.assert_array_equal(store.read("a8"), a8)  # already uint8: as it is
     np.testing.assert_array_equal(store.read("b16"), _windowed(b16, 0, 4095))
