@@ -294,3 +294,25 @@ def test_predict_refuses_a_store_of_another_mapping(tmp_path):
             intensity.convert_options(trained, ConvertOptions(**TINY)))
     intensity.require_same(trained, Store(again), ckpt)
     assert intensity.mapping_key(intensity.mapping_of(again)) == intensity.mapping_key(trained)
+
+
+RECORDED_CASES = [
+    ("identity", dict(), lambda seed: tissue((3, 6, 16, 16), seed=seed)),
+    ("offset", dict(dtype="uint16"), lambda seed: (_u16(seed).astype(np.int32) - 3000).astype(np.int16)),
+    ("window", dict(dtype="uint8", window=("p1", "p99")), _u16),
+    ("minmax", dict(scale="minmax"), _u16),
+]
+
+
+@pytest.mark.parametrize("kind, opts, make", RECORDED_CASES, ids=[c[0] for c in RECORDED_CASES])
+def test_convert_options_of_a_recorded_mapping_give_the_same_mapping(tmp_path, kind, opts, make):
+    """What a later step (predict on raw stacks) uses: a store's record -> ConvertOptions -> the same mapping."""
+    for name, seed in (("first", 1), ("later", 2)):
+        (tmp_path / name).mkdir()
+        manifest = _sources(tmp_path / name, {"s": make(seed)})
+        given = ConvertOptions(**opts, **TINY) if name == "first" else intensity.convert_options(
+            intensity.mapping_of(tmp_path / "first.zarr"), ConvertOptions(**TINY))
+        convert(manifest, tmp_path / f"{name}.zarr", given)
+    first, later = (intensity.mapping_of(tmp_path / f"{n}.zarr") for n in ("first", "later"))
+    assert first["mapping"]["kind"] == kind
+    assert intensity.mapping_key(later) == intensity.mapping_key(first)
