@@ -24,14 +24,10 @@ import numpy as np
 
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
-from . import intensity, writer
+from . import intensity, intensity_plan, writer
 from .convert_lock import LOCK_NAME, WRITERS_LOCK, exclusive  # noqa: F401 (LOCK_NAME: tests)
 from .convert_workers import run_stacks
-from .intensity_plan import plan as plan_intensity
-from .intensity_plan import settle as settle_intensity
-from .layout import (
-    StackMeta,
-)
+from .layout import StackMeta
 from .manifest import ManifestRow, read_manifest
 from .options import ConvertOptions
 from .sources import RawSource, StreamingSha256, open_source, read_ahead, source_sha256
@@ -118,8 +114,7 @@ def _complete_meta(store: Path, stack_id: str) -> tuple[StackMeta | None, str | 
 
 def plan_stack(src: RawSource, row: ManifestRow, opts: ConvertOptions,
                record: dict | None = None) -> tuple[tuple[int, int, int, int], str]:
-    """The stored (C, Z, Y, X) shape and dtype of a source under the store's intensity `record`, or
-    InputError saying what to change."""
+    """The stored (C, Z, Y, X) shape and dtype under the store's intensity `record`, or InputError saying why."""
     c, z, y, x = src.shape
     if c == 1 and not opts.replicate_channels:
         raise InputError(f"{row.where}: has 1 channel, stacks need {CHANNELS}; pass --replicate-channels "
@@ -277,13 +272,13 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
     `progress` hears about every slab and stack (stores.cli.RichProgress draws the bar); default silent."""
     rows = read_manifest(manifest, default_axes=options.axes, label_map=options.labels())
     progress = progress or Progress()
-    planned = plan_intensity(rows, out, options, manifest, progress)  # refusals here leave nothing written
+    planned = intensity_plan.plan(rows, out, options, manifest, progress)  # refusals here leave nothing written
     store = writer.init_store(out)
     t0 = time.perf_counter()
     outcomes: list[StackOutcome | None] = [None] * len(rows)
     sizes = [_disk_size(r.path) for r in rows]
     with exclusive(store):
-        settle_intensity(store, planned, writer.record_intensity)
+        intensity_plan.settle(store, planned, writer.record_intensity)
         root_list = _RootList(store, rows)
         progress.start(sizes)
         try:
