@@ -11,6 +11,7 @@ Label = Literal["SAIN", "MALADE"]
 Codec = Literal["lz4", "zstd"]
 Scale = Literal["none", "minmax", "clip"]
 StoredDtype = Literal["uint8", "uint16"]
+TargetDtype = Literal["keep", "uint8", "uint16"]  # convert --dtype: keep the sources' (when they agree)
 LoaderKind = Literal["auto", "dali", "dali-cpu", "torch"]
 EdgePolicy = Literal["fit", "drop", "pad"]
 Normalization = Literal["scale", "meanstd", "percentile"]

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import typing
 from pathlib import Path
 
 from stacktrain import __version__, commands
@@ -40,6 +41,8 @@ def _convert_options(p: argparse.ArgumentParser) -> None:
         kw: dict = {"dest": field.name, "default": field.default, "help": docs.get(field.name, "")}
         if kind is bool:
             kw["action"] = "store_true"
+        elif typing.get_origin(kind) is tuple:  # --window LOW HIGH
+            kw.update(nargs=len(typing.get_args(kind)), metavar=("LOW", "HIGH"))
         elif kind == "zyx":
             kw.update(type=int, nargs=3, metavar=ZYX)
             kw["help"] += f" (default {' '.join(map(str, field.default))})"

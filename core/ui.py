@@ -87,6 +87,7 @@ class ConvertBar:
         self.done: list[float] = []
         self.read = 0.0  # source bytes converted (not skipped or failed)
         self.finished, self.task, self.t0 = 0, None, 0.0
+        self._scan = None  # the percentile pass of --window pLOW pHIGH, before the first stack
 
     def start(self, sizes: list[int]) -> None:
         self.sizes, self.done, self.t0 = sizes, [0.0] * len(sizes), self.clock()
@@ -116,6 +117,15 @@ class ConvertBar:
             self.bar.console.print(f"[bold red]failed:[/] {escape(outcome.error)}", highlight=False, soft_wrap=True)
         self.finished += 1
         self.bar.update(self.task, stacks=f"{self.finished}/{len(self.sizes)} stacks")
+
+    def scan(self, done: int, total: int) -> None:
+        if self._scan is None:
+            self._scan = byte_bar("percentiles over the manifest", con=self.bar.console, disable=self.bar.disable)
+            self._scan.add_task("", total=total)
+            self._scan.start()
+        self._scan.update(self._scan.task_ids[0], completed=done)
+        if done >= total:
+            self._scan.stop()
 
     def stop(self) -> None:
         self.bar.stop()

@@ -22,21 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
-from stacktrain.choices import StoredDtype, options
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
-from . import writer
+from . import intensity, intensity_plan, writer
 from .convert_lock import LOCK_NAME, WRITERS_LOCK, exclusive  # noqa: F401 (LOCK_NAME: tests)
 from .convert_workers import run_stacks
-from .layout import (
-    StackMeta,
-)
+from .layout import StackMeta
 from .manifest import ManifestRow, read_manifest
 from .options import ConvertOptions
 from .sources import RawSource, StreamingSha256, open_source, read_ahead, source_sha256
 from .verify import NO_RECORD, check_stack
 
-KEPT_DTYPES = options(StoredDtype)
 CHANNELS = 3
 
 
@@ -84,6 +80,9 @@ class Progress:
     def stop(self) -> None:
         """After the last stack, also when the run is interrupted."""
 
+    def scan(self, done: int, total: int) -> None:
+        """Before any stack: `done` of `total` source bytes read for a percentile --window."""
+
 
 # -- one stack ---------------------------------------------------------------------------------------
 
@@ -114,31 +113,25 @@ def _complete_meta(store: Path, stack_id: str) -> tuple[StackMeta | None, str | 
     return meta, None
 
 
-def plan_stack(src: RawSource, row: ManifestRow, opts: ConvertOptions) -> tuple[tuple[int, int, int, int], str]:
-    """The stored (C, Z, Y, X) shape and dtype of a source, or InputError saying what to change."""
+def plan_stack(src: RawSource, row: ManifestRow, opts: ConvertOptions,
+               record: dict | None = None) -> tuple[tuple[int, int, int, int], str]:
+    """The stored (C, Z, Y, X) shape and dtype under the store's intensity `record`, or InputError saying why."""
     c, z, y, x = src.shape
-    dtype = np.dtype(src.dtype)
     if c == 1 and not opts.replicate_channels:
         raise InputError(f"{row.where}: has 1 channel, stacks need {CHANNELS}; pass --replicate-channels "
                          f"to copy it to {CHANNELS} channels (or give the right --axes if c was misread)")
     if c not in (1, CHANNELS):
         raise InputError(f"{row.where}: has {c} channels (shape c,z,y,x = {src.shape}), stacks need "
                          f"{CHANNELS}; check the source, or give its axis order in the manifest's axes column")
-    if dtype.name not in KEPT_DTYPES:
-        if dtype.kind not in "biuf":
-            raise InputError(f"{row.where}: dtype {dtype.name} cannot be stored; convert it to uint8 or uint16")
-        if opts.scale == "none":
-            raise InputError(f"{row.where}: dtype {dtype.name} is not stored as is (only uint8 and uint16 are); "
-                             "pass --scale minmax (per stack to 0..255) or --scale clip (to 0..255) "
-                             "to store it as uint8")
-        dtype = np.dtype(np.uint8)
+    applied = intensity.stack_mapping(src.dtype, record, row.where)
+    dtype = record["dtype"] if record is not None else applied["source_dtype"]
     small = [f"{ax}={n} < {m}" for ax, n, m in zip("zyx", (z, y, x), opts.min_patch_zyx) if n < m]
     if small and not opts.pad:
         mz, my, mx = opts.min_patch_zyx
         raise InputError(f"{row.where}: too small for one {mz}x{my}x{mx} patch ({', '.join(small)}); "
                          "pass --pad to zero-pad it, or lower --min-patch Z Y X")
     out = (CHANNELS, *(max(n, m) for n, m in zip((z, y, x), opts.min_patch_zyx)))
-    return out, dtype.name
+    return out, dtype
 
 
 def _check_finite(slab: np.ndarray, z0: int, row: ManifestRow) -> None:
@@ -148,29 +141,31 @@ def _check_finite(slab: np.ndarray, z0: int, row: ManifestRow) -> None:
                          "replace them in the source (scaling does not fix them)")
 
 
-def _scaler(src: RawSource, row: ManifestRow, opts: ConvertOptions, depth: int) -> Callable | None:
-    """The slab -> uint8 function for --scale, or None when the dtype is stored as is."""
-    if np.dtype(src.dtype).name in KEPT_DTYPES:
-        return None
-    if opts.scale == "clip":
-        return lambda s: np.rint(np.clip(s, 0, 255, dtype=np.float32)).astype(np.uint8)
-    lo, hi = math.inf, -math.inf  # minmax needs the stack's range first: one extra streaming pass
-    for z0, slab in src.slabs(depth):
-        _check_finite(slab, z0, row)
-        lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
-    gain = 255.0 / (hi - lo) if hi > lo else 0.0
-    return lambda s: np.rint((s.astype(np.float32) - np.float32(lo)) * np.float32(gain)).astype(np.uint8)
+def _scaler(src: RawSource, row: ManifestRow, depth: int, applied: dict | None, dtype: str) -> Callable | None:
+    """The slab -> stored dtype function of the stack's mapping (`applied`, from intensity.stack_mapping;
+    a minmax stack's range is filled in here), or None when the source is stored as is."""
+    if applied is None:  # no mapping given: uint8 and uint16 as they are, others refused
+        applied = intensity.stack_mapping(src.dtype, None, row.where)
+    if applied["kind"] == "minmax" and "low" not in applied:  # the stack's range first: one extra pass
+        lo, hi = math.inf, -math.inf
+        for z0, slab in src.slabs(depth):
+            _check_finite(slab, z0, row)
+            lo, hi = min(lo, float(slab.min())), max(hi, float(slab.max()))
+        applied.update(low=lo, high=hi)
+    return intensity.slab_function(applied, dtype)
 
 
 def stored_slabs(src: RawSource, row: ManifestRow, opts: ConvertOptions, out_shape, out_dtype: str,
                  on_progress: Callable[[float], None] | None = None,
-                 hasher: StreamingSha256 | None = None) -> Iterator[tuple[int, np.ndarray]]:
+                 hasher: StreamingSha256 | None = None,
+                 mapping: dict | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """The source as stored, as (z0, slab) pairs: checked, scaled, channels replicated, zero-padded at the
     end of each axis (the writer records the source's z, y, x as the valid region),
     read in a reader thread one slab ahead of the caller (`read_ahead`), which also feeds `hasher`
-    the source's bytes as it goes. (The writer re-cuts the slabs into whole shards.)"""
+    the source's bytes as it goes; `mapping` is the stack's intensity mapping (stores/intensity.py). (The
+    writer re-cuts the slabs into whole shards.)"""
     depth = opts.slab_depth
-    scale = _scaler(src, row, opts, depth)
+    scale = _scaler(src, row, depth, mapping, out_dtype)
     _, z, y, x = src.shape
     _, oz, oy, ox = out_shape
 
@@ -217,14 +212,16 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
             return StackOutcome(row.stack_id, "skipped", meta=present)
         src = open_source(row.path, axes=row.axes, axes_from_option=row.axes_from_option, allow_gaps=opts.allow_gaps,
                           slab_depth=opts.slab_depth)
-        shape, dtype = plan_stack(src, row, opts)
+        record = intensity.recorded(store)  # the store's mapping, settled before any stack is converted
+        shape, dtype = plan_stack(src, row, opts, record)
+        applied = intensity.stack_mapping(src.dtype, record, row.where)  # minmax: its range added when read
         hasher = StreamingSha256(row.path)
         meta = writer.write_stack(
             store, stack_id=row.stack_id, label=row.label, group=row.group, source=str(row.path),
             source_sha256=hasher.hexdigest, shape=shape, dtype=dtype,
-            slabs=stored_slabs(src, row, opts, shape, dtype, on_progress, hasher), spacing_zyx=src.spacing_zyx,
+            slabs=stored_slabs(src, row, opts, shape, dtype, on_progress, hasher, applied), spacing_zyx=src.spacing_zyx,
             gaps=src.gaps, codec=opts.codec, chunk_zyx=opts.chunk_zyx, shard_zyx=opts.shard_zyx,
-            foreground_threshold=opts.foreground_threshold,
+            foreground_threshold=opts.foreground_threshold, intensity=applied,
             valid_zyx=src.shape[1:], source_bytes=_disk_size(row.path))  # what --pad's zeros do not count in
     except (StackTrainError, OSError, ValueError) as e:
         text = str(e)
@@ -280,12 +277,14 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
     `progress` hears about every slab and stack (stores.cli.RichProgress draws the bar); default silent."""
     rows = read_manifest(manifest, default_axes=options.axes, label_map=options.labels(),
                          allow_unlabeled=options.allow_unlabeled)
-    store = writer.init_store(out)
     progress = progress or Progress()
+    planned = intensity_plan.plan(rows, out, options, manifest, progress)  # refusals here leave nothing written
+    store = writer.init_store(out)
     t0 = time.perf_counter()
     outcomes: list[StackOutcome | None] = [None] * len(rows)
     sizes = [_disk_size(r.path) for r in rows]
     with exclusive(store):
+        intensity_plan.settle(store, planned, writer.record_intensity)
         root_list = _RootList(store, rows)
         progress.start(sizes)
         try:

@@ -18,6 +18,7 @@ from stacktrain.errors import StoreError
 
 from . import writer
 from .convert_lock import exclusive
+from .intensity import recorded
 from .layout import CODECS, StackMeta
 from .reader import Store
 from .verify import require_intact
@@ -44,13 +45,15 @@ def export(source: str | Path, out: str | Path, *, codec: str = "zstd", progress
     target = writer.init_store(out)
     copied = []
     with exclusive(target):
+        if (record := recorded(src.path)) is not None:  # the same dtype and intensity mapping
+            writer.record_intensity(target, record)
         for i, m in enumerate(metas):
             depth = m.shard_zyx[0] * 2  # whole shards and whole statistics cells per slab
             copied.append(writer.write_stack(
                 target, stack_id=m.stack_id, label=m.label, group=m.group, source=m.source,
                 source_sha256=m.source_sha256, shape=tuple(m.shape), dtype=m.dtype, slabs=_slabs(src, m, depth),
                 spacing_zyx=m.spacing_zyx, codec=codec, chunk_zyx=tuple(m.chunk_zyx), shard_zyx=tuple(m.shard_zyx),
-                foreground_threshold=m.foreground_threshold, gaps=m.gaps,
+                foreground_threshold=m.foreground_threshold, gaps=m.gaps, intensity=m.intensity,
                 valid_zyx=m.valid_zyx, source_bytes=m.source_bytes))
             writer.register(target, copied)
             if progress is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .intensity import describe, describe_applied, mapping_of
 from .layout import CLASS_NAMES, FORMAT_VERSION, UNLABELED
 from .reader import Store
 
@@ -34,10 +35,12 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def summarize(path: str | Path) -> dict[str, Any]:
     """Every stack (stack_id, label, group, shape c,z,y,x, valid z,y,x, dtype, codec, stored/raw/source
-    bytes, ratios) and totals per label and overall. Stored = the files under the stack's image/0; raw =
-    the valid region's voxels (not convert --pad's zeros) x channels x itemsize; source = the source's
-    size on disk recorded at conversion (None in older stores); ratio = raw / stored, source_ratio =
-    source / stored. Refuses stores of an unknown format_version (StoreError from Store)."""
+    bytes, ratios, the intensity mapping applied to it) and totals per label and overall, with the
+    store's dtype and mapping. Stored = the files under the stack's image/0; raw = the valid region's
+    voxels (not convert --pad's zeros) x channels x itemsize; source = the source's size on disk recorded
+    at conversion (None in older stores); ratio = raw / stored, source_ratio = source / stored. A listed
+    stack whose folder was deleted by hand is named in `damaged`. Refuses stores of an unknown
+    format_version (StoreError from Store)."""
     store = Store(path, damaged_ok=True)  # a stack folder deleted by hand is reported, not fatal
     rows = []
     for m in store.stacks:
@@ -47,14 +50,15 @@ def summarize(path: str | Path) -> dict[str, Any]:
                      "valid_zyx": list(m.valid), "dtype": m.dtype, "codec": m.codec, "chunk_zyx": list(m.chunk_zyx),
                      "shard_zyx": list(m.shard_zyx), "stored_bytes": stored, "raw_bytes": raw,
                      "ratio": _ratio_of(raw, stored), "source_bytes": m.source_bytes,
-                     "source_ratio": _ratio_of(m.source_bytes, stored)})
+                     "source_ratio": _ratio_of(m.source_bytes, stored), "intensity": m.intensity})
     kinds = {name: name for name in CLASS_NAMES} | {"unlabeled": UNLABELED}  # total's name -> the label
     totals = {name: _totals([r for r in rows if r["label"] == label]) for name, label in kinds.items()
               if any(r["label"] == label for r in rows)}
     totals["all"] = _totals(rows)
-    return {"store": str(store.path), "format_version": FORMAT_VERSION,
-            "groups": len({r["group"] for r in rows}), "stacks": rows, "totals": totals,
-            "damaged": store.damaged}
+    record = mapping_of(store)  # the store's dtype and intensity mapping (stores/intensity.py)
+    return {"store": str(store.path), "format_version": FORMAT_VERSION, "dtype": record and record["dtype"],
+            "mapping": record and record["mapping"], "groups": len({r["group"] for r in rows}), "stacks": rows,
+            "totals": totals, "damaged": store.damaged}
 
 
 def _mb(n: int | None) -> str:
@@ -75,21 +79,22 @@ def render(summary: dict[str, Any]):
     """A rich Table of `summarize`'s result: one row per stack, then a totals section."""
     from rich.table import Table
 
+    record = summary["dtype"] and {"dtype": summary["dtype"], "mapping": summary["mapping"]}
     table = Table(title=f"{summary['store']}  ({len(summary['stacks'])} stacks, {summary['groups']} groups, "
-                        f"format {summary['format_version']})", title_justify="left")
+                        f"format {summary['format_version']}; {describe(record)})", title_justify="left")
     for name, justify in (("stack_id", "left"), ("label", "left"), ("group", "left"),
                           ("shape (c,z,y,x)", "right"), ("dtype", "left"), ("codec", "left"),
-                          ("stored MB", "right"), ("raw MB", "right"), ("ratio", "right"),
+                          ("mapping", "left"), ("stored MB", "right"), ("raw MB", "right"), ("ratio", "right"),
                           ("source MB", "right"), ("source ratio", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     for r in summary["stacks"]:
         table.add_row(r["stack_id"], r["label"], r["group"], _shape(r), r["dtype"],
-                      r["codec"], _mb(r["stored_bytes"]), _mb(r["raw_bytes"]), _ratio(r["ratio"]),
-                      _mb(r["source_bytes"]), _ratio(r["source_ratio"]))
+                      r["codec"], describe_applied(r["intensity"]), _mb(r["stored_bytes"]), _mb(r["raw_bytes"]),
+                      _ratio(r["ratio"]), _mb(r["source_bytes"]), _ratio(r["source_ratio"]))
     table.add_section()
     for name, t in summary["totals"].items():
         title = "total" if name == "all" else f"total {name}"
-        table.add_row(title, "" if name == "all" else name, f"{t['stacks']} stacks", "", "", "",
+        table.add_row(title, "" if name == "all" else name, f"{t['stacks']} stacks", "", "", "", "",
                       _mb(t["stored_bytes"]), _mb(t["raw_bytes"]), _ratio(t["ratio"]), _mb(t["source_bytes"]),
                       _ratio(t["source_ratio"]), style="bold")
     return table

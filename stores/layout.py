@@ -100,6 +100,9 @@ class StackMeta:
     # heatmaps and `info` cover only this region. None: the whole shape (stores older than the field)
     valid_zyx: tuple[int, int, int] | None = None
     source_bytes: int | None = None  # the source's size on disk at conversion (None: not recorded)
+    # what was applied to the source's values (stores/intensity.py): {"kind": identity|offset|window|minmax,
+    # "source_dtype", and "offset" or "low"/"high"}; None: converted before stores recorded it
+    intensity: dict[str, Any] | None = None
 
     @property
     def label_index(self) -> int:
@@ -138,12 +141,13 @@ def shard_relpath(gz: int, gy: int, gx: int) -> str:
     return f"c/0/{gz}/{gy}/{gx}"
 
 
-def root_group_json(stacks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The root zarr.json: a plain Zarr v3 group whose attributes list the stacks."""
+def root_group_json(stacks: list[dict[str, Any]], intensity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The root zarr.json: a plain Zarr v3 group whose attributes list the stacks, with the store's dtype
+    and intensity mapping ({"dtype", "mapping"}, stores/intensity.py) once it has one."""
     return {
         "zarr_format": 3,
         "node_type": "group",
-        "attributes": {"stacktrain": {"format_version": FORMAT_VERSION, "stacks": stacks}},
+        "attributes": {"stacktrain": {"format_version": FORMAT_VERSION, **(intensity or {}), "stacks": stacks}},
     }
 
 

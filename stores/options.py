@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import Any
 
-from stacktrain.choices import Codec, Scale
+from stacktrain.choices import Codec, Scale, TargetDtype
 from stacktrain.config import check_choices, require
 from stacktrain.errors import ConfigError
 
+from .intensity import check_request, option_values
 from .layout import DEFAULT_CHUNK_ZYX, DEFAULT_FOREGROUND_THRESHOLD, DEFAULT_SHARD_ZYX, LABELS, STATS_CELL_ZYX
 
 DEFAULT_MIN_PATCH_ZYX = (32, 256, 256)
@@ -46,7 +48,15 @@ class ConvertOptions:
     replicate_channels: bool = False
     """Copy a 1-channel source to the 3 stored channels (otherwise it is an error)."""
     scale: Scale = "none"
-    """Store other dtypes than uint8/uint16 as uint8: minmax per stack, or clip to 0..255."""
+    """Store the stacks as uint8 by a per-stack mapping: minmax (each stack's own range to 0..255) or clip
+    (to 0..255); stacks already uint8 are stored as they are."""
+    dtype: TargetDtype = "keep"
+    """The store's dtype: keep (the sources' uint8 or uint16, when they all agree), uint8 or uint16. Sources
+    of another dtype need --window, except int16 into uint16 (+32768, lossless); one store holds one dtype."""
+    window: tuple[str, str] | None = None
+    """LOW HIGH mapped onto the whole --dtype range (clipped), for every source not already in --dtype:
+    values (e.g. 0 4095, -1024 3071) or percentiles over every source of the manifest that it maps (e.g.
+    p0.5 p99.5: one extra pass before writing), recorded in the store and reused when it grows."""
     pad: bool = False
     """Zero-pad stacks smaller than min_patch_zyx (at the end of each axis) instead of refusing them
     (an empty stack, with a zero-length axis, is refused all the same)."""
@@ -68,6 +78,7 @@ class ConvertOptions:
     def __post_init__(self):
         check_choices(self, "convert")
         self.labels()  # refuses a malformed --label-map now
+        check_request(self.dtype, self.window, self.scale)
         require(self.workers >= 1, "--workers", self.workers, "give at least 1")
         require(self.foreground_threshold >= 0, "--foreground-threshold", self.foreground_threshold,
                 "give 0 or more")
@@ -77,6 +88,11 @@ class ConvertOptions:
         if any(s % c for s, c in zip(self.shard_zyx, self.chunk_zyx)):
             raise ConfigError(f"--shard {self.shard_zyx} must be a multiple of --chunk {self.chunk_zyx} "
                               "along every axis")
+
+    def with_mapping(self, record: dict[str, Any]) -> ConvertOptions:
+        """These options with a store's recorded dtype and mapping (stores.intensity.mapping_of): what
+        converts new raw stacks exactly as that store's were."""
+        return dataclasses.replace(self, **option_values(record))
 
     def labels(self) -> dict[str, str]:
         """--label-map as {word (lower case): SAIN or MALADE}."""

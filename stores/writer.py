@@ -19,6 +19,7 @@ from zarr.codecs.numcodecs import LZ4
 from stacktrain.errors import StoreError
 from stacktrain.io import atomic_write_text
 
+from .intensity import recorded
 from .layout import (
     CODECS,
     DEFAULT_CHUNK_ZYX,
@@ -83,9 +84,22 @@ def existing_meta(path: str | Path, stack_id: str) -> StackMeta | None:
 
 
 def register(path: str | Path, metas: Iterable[StackMeta]) -> None:
-    """Rewrite the root stack list (atomically) in the given order."""
+    """Rewrite the root stack list (atomically) in the given order, keeping the store's intensity record
+    (its source_dtypes: those of the listed stacks)."""
+    metas = list(metas)
     entries = [{"stack_id": m.stack_id, "label": m.label, "group": m.group} for m in metas]
-    write_json(Path(path) / "zarr.json", root_group_json(entries))
+    record = recorded(path)
+    if record is not None:
+        seen = sorted({m.intensity["source_dtype"] for m in metas if m.intensity} | {m.dtype for m in metas
+                                                                                  if not m.intensity})
+        record["mapping"] = {**record["mapping"], "source_dtypes": seen}
+    write_json(Path(path) / "zarr.json", root_group_json(entries, record))
+
+
+def record_intensity(path: str | Path, record: dict) -> None:
+    """Set the store's dtype and intensity mapping ({"dtype", "mapping"}) in its root attributes, atomically."""
+    root = json.loads((Path(path) / "zarr.json").read_text())
+    write_json(Path(path) / "zarr.json", root_group_json(root["attributes"]["stacktrain"]["stacks"], record))
 
 
 def remove_stack(path: str | Path, stack_id: str) -> None:
@@ -122,7 +136,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
                 slabs: Iterable[tuple[int, np.ndarray]], spacing_zyx=None, codec: str = "lz4",
                 chunk_zyx=DEFAULT_CHUNK_ZYX, shard_zyx=DEFAULT_SHARD_ZYX,
                 foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD, gaps=None, valid_zyx=None,
-                source_bytes: int | None = None) -> StackMeta:
+                source_bytes: int | None = None, intensity=None) -> StackMeta:
     """Write a stack from `(z0, slab)` pairs (slab: (C, dz, Y, X), in z order) under a staging name
     and rename it into place. Nothing is visible under `<store>/<stack_id>` until it is complete.
     The root list is not touched: call `register` once the stack is in place.
@@ -131,6 +145,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
     `stores.shards.ShardWriter` (the same bytes, without zarr's per-chunk cost) and the statistics
     come from `stores.stats.SlabStats`, both in one pass over each slab. `valid_zyx`: the region that came
     from the source when the slabs are zero-padded past it (`convert --pad`); statistics cover only it.
+    `intensity`: what was applied to the source's values (StackMeta.intensity).
     """
     if codec not in CODECS:
         raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
@@ -179,7 +194,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
             channel_sum=stats.sum.tolist(), channel_sumsq=stats.sumsq.tolist(),
             foreground_threshold=foreground_threshold, format_version=FORMAT_VERSION,
             record={"grid": list(shard_grid(shape, shard_zyx)), "shards": shards.files},
-            valid_zyx=valid_zyx, source_bytes=source_bytes)
+            valid_zyx=valid_zyx, source_bytes=source_bytes, intensity=intensity)
         # Complete, and its completeness record written: the rename below is what makes it visible.
         stack_group.attrs.put({"stacktrain": meta.to_dict()})
         remove_stack(path, stack_id)

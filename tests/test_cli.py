@@ -16,10 +16,10 @@ from stacktrain.cli import build_parser, main
 COMMANDS = {
     "synth": (["out_dir"], ["--difficulty", "--dtype", "--patient-effect", "--prevalence", "--seed", "--shape",
                             "--stacks"]),
-    "convert": (["manifest"], ["--allow-gaps", "--allow-unlabeled", "--axes", "--chunk", "--codec",
-                               "--foreground-threshold", "--label-map",
-                               "--min-patch", "--no-progress", "--out", "--overwrite", "--pad", "--replicate-channels",
-                               "--scale", "--shard", "--workers"]),
+    "convert": (["manifest"], ["--allow-gaps", "--allow-unlabeled", "--axes", "--chunk", "--codec", "--dtype",
+                               "--foreground-threshold", "--label-map", "--min-patch", "--no-progress", "--out",
+                               "--overwrite", "--pad", "--replicate-channels", "--scale", "--shard", "--window",
+                               "--workers"]),
     "info": (["store"], ["--json"]),
     "export": (["store"], ["--codec", "--out"]),
     "relabel": (["store", "stack_id", "label"], ["--group"]),
@@ -70,9 +70,15 @@ def test_convert_flags_take_defaults_and_choices_from_the_options_dataclass():
     from stacktrain.stores.options import ConvertOptions
     args = build_parser().parse_args(["convert", "m.csv", "--out", "s.zarr"])
     defaults = ConvertOptions()
-    assert all(getattr(args, f) == getattr(defaults, f) for f in ("codec", "workers", "chunk_zyx", "scale", "pad"))
+    assert all(getattr(args, f) == getattr(defaults, f) for f in ("codec", "workers", "chunk_zyx", "scale", "pad",
+                                                                  "dtype", "window"))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["convert", "m.csv", "--out", "s.zarr", "--codec", "gzip"])
+    args = build_parser().parse_args(["convert", "m.csv", "--out", "s.zarr", "--dtype", "uint8", "--window", "-1024",
+                                      "p99.5"])
+    assert (args.dtype, args.window) == ("uint8", ["-1024", "p99.5"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["convert", "m.csv", "--out", "s.zarr", "--dtype", "int16"])
 
 
 def test_version(capsys):

@@ -5,7 +5,8 @@ weights_only=True)` reads it (no pickled code runs). Contents:
 
     format_version, model_name, model_tiny, epoch, config (dict), model (state_dict),
     optimizer, scaler (state_dicts), early_stopping (state_dict), rng {python, numpy, torch, cuda},
-    data {store, parts} (optional: the identity of the store and of the train/val stacks)
+    data {store, parts, intensity} (optional: the identity of the store and of the train/val stacks, and
+    the store's dtype and intensity mapping, stores.intensity.mapping_of: predict refuses another)
 
 The RNG states are those at the end of `epoch`, so resuming continues the same random streams.
 Whatever is wrong with a file (missing, a folder, empty, truncated, foreign bytes, another kind of torch

@@ -24,6 +24,7 @@ from torch import nn
 
 from stacktrain.errors import EvalError
 from stacktrain.io import hold_dir
+from stacktrain.stores.intensity import mapping_of
 from stacktrain.train import checkpoint as ckpts
 from stacktrain.train.config import ConfigError, TrainConfig, config_to_dict, save_config
 from stacktrain.train.data import make_loader, one_class_warning, open_data, resolve_norm
@@ -64,6 +65,7 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
         store, train_ids, val_ids = open_data(cfg)
         cfg = resolve_norm(cfg, store, train_ids)
         identity = data_identity(store_identity(store), train_ids, val_ids)
+        identity["intensity"] = mapping_of(store)  # predict refuses a store of other intensities
         if resume and not (run_dir / ckpts.LAST).exists() and rt.is_main:
             # killed inside its first epoch, before any last.pt: nothing to continue, so start afresh
             (run_dir / RESULTS_NAME).unlink(missing_ok=True)

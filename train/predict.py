@@ -30,6 +30,7 @@ from rich.table import Table
 from stacktrain import ui
 from stacktrain.errors import ConfigError
 from stacktrain.io import atomic_write
+from stacktrain.stores.intensity import require_same
 from stacktrain.stores.layout import CLASS_NAMES
 from stacktrain.stores.reader import Store
 from stacktrain.stores.verify import require_intact
@@ -58,6 +59,7 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
     ckpt = ckpts.load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"], where=f"{checkpoint} (its config)")
     st = Store(store)
+    require_same((ckpt.get("data") or {}).get("intensity"), st, checkpoint)  # the training store's dtype/mapping
     ids = list(stacks) if stacks else st.stack_ids
     for sid in ids:
         st.meta(sid)  # an unknown id: StoreError listing some of the store's

@@ -80,6 +80,7 @@ def check_run_directory(run_dir, results):
     assert last["epoch"] == 1 and best["epoch"] == results["best_epoch"]
     assert last["early_stopping"]["best_epoch"] == results["best_epoch"]
     assert last["config"] == results["config"]
+    assert last["data"]["intensity"]["dtype"] == "uint8"  # the store's mapping, which predict checks
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp
     assert results["environment"]["device"] == "cpu" and results["environment"]["world_size"] == 1
