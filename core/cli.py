@@ -161,12 +161,23 @@ def _train(sub) -> None:
                         "(--set train.memory_check=false)")
     p.set_defaults(func=commands.train)
 
-    p = sub.add_parser("predict", help="predict patches and stacks of a store with a checkpoint; CSV, JSON, heatmaps",
+    p = sub.add_parser("predict", help="predict patches and stacks of a store or of raw stacks with a checkpoint; "
+                                       "CSV, JSON, heatmaps",
                        description="Run a checkpoint over every patch of the stacks (all by default) and write "
                                    "DIR/patches.csv, DIR/stacks.csv, DIR/predictions.json and "
-                                   "DIR/heatmaps/<stack>.png.")
+                                   "DIR/heatmaps/<stack>.png. Raw inputs (a manifest, labels optional, or stack "
+                                   "files) are converted first as the training store was (its dtype and "
+                                   "intensity mapping).")
     p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="best.pt or last.pt of a run")
-    p.add_argument("store", type=Path, metavar="STORE.zarr")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT",
+                   help="a store (STORE.zarr), a manifest (.csv: path, stack_id[, label, group, axes]) or raw "
+                        "stack files")
+    p.add_argument("--store", type=Path, default=KEEP, metavar="STORE.zarr", dest="keep_store",
+                   help="convert raw inputs into this store and keep it (default: a temporary store, removed)")
+    p.add_argument("--workers", type=int, default=KEEP, help="processes converting raw inputs (default: the cores)")
+    p.add_argument("--axes", default=KEEP, help="axis order of raw files that do not state theirs, e.g. zyxc")
+    p.add_argument("--replicate-channels", action="store_true", default=KEEP,
+                   help="copy 1-channel raw inputs to the 3 channels")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--stacks", nargs="+", metavar="ID", default=KEEP, help="stack ids to predict (default: all)")
     p.add_argument("--loader", choices=options(LoaderKind), default=KEEP,

@@ -208,7 +208,9 @@ def train(args: Namespace) -> int:
 def predict(args: Namespace) -> int:
     from stacktrain.train.predict import predict as run_predict
 
-    run_predict(args.checkpoint, args.store, args.out, **_given(args, "stacks", "loader", "device", "batch_size"))
+    conversion = _given(args, "workers", "axes", "replicate_channels")
+    run_predict(args.checkpoint, args.inputs, args.out, convert_options=conversion,
+                **_given(args, "stacks", "keep_store", "loader", "device", "batch_size"))
     return 0
 
 

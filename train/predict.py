@@ -41,6 +41,7 @@ from stacktrain.train.loop import evaluate
 from stacktrain.train.models import build_model
 from stacktrain.train.monitor import Monitor
 from stacktrain.train.precision import Precision
+from stacktrain.train.predict_inputs import input_store
 from stacktrain.train.predict_layers import LAYERS, write_layers
 from stacktrain.train.runtime import Runtime, pick_device
 
@@ -48,17 +49,36 @@ PATCH_FIELDS = ("stack_id", "z", "y", "x", "probability", "label")
 STACK_FIELDS = ("stack_id", "aggregated_probability", "predicted_label", "predicted_class", "label", "n_patches")
 
 
-def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stacks: list[str] | None = None,
+def predict(checkpoint: str | Path, source: str | Path | list, out: str | Path, *, stacks: list[str] | None = None,
+            keep_store: str | Path | None = None, convert_options: dict[str, Any] | None = None,
             loader: str = "auto", device: str = "auto", batch_size: int | None = None,
             console: Console | None = None) -> dict[str, Any]:
-    """Predict every patch of `stacks` (all of the store's by default); write DIR's files; return the JSON."""
+    """Predict every patch of `stacks` (all of the store's by default); write DIR's files; return the JSON.
+    `source`: a store, or raw stacks (a manifest, or a list of files) converted first the way the training
+    store was (train/predict_inputs.py), into `keep_store` or a temporary store; `convert_options`:
+    workers, axes, replicate_channels of that conversion."""
 
     console = console or ui.console()
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder; give a folder for the prediction files")
     ckpt = ckpts.load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"], where=f"{checkpoint} (its config)")
-    st = Store(store)
+    inputs = list(source) if isinstance(source, (list, tuple)) else [source]
+    bar = ui.ConvertBar(console, bar=console.is_terminal)
+    with input_store(inputs, ckpt, cfg.patch.size, out=Path(out), store=keep_store, progress=bar,
+                     **(convert_options or {})) as (store, converted, kept):
+        report = _predict(ckpt, cfg, checkpoint, Store(store), out, stacks or converted, loader=loader,
+                          device=device, batch_size=batch_size, console=console)
+    if not kept:  # the temporary store is gone: the report names what was read instead
+        report["store"] = None
+    report["inputs"] = [str(p) for p in inputs]
+    text = json.dumps(report, indent=1).encode()
+    atomic_write(Path(out) / "predictions.json", lambda f: f.write(text))
+    return report
+
+
+def _predict(ckpt: dict[str, Any], cfg, checkpoint, st: Store, out, stacks: list[str] | None, *, loader: str,
+             device: str, batch_size: int | None, console: Console) -> dict[str, Any]:
     require_same((ckpt.get("data") or {}).get("intensity"), st, checkpoint)  # the training store's dtype/mapping
     ids = list(stacks) if stacks else st.stack_ids
     for sid in ids:
@@ -98,8 +118,6 @@ def predict(checkpoint: str | Path, store: str | Path, out: str | Path, *, stack
     _write_csv(out / "patches.csv", PATCH_FIELDS,
                [[s["stack_id"], *s["position"], s["probability"], s["label"]] for s in result.samples])
     _write_csv(out / "stacks.csv", STACK_FIELDS, [[v[k] for k in STACK_FIELDS] for v in volumes])
-    text = json.dumps(report, indent=1).encode()
-    atomic_write(out / "predictions.json", lambda f: f.write(text))
     by_stack: dict[str, list[dict]] = {}
     for s in result.samples:
         by_stack.setdefault(s["stack_id"], []).append(s)

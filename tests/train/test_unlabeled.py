@@ -13,7 +13,9 @@ from rich.console import Console
 
 from stacktrain.cli import main
 from stacktrain.errors import InputError, SplitError
+from stacktrain.errors import ConversionFailed
 from stacktrain.stores.convert import ConvertOptions, convert
+from stacktrain.stores.intensity import mapping_of
 from stacktrain.stores.manifest import read_manifest
 from stacktrain.stores.reader import Store
 from stacktrain.stores.synth import synth
@@ -58,7 +60,8 @@ def mixed(tmp_path_factory):
     model = build_model("resnet3d18", tiny=True)
     ckpt = root / "best.pt"
     save_checkpoint(ckpt, model=model, optimizer=None, scaler=None, epoch=0, early_stopping=None,
-                    config=config_to_dict(tiny_config(store, split)), model_name="resnet3d18", model_tiny=True)
+                    config=config_to_dict(tiny_config(store, split)), model_name="resnet3d18", model_tiny=True,
+                    data={"intensity": mapping_of(store)})  # what training records of its store
     return root, labels, store, split, ckpt
 
 
@@ -119,3 +122,56 @@ def test_info_totals_the_unlabeled_stacks(mixed):
     totals = summarize(store)["totals"]
     assert totals["unlabeled"]["stacks"] == 3 and totals["all"]["stacks"] == 10
     assert totals["SAIN"]["stacks"] + totals["MALADE"]["stacks"] == 7
+
+
+# -- raw inputs: converted the training store's way, then predicted ------------------------------------
+def test_predict_on_a_raw_manifest_without_labels(mixed, tmp_path):
+    root, labels, _, _, ckpt = mixed
+    raw = labels.parent
+    manifest = tmp_path / "new.csv"
+    manifest.write_text(f"path,stack_id\n{raw / 'stack000.tif'},new0\n{raw / 'stack007.tif'},new3\n")
+    out = tmp_path / "pred"
+    report = predict(ckpt, manifest, out, console=Console(quiet=True))
+    assert [v["stack_id"] for v in report["stacks"]] == ["new0", "new3"]
+    assert all(v["label"] is None for v in report["stacks"]) and report["volume_metrics"] is None
+    saved = json.loads((out / "predictions.json").read_text())
+    assert saved["store"] is None and saved["inputs"] == [str(manifest)]
+    assert not list(tmp_path.glob(".stacktrain-predict-*"))  # the temporary store is gone
+    assert (out / "heatmaps" / "new0.png").is_file()
+
+
+def test_predict_on_raw_files_keeps_the_store_it_names_with_the_models_mapping(mixed, tmp_path):
+    root, labels, store, _, ckpt = mixed
+    raw = labels.parent
+    files = [raw / "stack000.tif", raw / "stack004.npy"]
+    kept = tmp_path / "new.zarr"
+    report = predict(ckpt, files, tmp_path / "pred", keep_store=kept, console=Console(quiet=True))
+    assert [v["stack_id"] for v in report["stacks"]] == ["stack000", "stack004"] and report["store"] == str(kept)
+    assert mapping_of(kept) == mapping_of(store)
+    np.testing.assert_array_equal(Store(kept).read("stack000"), Store(store).read("stack000"))  # same bytes
+    again = predict(ckpt, files, tmp_path / "pred2", keep_store=kept, console=Console(quiet=True))  # skips
+    assert [v["aggregated_probability"] for v in again["stacks"]] == [v["aggregated_probability"]
+                                                                       for v in report["stacks"]]
+
+
+def test_predict_refuses_raw_stacks_of_another_bit_depth(mixed, tmp_path):
+    _, _, _, _, ckpt = mixed  # trained on a uint8 store of values as they are
+    deep = synth(tmp_path / "raw16", stacks=2, shape_zyx=(16, 64, 64), seed=3, dtype="uint16")
+    with pytest.raises(ConversionFailed) as e:
+        predict(ckpt, [deep.parent / "stack000.tif"], tmp_path / "pred", console=Console(quiet=True))
+    message = e.value.report.outcomes[0].error
+    assert "uint16" in message and "uint8" in message
+    assert not (tmp_path / "pred" / "predictions.json").exists()
+
+
+def test_the_predict_command_on_raw_files(mixed, tmp_path):
+    import subprocess
+    import sys
+    _, labels, _, _, ckpt = mixed
+    raw = labels.parent
+    run = subprocess.run([sys.executable, "-m", "stacktrain", "predict", str(ckpt), str(raw / "stack003.nii.gz"),
+                          str(raw / "stack001.ome.tif"), "--out", str(tmp_path / "pred"), "--workers", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = list(csv.DictReader((tmp_path / "pred" / "stacks.csv").open()))
+    assert [r["stack_id"] for r in rows] == ["stack003", "stack001"] and all(r["label"] == "" for r in rows)
