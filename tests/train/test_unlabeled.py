@@ -12,8 +12,7 @@ import torch
 from rich.console import Console
 
 from stacktrain.cli import main
-from stacktrain.errors import InputError, SplitError
-from stacktrain.errors import ConversionFailed
+from stacktrain.errors import ConversionFailed, InputError, SplitError
 from stacktrain.stores.convert import ConvertOptions, convert
 from stacktrain.stores.intensity import mapping_of
 from stacktrain.stores.manifest import read_manifest
