@@ -328,7 +328,8 @@ def _dicom(item: SynthStack, frames: np.ndarray, *, role: str, z: int | None):
     ds.InstanceNumber = 1 if z is None else z + 1
     ds.Rows, ds.Columns = frames.shape[1:3]
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    bits = frames.dtype.itemsize * 8  # 8 or 16: a uint16 dataset's frames are 16-bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     dz, dy, dx = (v / 1000.0 for v in SPACING_ZYX_UM)  # DICOM lengths are millimeters
     ds.PixelSpacing = [dy, dx]
     ds.SliceThickness = ds.SpacingBetweenSlices = dz
@@ -346,9 +347,9 @@ def write(item: SynthStack, folder: Path) -> str:
     name = NAMES[item.format].format(item.stack_id)
     path = folder / name
     z, y, x = item.shape_zyx
-    if item.format in ("tiff", "ome-tiff"):
-        import tifffile
+    import tifffile
 
+    if item.format in ("tiff", "ome-tiff"):
         if item.format == "tiff":  # RGB pages: axes inferred as z, y, x, samples
             pages = (s[:, k].transpose(1, 2, 0) for _, s in item.slabs() for k in range(s.shape[1]))
             tifffile.imwrite(path, pages, shape=(z, y, x, 3), dtype=item.dtype, photometric="rgb")
@@ -365,8 +366,11 @@ def write(item: SynthStack, folder: Path) -> str:
         path.mkdir()
         for z0, s in item.slabs():
             for k in range(s.shape[1]):
-                image = Image.fromarray(s[:, k].transpose(1, 2, 0))
-                image.save(path / f"slice{z0 + k}.png", compress_level=1)
+                rgb = s[:, k].transpose(1, 2, 0)
+                if rgb.dtype == np.uint8:
+                    Image.fromarray(rgb).save(path / f"slice{z0 + k}.png", compress_level=1)
+                else:  # Pillow writes no 16-bit colour PNG: 16-bit RGB TIFF slices, read the same way
+                    tifffile.imwrite(path / f"slice{z0 + k}.tif", rgb, photometric="rgb")
     elif item.format == "nifti":
         import nibabel as nib
 
