@@ -30,7 +30,7 @@ from .convert_workers import run_stacks
 from .layout import StackMeta
 from .manifest import ManifestRow, read_manifest
 from .options import ConvertOptions
-from .sources import RawSource, StreamingSha256, open_source, read_ahead, source_sha256
+from .sources import RawSource, StreamingSha256, open_row, read_ahead, source_sha256
 from .verify import NO_RECORD, check_stack
 
 CHANNELS = 3
@@ -210,8 +210,7 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
                 raise InputError(f"{row.where}: already in {store} but {'; '.join(changes)}; "
                                  "pass --overwrite to reconvert it")
             return StackOutcome(row.stack_id, "skipped", meta=present)
-        src = open_source(row.path, axes=row.axes, axes_from_option=row.axes_from_option, allow_gaps=opts.allow_gaps,
-                          slab_depth=opts.slab_depth)
+        src = open_row(row, opts)
         record = intensity.recorded(store)  # the store's mapping, settled before any stack is converted
         shape, dtype = plan_stack(src, row, opts, record)
         applied = intensity.stack_mapping(src.dtype, record, row.where)  # minmax: its range added when read

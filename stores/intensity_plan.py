@@ -13,7 +13,7 @@ from typing import Any
 from stacktrain.errors import InputError, StackTrainError, StoreError
 
 from .intensity import KEPT, OFFSET, Histogram, describe, flags, mapping_key, num, parse_bound, recorded, store_state
-from .sources import open_source
+from .sources import open_row
 
 
 def _requested(opts) -> tuple[str | None, dict[str, Any] | None]:
@@ -29,7 +29,7 @@ def _requested(opts) -> tuple[str | None, dict[str, Any] | None]:
 
 
 def _names(pairs, dtype: str, n: int = 3) -> str:
-    files = [r.path.name for r, d in pairs if d == dtype]
+    files = [r.stack_id for r, d in pairs if d == dtype]  # ids are unique, file names need not be
     return ", ".join(files[:n]) + (", ..." if len(files) > n else "")
 
 
@@ -84,7 +84,7 @@ def _upon(rec: dict[str, Any], dtype: str | None, want: dict[str, Any] | None, s
 def _open_dtype(row, opts) -> str | None:
     """The source's dtype from its headers; None when it does not open (that stack then fails alone)."""
     try:
-        return open_source(row.path, axes=row.axes, allow_gaps=opts.allow_gaps, slab_depth=opts.slab_depth).dtype.name
+        return open_row(row, opts).dtype.name
     except (StackTrainError, OSError, ValueError):
         return None
 
@@ -95,8 +95,7 @@ def _scan(pairs, qs: list[float], opts, progress) -> list[float]:
         if dtype not in ("uint8", "int8", "uint16", "int16"):
             raise InputError(f"{row.where}: percentile windows are computed over integer sources of at most 16 "
                              f"bits, this one is {dtype}; give --window as values; nothing was converted")
-    sources = [open_source(r.path, axes=r.axes, allow_gaps=opts.allow_gaps, slab_depth=opts.slab_depth)
-               for r, _ in pairs]
+    sources = [open_row(r, opts) for r, _ in pairs]
     total, done, hist = sum(s.nbytes for s in sources), 0, Histogram()
     progress.scan(0, total)
     for src in sources:

@@ -172,9 +172,12 @@ def read_manifest(csv_path: str | Path, *, default_axes: str | None = None,
             first_line[sid] = line
         if label not in LABELS and not (allow_unlabeled and label == UNLABELED):
             known = ", ".join([*LABELS, *label_map])
-            empty = "" if word else " (an empty label is for stacks to predict on: convert --allow-unlabeled)"
-            problems.append(f"{here}: unknown label {word!r}; use one of {known} (any case), or map the "
-                            f"lab's words with --label-map WORD=SAIN,WORD=MALADE{empty}")
+            if not word:
+                problems.append(f"{here}: empty label; give one of {known}, or pass --allow-unlabeled to keep "
+                                "it as a stack to predict on (never trained on)")
+            else:
+                problems.append(f"{here}: unknown label {word!r}; use one of {known} (any case), or map the "
+                                "lab's words with --label-map WORD=SAIN,WORD=MALADE")
         if not group:
             problems.append(f"{here}: empty group; give the patient id (stacks of one patient share it)")
         path = csv_path.parent / raw_path if raw_path else None

@@ -165,6 +165,12 @@ def open_source(path: str | Path, *, axes: str | None = None, axes_from_option: 
                      gaps=getattr(reader, "gaps", None), axes_note=note, _reader=reader)
 
 
+def open_row(row: Any, opts: Any) -> RawSource:
+    """The source of a manifest row (stores.manifest.ManifestRow) as convert's options (ConvertOptions) open it."""
+    return open_source(row.path, axes=row.axes, axes_from_option=row.axes_from_option, allow_gaps=opts.allow_gaps,
+                       slab_depth=opts.slab_depth)
+
+
 def resolve_axes(name: str, shape: tuple[int, ...], axes: str | None, inferred: str | None, *,
                  stated: bool = False, from_option: bool = False) -> tuple[str, str | None]:
     """(axis order, a note or None): the explicit `axes` (checked against the shape), else the inferred

@@ -75,7 +75,7 @@ def test_mixed_manifest_is_refused_without_dtype(tmp_path):
     err = " ".join(proc.stderr.split())
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    for word in ("uint8 (a8.npy)", "uint16 (b16.npy)", "--dtype uint8 --window", "nothing was converted"):
+    for word in ("uint8 (a8)", "uint16 (b16)", "--dtype uint8 --window", "nothing was converted"):
         assert word in err
     assert not out.exists()
 

@@ -66,7 +66,7 @@ def mixed(tmp_path_factory):
 
 def test_an_empty_label_needs_allow_unlabeled(mixed):
     _, labels, *_ = mixed
-    with pytest.raises(InputError, match="an empty label is for stacks to predict on: convert --allow-unlabeled"):
+    with pytest.raises(InputError, match="empty label; give one of SAIN, MALADE, or pass --allow-unlabeled"):
         read_manifest(labels)
 
 
