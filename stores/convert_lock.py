@@ -13,7 +13,7 @@ from pathlib import Path
 from stacktrain.errors import StoreError
 
 from .convert_workers import WRITERS_LOCK
-from .layout import STAGING
+from .layout import LEGACY_STAGING, staging_dir
 
 LOCK_NAME = "convert.lock"
 OLD_WRITERS_WAIT_S = 600.0  # how long a convert waits for an earlier run's last worker to end its stack
@@ -21,7 +21,7 @@ OLD_WRITERS_WAIT_S = 600.0  # how long a convert waits for an earlier run's last
 
 def _wait_for_old_writers(store: Path, wait_s: float) -> None:
     """Return once no worker of an earlier convert holds the writers lock (see `exclusive`)."""
-    path = store / STAGING / WRITERS_LOCK
+    path = staging_dir(store) / WRITERS_LOCK
     deadline = time.monotonic() + wait_s
     with open(path, "a") as lock:
         while True:
@@ -38,14 +38,15 @@ def _wait_for_old_writers(store: Path, wait_s: float) -> None:
 
 
 def _remove_leftovers(store: Path) -> None:
-    """What killed runs left: anything in .staging/ but the locks, and the temp files of atomic
-    writes (`.NAME.*.tmp`, core/io.py) in the store root and the stack folders."""
-    staging = store / STAGING
-    for leftover in staging.iterdir():
+    """What killed runs left: anything in the staging folder but the locks, the temp files of atomic
+    writes (`.NAME.*.tmp`, core/io.py) in the store root and the stack folders, and the staging folder
+    older stores kept inside (`.staging/`)."""
+    for leftover in staging_dir(store).iterdir():
         if leftover.name not in (LOCK_NAME, WRITERS_LOCK):
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    shutil.rmtree(store / LEGACY_STAGING, ignore_errors=True)
     for tmp in [*store.glob(".*.tmp"), *store.glob("*/.*.tmp")]:
-        if tmp.is_file() and tmp.parent != staging:
+        if tmp.is_file():
             tmp.unlink()
 
 
@@ -62,7 +63,7 @@ def exclusive(store: Path) -> Iterator[None]:
     earlier task has then either ended, or not taken it yet, and one that takes it later finds its
     parent gone (it ended before (1)) and exits before writing. So neither the cleanup below nor this
     run races a writer of an earlier run."""
-    staging = store / STAGING
+    staging = staging_dir(store)
     with open(staging / LOCK_NAME, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

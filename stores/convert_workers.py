@@ -3,11 +3,11 @@ workers that never write without their parent (a SIGKILLed convert leaves no orp
 
 Three layers: the kernel kills a worker whose parent dies (PR_SET_PDEATHSIG, Linux); a worker that sees
 its parent gone between slabs ends itself; and a worker holds the store's writers lock (shared flock on
-`.staging/writers.lock`) for each whole task, taken before the task's first write and checked against
-its parent's life, so the next convert can wait until no earlier writer is left (stores/convert_lock.py
-`exclusive` says why that is enough). Between tasks a worker holds no lock and writes nothing: an idle
-orphan blocked on its task queue cannot hold a rerun up. STACKTRAIN_TEST_ORPHANS=1 turns the first two
-layers off, so that tests/faults can show the lock alone keeps a store right.
+`writers.lock` in the store's staging folder) for each whole task, taken before the task's first write
+and checked against its parent's life, so the next convert can wait until no earlier writer is left
+(stores/convert_lock.py `exclusive` says why that is enough). Between tasks a worker holds no lock and
+writes nothing: an idle orphan blocked on its task queue cannot hold a rerun up. STACKTRAIN_TEST_ORPHANS=1
+turns the first two layers off, so that tests/faults can show the lock alone keeps a store right.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-from .layout import STAGING
+from .layout import staging_dir
 
 WRITERS_LOCK = "writers.lock"
 _PROGRESS_QUEUE = None
@@ -55,7 +55,7 @@ def _init_worker(queue, parent: int, writers_lock: str) -> None:
 @contextlib.contextmanager
 def writing() -> Iterator[None]:
     """Hold the writers lock (shared) for one task; end the process if the parent is gone by then.
-    Taking it blocks while a new convert, which holds it exclusive, clears .staging."""
+    Taking it blocks while a new convert, which holds it exclusive, clears the staging folder."""
     with open(_WRITERS_LOCK_PATH, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_SH)
         if os.getppid() != _PARENT:  # our convert ended: a newer one may own the store now
@@ -85,7 +85,7 @@ def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int
     queue = ctx.Queue()
     pool = cf.ProcessPoolExecutor(min(opts.workers, len(rows)), mp_context=ctx,
                                   initializer=_init_worker,
-                                  initargs=(queue, os.getpid(), str(Path(store) / STAGING / WRITERS_LOCK)))
+                                  initargs=(queue, os.getpid(), str(staging_dir(store) / WRITERS_LOCK)))
     try:
         futures = {pool.submit(_convert_in_worker, convert_stack, i, row, store, opts): i for i, row in enumerate(rows)}
         pending = set(futures)

@@ -10,8 +10,12 @@ STORE.zarr/
     stats/
       foreground             float32 (Zc, Yc, Xc): fraction of voxels above the threshold per stats cell
       mean                   float32 (C, Zc, Yc, Xc): mean intensity per channel and stats cell
-  .staging/                  stacks being written; renamed into place when complete
 ```
+
+Beside the store, not in it: `.STORE.zarr.staging/` (`staging_dir`) holds the stacks being written,
+renamed into place when complete, and the convert locks. Kept out of the Zarr hierarchy, so zarr-python
+and OME-Zarr readers see only groups and arrays (a foreign folder inside makes zarr-python warn on
+every listing); a rename from it stays on one filesystem, since both live in the store's parent.
 
 A stack's metadata ends with its completeness record (`StackMeta.record`, written before the one rename
 that makes the stack visible): the shard grid and, for every shard file written, its path under the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Any
 
 from stacktrain.choices import Codec, Label, options
@@ -32,7 +37,13 @@ AXES = ("c", "z", "y", "x")
 IMAGE = "image"
 LEVEL0 = "0"
 STATS = "stats"
-STAGING = ".staging"
+LEGACY_STAGING = ".staging"  # the staging folder inside the store, before it moved beside it
+
+
+def staging_dir(store) -> Path:
+    """The folder beside `store` where its stacks are written before they are renamed into it."""
+    store = Path(store).absolute()
+    return store.parent / f".{store.name}.staging"
 
 # A chunk is one channel of a (z, y, x) block, so every chunk of a stack inflates to the same shape
 # (DALI's inflate requires that). The shard holds all channels of one 32x256x256 patch cell, so a

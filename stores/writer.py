@@ -28,7 +28,6 @@ from .layout import (
     FORMAT_VERSION,
     IMAGE,
     LEVEL0,
-    STAGING,
     STATS,
     STATS_CELL_ZYX,
     StackMeta,
@@ -36,6 +35,7 @@ from .layout import (
     omero_channels,
     root_group_json,
     shard_grid,
+    staging_dir,
 )
 from .reader import read_stack_meta
 from .shards import ShardWriter
@@ -59,7 +59,7 @@ def init_store(path: str | Path) -> Path:
             raise StoreError(f"{path}: exists and is not a stacktrain store; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
         write_json(root, root_group_json([]))
-    (path / STAGING).mkdir(exist_ok=True)
+    staging_dir(path).mkdir(exist_ok=True)
     return path
 
 
@@ -105,7 +105,7 @@ def record_intensity(path: str | Path, record: dict) -> None:
 def remove_stack(path: str | Path, stack_id: str) -> None:
     target = Path(path) / stack_id
     if target.exists():
-        trash = Path(path) / STAGING / f"{stack_id}.old-{uuid.uuid4().hex[:8]}"
+        trash = staging_dir(path) / f"{stack_id}.old-{uuid.uuid4().hex[:8]}"
         target.rename(trash)  # out of sight first, then delete
         shutil.rmtree(trash)
 
@@ -156,7 +156,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
         if len(valid_zyx) != 3 or not all(1 <= v <= n for v, n in zip(valid_zyx, shape[1:])):
             raise StoreError(f"{source}: valid region (z, y, x) {valid_zyx} must lie inside the shape {shape}")
     path = Path(path)
-    staging = path / STAGING / f"{stack_id}.{uuid.uuid4().hex[:8]}"
+    staging = staging_dir(path) / f"{stack_id}.{uuid.uuid4().hex[:8]}"
     c = shape[0]
     try:
         stack_group = zarr.open_group(staging, mode="w", zarr_format=3)

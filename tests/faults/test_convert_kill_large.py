@@ -27,7 +27,7 @@ import pytest
 
 from stacktrain.cli import build_parser
 from stacktrain.stores.convert import ConvertOptions, convert
-from stacktrain.stores.layout import STAGING
+from stacktrain.stores.layout import staging_dir
 from stacktrain.stores.reader import Store
 from stacktrain.stores.verify import verify_store
 from stacktrain.testing import tissue
@@ -56,17 +56,16 @@ def _cmd(manifest: Path, out: Path, options: list[str]) -> list[str]:
 
 
 def _tree(store: Path) -> dict[str, bytes]:
-    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*"))
-            if p.is_file() and STAGING not in p.relative_to(store).parts}
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
 
 
 # -- kill moments: conditions on the store's files ---------------------------------------------------
 def _staged_shards(out: Path, sid: str) -> int:
-    return sum(1 for d in (out / STAGING).glob(f"{sid}.*") for p in d.glob("image/0/c/0/*/*/*") if p.is_file())
+    return sum(1 for d in staging_dir(out).glob(f"{sid}.*") for p in d.glob("image/0/c/0/*/*/*") if p.is_file())
 
 
 def staging_appears(sid: str) -> Callable[[Path], bool]:
-    return lambda out: any((out / STAGING).glob(f"{sid}.*"))
+    return lambda out: any(staging_dir(out).glob(f"{sid}.*"))
 
 
 def shards_staged(sid: str, n: int) -> Callable[[Path], bool]:
@@ -74,7 +73,7 @@ def shards_staged(sid: str, n: int) -> Callable[[Path], bool]:
 
 
 def stats_staged(out: Path) -> bool:
-    return any((out / STAGING).glob("q*.*/stats"))
+    return any(staging_dir(out).glob("q*.*/stats"))
 
 
 def stacks_in_place(n: int) -> Callable[[Path], bool]:
@@ -86,7 +85,7 @@ def root_tmp(out: Path) -> bool:
 
 
 def _writers_busy(out: Path) -> bool:
-    with open(out / STAGING / "writers.lock", "a") as lock:
+    with open(staging_dir(out) / "writers.lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,7 +103,7 @@ def _kill_and_rerun(tmp_path: Path, manifest: Path, options: list[str], when: Ca
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + deadline_s
-        while not (out / STAGING).is_dir() or not when(out):
+        while not staging_dir(out).is_dir() or not when(out):
             assert proc.poll() is None, f"convert ended before the kill moment: {proc.stderr.read().decode()}"
             assert time.monotonic() < deadline, "the kill moment never came"
             time.sleep(0.002)  # polling the files (the condition), not waiting for time to pass

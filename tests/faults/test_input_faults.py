@@ -21,7 +21,7 @@ import pytest
 
 from stacktrain.errors import ConversionFailed
 from stacktrain.stores.convert import convert
-from stacktrain.stores.layout import STAGING
+from stacktrain.stores.layout import staging_dir
 from stacktrain.stores.options import ConvertOptions
 from stacktrain.testing import tissue
 from tests.faults import input_makers as mk
@@ -44,7 +44,7 @@ def convert_bad(folder: Path, store: Path, bad: str, **opts) -> str:
     error = outcomes["bad"].error
     assert "\n" not in error and Path(bad).name in error and "manifest line 3" in error
     assert registered(store) == ["prior", "good"] and not (store / "bad").exists()
-    assert all(p.name.endswith(".lock") for p in (store / STAGING).iterdir())
+    assert all(p.name.endswith(".lock") for p in staging_dir(store).iterdir())
     return error
 
 

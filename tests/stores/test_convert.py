@@ -11,7 +11,7 @@ import pytest
 from stacktrain.cli import main
 from stacktrain.stores import convert as conv
 from stacktrain.stores.convert import ConversionFailed, ConvertOptions, convert
-from stacktrain.stores.layout import STAGING
+from stacktrain.stores.layout import staging_dir
 from stacktrain.stores.reader import Store
 from stacktrain.stores.sources import open_source
 from stacktrain.testing import tissue
@@ -61,7 +61,7 @@ def test_npy_round_trip_and_metadata(npy_stacks, tmp_path):
     fg = store.stats("s0")["foreground"]  # the empty corner of tissue() shows in the patch statistics
     assert fg.shape == (3, 2, 2) and fg[0, 0, 0] < 1.0 == fg[0, 1, 1]
     assert fg[0, 0, 0] == pytest.approx((arrays["s0"][:, :8, :32, :32] > 0).any(axis=0).mean())
-    assert sorted(p.name for p in (tmp_path / "s.zarr" / STAGING).iterdir()) == [conv.LOCK_NAME, conv.WRITERS_LOCK]
+    assert sorted(p.name for p in staging_dir(tmp_path / "s.zarr").iterdir()) == [conv.LOCK_NAME, conv.WRITERS_LOCK]
 
 
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
@@ -192,11 +192,12 @@ def test_stacks_from_other_manifests_stay_listed(npy_stacks, tmp_path):
 def test_stale_staging_is_cleaned(npy_stacks, tmp_path):
     manifest, _ = npy_stacks
     out = tmp_path / "s.zarr"
-    (out / STAGING / "s0.deadbeef" / "image").mkdir(parents=True)  # what a killed run leaves behind
+    (staging_dir(out) / "s0.deadbeef" / "image").mkdir(parents=True)  # what a killed run leaves behind
+    out.mkdir()
     (out / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
         "stacktrain": {"format_version": 1, "stacks": []}}}))
     convert(manifest, out, ConvertOptions(**TINY))
-    assert sorted(p.name for p in (out / STAGING).iterdir()) == [conv.LOCK_NAME, conv.WRITERS_LOCK]
+    assert sorted(p.name for p in staging_dir(out).iterdir()) == [conv.LOCK_NAME, conv.WRITERS_LOCK]
 
 
 def test_cli_convert_then_info(npy_stacks, tmp_path, capsys):
@@ -259,7 +260,7 @@ def test_a_second_convert_on_the_same_store_is_refused(npy_stacks, tmp_path):
     from stacktrain.stores import writer
     manifest, _ = npy_stacks
     out = writer.init_store(tmp_path / "s.zarr")
-    with open(out / STAGING / conv.LOCK_NAME, "w") as held:  # what a running convert holds
+    with open(staging_dir(out) / conv.LOCK_NAME, "w") as held:  # what a running convert holds
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(StoreError, match="another `stacktrain convert` is writing this store"):
             convert(manifest, out, ConvertOptions(**TINY))
@@ -289,3 +290,21 @@ def test_peak_memory_does_not_grow_with_stack_depth(tmp_path):
         tracemalloc.stop()
     stack_bytes = 3 * 384 * 48 * 48
     assert peaks[384] < 1.25 * peaks[32] and peaks[384] < stack_bytes / 2, (peaks, stack_bytes)
+
+
+def test_staging_lives_beside_the_store_so_zarr_lists_it_without_a_warning(npy_stacks, tmp_path):
+    import warnings
+
+    import zarr
+    manifest, _ = npy_stacks
+    out = tmp_path / "s.zarr"
+    (out / ".staging" / "s0.deadbeef").mkdir(parents=True)  # an older stacktrain's staging, inside the store
+    (out / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
+        "stacktrain": {"format_version": 1, "stacks": []}}}))
+    convert(manifest, out, ConvertOptions(**TINY))
+    assert not (out / ".staging").exists()  # cleared under the convert lock
+    assert staging_dir(out) == tmp_path / ".s.zarr.staging" and staging_dir(out).is_dir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zarr-python warns on any folder that is not a group or an array
+        members = dict(zarr.open_group(out, mode="r").members())
+    assert sorted(members) == ["s0", "s1", "s2"]

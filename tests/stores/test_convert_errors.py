@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stacktrain.cli import main
-from stacktrain.stores.layout import STAGING
+from stacktrain.stores.layout import staging_dir
 from stacktrain.testing import tissue
 
 SMALL = ["--min-patch", "4", "16", "16", "--chunk", "4", "16", "16", "--shard", "8", "16", "16", "--no-progress"]
@@ -111,7 +111,7 @@ def test_bad_stack_fails_alone(tmp_path, capsys, make, extra, words):
     assert "1 of 2 stacks failed and were not written (bad);" in err
     assert registered(out) == ["good"] and (out / "good" / "zarr.json").exists()
     assert not (out / "bad").exists()
-    assert {p.name for p in (out / STAGING).iterdir()} <= {"convert.lock", "writers.lock"}
+    assert {p.name for p in staging_dir(out).iterdir()} <= {"convert.lock", "writers.lock"}
 
 
 # (case id, rows -> (path, stack_id, label), words the error must contain)

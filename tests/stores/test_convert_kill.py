@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from stacktrain.stores.convert import ConvertOptions, convert
-from stacktrain.stores.layout import STAGING
+from stacktrain.stores.layout import staging_dir
 from stacktrain.stores.reader import Store
 from stacktrain.testing import tissue
 
@@ -72,7 +72,7 @@ def test_sigkill_then_rerun_equals_clean_run(tmp_path):
     assert f"{N_STACKS - len(complete)} converted, {len(complete)} skipped (unchanged), 0 failed" in summary
     for sid, inode in complete.items():  # skipped stacks were not rewritten
         assert (out / sid / "zarr.json").stat().st_ino == inode
-    assert sorted(p.name for p in (out / STAGING).iterdir()) == ["convert.lock", "writers.lock"]
+    assert sorted(p.name for p in staging_dir(out).iterdir()) == ["convert.lock", "writers.lock"]
 
     clean = tmp_path / "clean.zarr"
     convert(manifest, clean, ConvertOptions(min_patch_zyx=(8, 32, 32), chunk_zyx=(8, 32, 32), shard_zyx=(16, 64, 64)))

@@ -9,6 +9,7 @@ import pytest
 
 from stacktrain.cli import main
 from stacktrain.errors import StoreError
+from stacktrain.stores.layout import staging_dir
 from stacktrain.stores.maintain import relabel, remove
 from stacktrain.stores.reader import Store
 
@@ -59,7 +60,7 @@ def test_relabel_waits_for_no_convert(small_store):
     """Maintenance takes the convert lock: refused while a convert holds the store."""
     import fcntl
     store, _ = small_store
-    with open(store / ".staging" / "convert.lock", "w") as lock:
+    with open(staging_dir(store) / "convert.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with pytest.raises(StoreError, match="another `stacktrain convert`"):
             relabel(store, Store(store).stack_ids[0], "SAIN")

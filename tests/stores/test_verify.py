@@ -17,7 +17,7 @@ from stacktrain.errors import StoreError, user_message
 from stacktrain.stores import convert as conv
 from stacktrain.stores import convert_lock, writer
 from stacktrain.stores.convert import ConvertOptions, convert
-from stacktrain.stores.layout import STAGING
+from stacktrain.stores.layout import staging_dir
 from stacktrain.stores.reader import Store
 from stacktrain.stores.verify import NO_RECORD, check_stack, verify_store
 from stacktrain.testing import tissue
@@ -37,9 +37,8 @@ def npy(tmp_path):
 
 
 def _tree(store):
-    """Every file of a store but its lock folder, with its bytes."""
-    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*"))
-            if p.is_file() and STAGING not in p.relative_to(store).parts}
+    """Every file of a store (its staging folder and locks live beside it), with its bytes."""
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
 
 
 def _drop_record(store, sid):
@@ -119,7 +118,7 @@ def test_the_next_convert_removes_leftover_temp_files(npy, tmp_path):
     manifest, _ = npy
     out = tmp_path / "s.zarr"
     convert(manifest, out, ConvertOptions(**TINY))
-    leftovers = [out / ".zarr.json.k1ll3d.tmp", out / "q0" / ".zarr.json.abc123.tmp", out / STAGING / "q2.1234"]
+    leftovers = [out / ".zarr.json.k1ll3d.tmp", out / "q0" / ".zarr.json.abc123.tmp", staging_dir(out) / "q2.1234"]
     for p in leftovers:
         p.write_text("half")
     keep = out / "q0" / "notes.txt"  # not ours: left alone
@@ -132,10 +131,10 @@ def test_convert_waits_for_an_earlier_runs_writer_and_says_so(npy, tmp_path, mon
     manifest, _ = npy
     out = tmp_path / "s.zarr"
     writer.init_store(out)
-    stale = out / STAGING / "q0.deadbeef"
+    stale = staging_dir(out) / "q0.deadbeef"
     stale.mkdir()
     monkeypatch.setattr(convert_lock, "OLD_WRITERS_WAIT_S", 0.3)
-    with open(out / STAGING / conv.WRITERS_LOCK, "a") as held:  # what a worker of a killed run holds
+    with open(staging_dir(out) / conv.WRITERS_LOCK, "a") as held:  # what a worker of a killed run holds
         fcntl.flock(held, fcntl.LOCK_SH)
         with pytest.raises(StoreError) as e:
             convert(manifest, out, ConvertOptions(**TINY))
