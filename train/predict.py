@@ -61,6 +61,7 @@ def predict(checkpoint: str | Path, source: str | Path | list, out: str | Path, 
     console = console or ui.console()
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder; give a folder for the prediction files")
+    _check_flags(loader, device, batch_size)
     ckpt = ckpts.load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"], where=f"{checkpoint} (its config)")
     inputs = list(source) if isinstance(source, (list, tuple)) else [source]
@@ -134,6 +135,23 @@ def _predict(ckpt: dict[str, Any], cfg, checkpoint, st: Store, out, stacks: list
                   f"{out}/heatmaps and the probability layers in {out}/{LAYERS} (OME-Zarr, for napari)",
                   highlight=False, soft_wrap=True)
     return report
+
+
+def _check_flags(loader: str, device: str, batch_size: int | None) -> None:
+    """predict's own options, refused in their own words before anything is read (the training config's
+    checks further on name train.* and loader.* keys, which predict's user never wrote)."""
+    import torch
+
+    from stacktrain.pipelines.loaders import dali_available
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: give at least 1")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device here; give --device cpu or auto")
+    if loader == "dali" and not torch.cuda.is_available():
+        raise ConfigError("--loader dali decodes on the GPU, but torch sees no CUDA device here; give --loader "
+                          "dali-cpu (the same graph on the CPU), torch or auto")
+    if loader in ("dali", "dali-cpu") and not dali_available():
+        raise ConfigError(f"--loader {loader} needs NVIDIA DALI, which does not import here; give --loader torch")
 
 
 def class_name(label: int | None) -> str:

@@ -115,6 +115,20 @@ def test_unknown_stack_is_one_clear_error(setup, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("flags, words", [
+    pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA device", id="device"),
+    pytest.param(["--loader", "dali"], "--loader dali decodes on the GPU", id="loader"),
+    pytest.param(["--batch-size", "0"], "--batch-size 0: give at least 1", id="batch-size"),
+])
+def test_predicts_own_flags_are_named_in_its_errors(setup, tmp_path, capsys, flags, words):
+    """On this CPU machine: predict's flags, not the training config's keys (train.device, loader.loader)."""
+    store, ckpt, _ = setup
+    assert main(["predict", str(ckpt), str(store), "--out", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "train." not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_heatmap_contrast_comes_from_the_stored_percentiles(tmp_path):
     """16-bit data around 1000-3000 (a real microscope's range) is not shown black: the display window is
     the stack's stored 1st-99th percentile, not the dtype's 0-65535."""
