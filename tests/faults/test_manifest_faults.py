@@ -28,7 +28,7 @@ def rows(*lines: str) -> bytes:
 # (id, manifest bytes, words the error must hold); a.npy and b.npy exist beside the manifest
 CASES = [
     ("bad-label", rows("a.npy,a,SICK,p1"), ["line 2", "unknown label 'SICK'", "SAIN, MALADE"]),
-    ("empty-label", rows("a.npy,a,,p1"), ["unknown label ''"]),
+    ("empty-label", rows("a.npy,a,,p1"), ["empty label", "--allow-unlabeled"]),
     ("duplicate-id", rows("a.npy,a,SAIN,p1", "b.npy,a,SAIN,p2"), ["line 3", "duplicate stack_id 'a'", "line 2"]),
     ("reserved-zarr-json", rows("a.npy,zarr.json,SAIN,p1"), ["'zarr.json' is a name the store uses"]),
     ("reserved-image", rows("a.npy,image,SAIN,p1"), ["'image' is a name the store uses"]),

@@ -37,6 +37,7 @@ BAD = {  # key -> out-of-range values (TOML literals), beyond the wrong-type cas
     "preprocess.jitter": ["-5"],
     "loader.batch_size": ["0"],
     "loader.workers": ["-1"],
+    "loader.steps_per_epoch": ["-1"],
     "loader.prefetch": ["0"],
     "loader.seed": ["-1"],
     "optim.lr": ["0", "-1e-3", "nan", "inf"],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import tomllib
 from pathlib import Path
 
@@ -30,7 +32,8 @@ def test_defaults_are_the_seed_values():
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.pos_weight) == (1e-3, 1e-4, None)
     assert (cfg.train.epochs, cfg.train.patience, cfg.train.min_delta) == (100, 20, 1e-5)
     assert cfg.loader.batch_size == 64 and cfg.train.select_level == "stack" and cfg.train.aggregate == "mean"
-    assert load_config(None) == cfg
+    loaded = load_config(None)  # the same, its default out_dir made absolute (paths are, once loaded)
+    assert loaded == dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=os.path.abspath("runs")))
 
 
 def test_presets_load_and_say_what_they_promise():
