@@ -1,0 +1,166 @@
+"""How a command stops on Ctrl-C (SIGINT) and SIGTERM: the same way, as an exception in the main process.
+
+`install()` (the CLI's `main`) makes both signals raise `Interrupted`, a KeyboardInterrupt that carries
+the signal, so every `finally` and context manager on the way out runs (locks, claims, loaders, staging)
+and the CLI exits with 128 + the signal (130, 143) after one "interrupted" line. A second signal while
+that cleanup runs ends the process at once: whatever it left, the next run clears (convert's staging,
+temp files of atomic writes, a stale claim).
+
+Worker processes never decide to stop on their own: a terminal's Ctrl-C and a scheduler's SIGTERM
+reach the whole process group, but only the main process may turn them into an orderly stop, and a
+worker that raised KeyboardInterrupt would print its own traceback. So forked children that inherit
+the handler (torch's and DALI's loader workers) ignore SIGINT and exit quietly on SIGTERM (their parent
+sends it when it shuts them down); spawned workers call `ignore_in_worker()` or `stop_on_parent_term()`.
+`deferred()` holds a signal back until a group of writes that belong together (an epoch's results and
+checkpoints) is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterable, Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_owner: int | None = None  # the pid that installed the handler: forked children inherit it, and see they are not
+_deferring = 0
+_pending: int | None = None
+_stopping = False
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; `exit_code` is what the command exits with (130, 143). Its args are
+    the signal number alone, so it pickles (a study worker hands it back to its parent)."""
+
+    def __init__(self, signum: int):
+        super().__init__(int(signum))
+
+    @property
+    def signum(self) -> int:
+        return self.args[0]
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    def __str__(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def exit_code(e: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C (a plain KeyboardInterrupt too), 143 for SIGTERM."""
+    return e.exit_code if isinstance(e, Interrupted) else 128 + signal.SIGINT
+
+
+def _handler(signum: int, frame) -> None:
+    global _pending
+    if os.getpid() != _owner:  # a forked loader worker, or an idle one: its parent stops it
+        if signum == signal.SIGTERM:
+            os._exit(0)  # 0: torch's SIGCHLD check does not take a worker we stop for a crash
+        return
+    if _stopping:  # the second signal: leave now, without a traceback
+        os._exit(128 + signum)
+    if _deferring:
+        _pending = _pending or signum
+        return
+    _raise_now(signum)
+
+
+def install() -> None:
+    """In the main process: SIGINT and SIGTERM raise `Interrupted` (see the module docstring)."""
+    global _owner, _stopping, _pending
+    _owner, _stopping, _pending = os.getpid(), False, None
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _handler)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """`install()` for the block, then the handlers from before (a test calls the CLI's main in-process)."""
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    install()
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def ignore_in_worker() -> None:
+    """A spawned worker that its parent ends with SIGKILL (convert's): both signals are ignored."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def stop_on_parent_term() -> None:
+    """A spawned worker that must unwind its task (a study's training: its claim, its run directory):
+    the terminal's SIGINT is left to the parent; SIGTERM, which the parent sends, raises `Interrupted`
+    inside `unwinding()` and ends an idle worker quietly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _handler)
+
+
+def loader_worker(_worker_id: int = 0) -> None:
+    """torch DataLoader's worker_init_fn: SIGINT is ignored, SIGTERM ends the worker quietly. (torch's own
+    SIGTERM handler dies by the signal when another process than the parent sends it, as a group kill
+    does, and the parent then raises "DataLoader worker ... is killed by signal" over its own stop.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _handler)
+
+
+@contextlib.contextmanager
+def unwinding() -> Iterator[None]:
+    """Around a worker's task: SIGTERM raises `Interrupted` here, so the task's cleanup runs."""
+    global _owner, _stopping
+    before, _owner, _stopping = _owner, os.getpid(), False
+    try:
+        yield
+    finally:
+        _owner = before
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back until the block ends, then raise it: writes that must land together
+    (a results entry, then last.pt, then best.pt) are never cut between them."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending is not None:
+            signum, _pending = _pending, None
+            _raise_now(signum)
+
+
+def _raise_now(signum: int) -> None:
+    global _stopping
+    _stopping = True
+    raise Interrupted(signum)
+
+
+def stop_processes(processes: Iterable, *, grace_s: float) -> None:
+    """End multiprocessing processes: SIGTERM, up to `grace_s` seconds to unwind (0: SIGKILL at once),
+    then SIGKILL; returns once all have ended."""
+    processes = [p for p in processes if p.is_alive()]
+    for p in processes:
+        with contextlib.suppress(OSError, ValueError):
+            p.kill() if grace_s <= 0 else p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            with contextlib.suppress(OSError, ValueError):
+                p.kill()
+            p.join()
+
+
+def pool_processes(pool) -> list:
+    """The worker processes of a concurrent.futures ProcessPoolExecutor. Python 3.11 has no public way
+    to stop a pool's running tasks (3.14 adds terminate_workers()); `_processes` is what it uses itself."""
+    return list((getattr(pool, "_processes", None) or {}).values())
