@@ -9,8 +9,10 @@ temp files of atomic writes, a stale claim).
 Worker processes never decide to stop on their own: a terminal's Ctrl-C and a scheduler's SIGTERM
 reach the whole process group, but only the main process may turn them into an orderly stop, and a
 worker that raised KeyboardInterrupt would print its own traceback. So forked children that inherit
-the handler (torch's and DALI's loader workers) ignore SIGINT and exit quietly on SIGTERM (their parent
-sends it when it shuts them down); spawned workers call `ignore_in_worker()` or `stop_on_parent_term()`.
+the handler (torch's and DALI's loader workers) ignore both signals: their parent shuts them down its
+own way when it unwinds (DALI's workers must not die on a signal: its pool then deadlocks on a queue
+lock the dead worker held). Spawned workers call `ignore_in_worker()` (convert's: the parent SIGKILLs
+them) or `stop_on_parent_term()` (a study's trainings, which must unwind: the parent relays SIGTERM).
 `deferred()` holds a signal back until a group of writes that belong together (an epoch's results and
 checkpoints) is done.
 """
@@ -25,11 +27,12 @@ from collections.abc import Iterable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-_owner: int | None = None  # the pid that installed the handler: forked children inherit it, and see they are not
+_owner: int | None = None  # the pid that unwinds on a signal: forked children inherit the handler, not the pid
+_worker: int | None = None  # a study worker's pid: SIGTERM from its parent ends it quietly while idle
+_second_exits = True  # the CLI leaves at once on a second signal; a worker finishes its cleanup
 _deferring = 0
 _pending: int | None = None
 _stopping = False
-
 
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; `exit_code` is what the command exits with (130, 143). Its args are
@@ -57,22 +60,25 @@ def exit_code(e: KeyboardInterrupt) -> int:
 
 def _handler(signum: int, frame) -> None:
     global _pending
-    if os.getpid() != _owner:  # a forked loader worker, or an idle one: its parent stops it
-        if signum == signal.SIGTERM:
-            os._exit(0)  # 0: torch's SIGCHLD check does not take a worker we stop for a crash
-        return
-    if _stopping:  # the second signal: leave now, without a traceback
-        os._exit(128 + signum)
-    if _deferring:
-        _pending = _pending or signum
-        return
-    _raise_now(signum)
+    pid = os.getpid()
+    if pid == _owner:
+        if _stopping:  # a second signal while unwinding
+            if _second_exits:
+                os._exit(128 + signum)  # the user insists: leave now, without a traceback
+            return  # a worker gets the group's signal and its parent's: one unwind is enough
+        if _deferring:
+            _pending = _pending or signum
+            return
+        _raise_now(signum)
+    elif pid == _worker and signum == signal.SIGTERM:
+        os._exit(0)  # an idle study worker: nothing to clean up
+    # else: a forked loader worker; its parent shuts it down
 
 
 def install() -> None:
     """In the main process: SIGINT and SIGTERM raise `Interrupted` (see the module docstring)."""
-    global _owner, _stopping, _pending
-    _owner, _stopping, _pending = os.getpid(), False, None
+    global _owner, _stopping, _pending, _second_exits
+    _owner, _stopping, _pending, _second_exits = os.getpid(), False, None, True
     for signum in STOP_SIGNALS:
         signal.signal(signum, _handler)
 
@@ -97,23 +103,26 @@ def ignore_in_worker() -> None:
 
 def stop_on_parent_term() -> None:
     """A spawned worker that must unwind its task (a study's training: its claim, its run directory):
-    the terminal's SIGINT is left to the parent; SIGTERM, which the parent sends, raises `Interrupted`
-    inside `unwinding()` and ends an idle worker quietly."""
+    the terminal's SIGINT is left to the parent; SIGTERM raises `Interrupted` inside `unwinding()` and
+    ends an idle worker quietly."""
+    global _worker, _second_exits
+    _worker, _second_exits = os.getpid(), False
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _handler)
 
 
 def loader_worker(_worker_id: int = 0) -> None:
-    """torch DataLoader's worker_init_fn: SIGINT is ignored, SIGTERM ends the worker quietly. (torch's own
-    SIGTERM handler dies by the signal when another process than the parent sends it, as a group kill
-    does, and the parent then raises "DataLoader worker ... is killed by signal" over its own stop.)"""
+    """torch DataLoader's worker_init_fn: both signals ignored, like DALI's forked workers; torch's own
+    SIGTERM handler dies by the signal when another process than the parent sends it (a group kill),
+    and the parent then raises "DataLoader worker ... is killed by signal" over its own orderly stop.
+    The parent's shutdown ends the worker (a sentinel on its queue)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _handler)
 
 
 @contextlib.contextmanager
 def unwinding() -> Iterator[None]:
-    """Around a worker's task: SIGTERM raises `Interrupted` here, so the task's cleanup runs."""
+    """Around a study worker's task: SIGTERM raises `Interrupted` here, so the task's cleanup runs."""
     global _owner, _stopping
     before, _owner, _stopping = _owner, os.getpid(), False
     try:
