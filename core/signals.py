@@ -169,7 +169,10 @@ def stop_processes(processes: Iterable, *, grace_s: float) -> None:
             p.join()
 
 
-def pool_processes(pool) -> list:
-    """The worker processes of a concurrent.futures ProcessPoolExecutor. Python 3.11 has no public way
-    to stop a pool's running tasks (3.14 adds terminate_workers()); `_processes` is what it uses itself."""
-    return list((getattr(pool, "_processes", None) or {}).values())
+def stop_pool(pool, *, grace_s: float) -> None:
+    """Cancel a ProcessPoolExecutor's queued tasks and end its workers now (`stop_processes`). Python 3.11
+    has no public way to stop running tasks (3.14 adds terminate_workers()); `_processes` is the pool's
+    own list, taken before shutdown() drops it."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    stop_processes(processes, grace_s=grace_s)

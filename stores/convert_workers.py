@@ -100,8 +100,7 @@ def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int
                 yield futures[future], future.result()
     except (KeyboardInterrupt, GeneratorExit):  # interrupted, or closed by `convert` when it was: queued
         # stacks never start, running ones are cut now (it then clears their staging)
-        pool.shutdown(wait=False, cancel_futures=True)
-        signals.stop_processes(signals.pool_processes(pool), grace_s=0)
+        signals.stop_pool(pool, grace_s=0)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -133,8 +133,7 @@ def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *
                         for future in ready:
                             finished(pending.pop(future), future.result())
                 except KeyboardInterrupt:  # Ctrl-C, SIGTERM: runs in flight stop now, release their claims
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    signals.stop_processes(signals.pool_processes(pool), grace_s=STOP_GRACE_S)
+                    signals.stop_pool(pool, grace_s=STOP_GRACE_S)
                     raise
                 except BaseException:  # runs in flight finish (they resume later); the others never start
                     pool.shutdown(cancel_futures=True)
