@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+UNWIND_GRACE_S = 15.0  # a worker that unwinds its training (ends a step, releases its claim) before SIGKILL
 
 _owner: int | None = None  # the pid that unwinds on a signal: forked children inherit the handler, not the pid
 _worker: int | None = None  # a study worker's pid: SIGTERM from its parent ends it quietly while idle

@@ -32,7 +32,7 @@ from stacktrain.train.loop import train
 from stacktrain.train.results import RESULTS_NAME, load_results, strip_timing
 from stacktrain.train.study.claims import CLAIM
 from stacktrain.train.study.runs import peek_state
-from tests.support import TINY, make_store, tiny_config, tiny_data, write_study
+from tests.support import TINY, hpo_body, make_store, tiny_config, tiny_data, write_study
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_DEADLINE_S = 20.0  # from the signal to the exit of the last process of the group
@@ -188,25 +188,45 @@ def test_train_stops_in_its_second_epoch_and_resumes_to_the_uninterrupted_result
 
 
 # -- study -------------------------------------------------------------------------------------------
+STUDY_SETS = (*[s for s in TINY if not s.startswith(("train.epochs", "loader.workers", "patch.size"))],
+              "train.epochs=2", "loader.workers=0", "patch.size=[8, 16, 16]")
+
+
+def _interrupted_study(tmp_path: Path, body: str, workers: int, signum: int, head: str = "") -> tuple[list, Path]:
+    """Start the study, interrupt it once a run has written an epoch; (its args, its runs folder)."""
+    store, split = make_store(tmp_path, n=12, shape=(16, 32, 32), folds=2)
+    study = write_study(tmp_path / "study.toml", store, split, body, sets=STUDY_SETS, head=head)
+    out = tmp_path / "study"
+    args = ["study", str(study), "--out", str(out), "--workers", str(workers)]
+    proc = _start(args)
+    _poll(lambda: any(out.glob("*/*/last.pt")) or any(out.glob("*/*/*/last.pt")), proc, "a run had an epoch")
+    _interrupt(proc, signum)
+    return args, out
+
+
 @pytest.mark.parametrize("workers, signum", [
     pytest.param(1, signal.SIGTERM, id="1-worker-sigterm"),
     pytest.param(2, signal.SIGINT, id="2-workers-sigint", marks=pytest.mark.slow),  # 3 torch starts: slow
     pytest.param(2, signal.SIGTERM, id="2-workers-sigterm", marks=pytest.mark.slow),
 ])
 def test_study_stops_releases_its_claims_and_the_rerun_finishes_every_run(tmp_path, workers, signum):
-    store, split = make_store(tmp_path, n=12, shape=(16, 32, 32), folds=2)
-    tiny = [s for s in TINY if not s.startswith(("train.epochs", "loader.workers", "patch.size"))]
-    sets = (*tiny, "train.epochs=2", "loader.workers=0", "patch.size=[8, 16, 16]")
     folds = list(range(workers))  # one run per worker
-    study = write_study(tmp_path / "study.toml", store, split, "", sets=sets, head=f"folds = {folds}")
-    out = tmp_path / "study"
-    args = ["study", str(study), "--out", str(out), "--workers", str(workers)]
-    proc = _start(args)
-    runs = out / "runs"
-    _poll(lambda: runs.is_dir() and any((d / LAST).exists() for d in runs.iterdir()), proc, "a run had an epoch")
-    _interrupt(proc, signum)
-    assert not [d for d in runs.iterdir() if (d / CLAIM).exists()], "a claim was left behind"
-    assert {peek_state(d) for d in runs.iterdir()} <= {"resume", "new"}  # interrupted in every run's epoch 1
+    args, out = _interrupted_study(tmp_path, "", workers, signum, head=f"folds = {folds}")
+    runs = sorted((out / "runs").iterdir())
+    assert not [d for d in runs if (d / CLAIM).exists()], "a claim was left behind"
+    assert {peek_state(d) for d in runs} <= {"resume", "new"}  # interrupted in every run's epoch 1
     assert main(args[:-1] + ["1"]) == 0  # the rerun, in this process (no torch start per worker)
-    assert [peek_state(d) for d in sorted(runs.iterdir())] == ["done"] * len(folds)
+    assert [peek_state(d) for d in sorted((out / "runs").iterdir())] == ["done"] * len(folds)
     assert (out / "selection.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, signum", [pytest.param(1, signal.SIGINT, id="1-worker-sigint"),
+                                             pytest.param(2, signal.SIGTERM, id="2-workers-sigterm")])
+def test_search_stops_and_the_rerun_resumes_the_interrupted_trial(tmp_path, workers, signum):
+    args, out = _interrupted_study(tmp_path, hpo_body(trials=workers), workers, signum)
+    started = sorted(p.name for p in (out / "trials").iterdir())
+    assert main(args[:-1] + ["1"]) == 0
+    after = sorted(p.name for p in (out / "trials").iterdir())
+    assert set(started) <= set(after) and len(after) == workers  # the interrupted trials resumed, none added
+    assert [peek_state(d) for d in sorted((out / "trials").glob("*/fold*"))] == ["done"] * 2 * workers

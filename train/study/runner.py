@@ -52,7 +52,6 @@ from stacktrain.train.study.storage import redact_text
 
 SPLIT_COPY = "split.json"
 STALE_TEMP_S = 600.0  # far longer than any one atomic write of a study file
-STOP_GRACE_S = 15.0  # an interrupted worker's time to end its training step and release its claim
 
 
 # -- the study directory ---------------------------------------------------------------------------
@@ -133,7 +132,7 @@ def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *
                         for future in ready:
                             finished(pending.pop(future), future.result())
                 except KeyboardInterrupt:  # Ctrl-C, SIGTERM: runs in flight stop now, release their claims
-                    signals.stop_pool(pool, grace_s=STOP_GRACE_S)
+                    signals.stop_pool(pool, grace_s=signals.UNWIND_GRACE_S)
                     raise
                 except BaseException:  # runs in flight finish (they resume later); the others never start
                     pool.shutdown(cancel_futures=True)
