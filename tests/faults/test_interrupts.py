@@ -35,7 +35,7 @@ from stacktrain.train.study.runs import peek_state
 from tests.support import TINY, hpo_body, make_store, tiny_config, tiny_data, write_study
 
 REPO = Path(__file__).resolve().parents[2]
-STOP_DEADLINE_S = 20.0  # from the signal to the exit of the last process of the group
+STOP_DEADLINE_S = 30.0  # signal to the exit of the group's last process (measured 1-15 s on a loaded 2-core machine)
 START_DEADLINE_S = 180.0  # for the command to reach the moment it is interrupted at (a loaded 2-core machine)
 SIGNALS = [pytest.param(signal.SIGINT, id="sigint"), pytest.param(signal.SIGTERM, id="sigterm")]
 LOCKS = ["convert.lock", "writers.lock"]
