@@ -240,29 +240,23 @@ class Objective:
 def _work(study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path, split: dict[str, Any],
           trainer: str, target: int, worker: int, setup: tuple | None = None, progress: Any = None) -> int:
     """One worker: run trials until `target` are finished or running (every machine's count)."""
-    if setup:  # a worker process: its cores and GPU; SIGTERM from its parent (run_hpo) unwinds it
+    if setup:  # a worker process: its cores and GPU
         worker_setup(*setup, worker)
-        with signals.unwinding():
-            return _trials(study, space, out, split_copy, split, trainer, target, progress)
-    return _trials(study, space, out, split_copy, split, trainer, target, progress)
-
-
-def _trials(study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path, split: dict[str, Any],
-            trainer: str, target: int, progress: Any) -> int:
     states = _optuna().trial.TrialState
     ostudy, _ = open_study(study)
     objective = Objective(study, space, out, split_copy, split, trial_folds(study), trainer, target)
     ran = 0
-    while True:
-        trials = ostudy.get_trials(deepcopy=False)
-        waiting = sum(t.state == states.WAITING for t in trials)
-        taken = sum(t.state in (states.COMPLETE, states.PRUNED, states.RUNNING) for t in trials)
-        if not waiting and taken >= target:
-            return ran
-        ostudy.optimize(objective, n_trials=1, catch=(SurplusTrial,))
-        ran += 1
-        if progress is not None:
-            progress(storages.finished_count(ostudy))
+    with signals.unwinding():  # in a worker, the SIGTERM run_hpo sends on an interrupt unwinds the trial
+        while True:
+            trials = ostudy.get_trials(deepcopy=False)
+            waiting = sum(t.state == states.WAITING for t in trials)
+            taken = sum(t.state in (states.COMPLETE, states.PRUNED, states.RUNNING) for t in trials)
+            if not waiting and taken >= target:
+                return ran
+            ostudy.optimize(objective, n_trials=1, catch=(SurplusTrial,))
+            ran += 1
+            if progress is not None:
+                progress(storages.finished_count(ostudy))
 
 
 def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path, split: dict[str, Any], *,
