@@ -194,7 +194,7 @@ STUDY_SETS = (*[s for s in TINY if not s.startswith(("train.epochs", "loader.wor
 
 def _interrupted_study(tmp_path: Path, body: str, workers: int, signum: int, head: str = "") -> tuple[list, Path]:
     """Start the study, interrupt it once a run has written an epoch; (its args, its runs folder)."""
-    store, split = make_store(tmp_path, n=12, shape=(16, 32, 32), folds=2)
+    store, split = make_store(tmp_path, n=8, shape=(16, 32, 32), folds=2)
     study = write_study(tmp_path / "study.toml", store, split, body, sets=STUDY_SETS, head=head)
     out = tmp_path / "study"
     args = ["study", str(study), "--out", str(out), "--workers", str(workers)]
