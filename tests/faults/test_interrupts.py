@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from stacktrain import signals
 from stacktrain.cli import main
 from stacktrain.stores.convert import ConvertOptions, convert
 from stacktrain.stores.layout import STAGING
@@ -100,6 +102,22 @@ def _read_until(proc: subprocess.Popen, prefix: str) -> str:
             return "".join(seen)
     proc.wait()
     pytest.fail(f"the command ended before a line starting with {prefix!r}:\n" + "".join(seen)[-3000:])
+
+
+# -- the mechanism, in this process ---------------------------------------------------------------------
+@pytest.mark.parametrize("signum", SIGNALS)
+def test_a_signal_inside_deferred_is_raised_once_the_block_is_done(signum):
+    done = []
+    with signals.installed(), pytest.raises(signals.Interrupted) as caught:
+        with signals.deferred():
+            signal.raise_signal(signum)  # its handler has run when this returns (CPython checks at once)
+            done.append("written")
+    assert done == ["written"] and caught.value.exit_code == 128 + signum
+    with signals.installed(), pytest.raises(signals.Interrupted):  # outside deferred(): raised at once
+        signal.raise_signal(signum)
+        done.append("not reached")
+    assert done == ["written"]
+    assert pickle.loads(pickle.dumps(caught.value)).signum == signum  # a study worker hands it to its parent
 
 
 # -- convert -----------------------------------------------------------------------------------------
