@@ -9,10 +9,12 @@ temp files of atomic writes, a stale claim).
 Worker processes never decide to stop on their own: a terminal's Ctrl-C and a scheduler's SIGTERM
 reach the whole process group, but only the main process may turn them into an orderly stop, and a
 worker that raised KeyboardInterrupt would print its own traceback. So forked children that inherit
-the handler (torch's and DALI's loader workers) ignore both signals: their parent shuts them down its
-own way when it unwinds (DALI's workers must not die on a signal: its pool then deadlocks on a queue
-lock the dead worker held). Spawned workers call `ignore_in_worker()` (convert's: the parent SIGKILLs
-them) or `stop_on_parent_term()` (a study's trainings, which must unwind: the parent relays SIGTERM).
+the handler (DALI's CPU workers) ignore SIGINT and give SIGTERM 5 s: their parent shuts them down its
+own way as it unwinds (a DALI worker must not die while its parent closes the pool: the pool then
+deadlocks on a queue lock the dead worker held), and a worker still there then ends itself.
+torch's DataLoader workers get `loader_worker` (SIGINT ignored, SIGTERM ends them quietly).
+Spawned workers call `ignore_in_worker()` (convert's: the parent SIGKILLs them) or
+`stop_on_parent_term()` (a study's trainings, which must unwind: the parent relays SIGTERM).
 `deferred()` holds a signal back until a group of writes that belong together (an epoch's results and
 checkpoints) is done.
 """
@@ -22,10 +24,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LOADER_EXIT_S = 5.0  # a loader worker's wait for its pool's own shutdown after a SIGTERM, then it exits
 UNWIND_GRACE_S = 15.0  # a worker that unwinds its training (ends a step, releases its claim) before SIGKILL
 
 _owner: int | None = None  # the pid that unwinds on a signal: forked children inherit the handler, not the pid
@@ -73,7 +77,16 @@ def _handler(signum: int, frame) -> None:
         _raise_now(signum)
     elif pid == _worker and signum == signal.SIGTERM:
         os._exit(0)  # an idle study worker: nothing to clean up
-    # else: a forked loader worker; its parent shuts it down
+    elif signum == signal.SIGTERM:  # a forked loader worker (DALI's): its parent closes the pool as it unwinds
+        _exit_later(LOADER_EXIT_S)
+
+
+def _exit_later(delay_s: float) -> None:
+    """End a worker whose parent's shutdown has not ended it after `delay_s` (its pool tears down without
+    waiting for it, or its parent sent SIGTERM because it stays): never blocks, never exits twice."""
+    timer = threading.Timer(delay_s, os._exit, (0,))
+    timer.daemon = True
+    timer.start()
 
 
 def install() -> None:
@@ -113,12 +126,12 @@ def stop_on_parent_term() -> None:
 
 
 def loader_worker(_worker_id: int = 0) -> None:
-    """torch DataLoader's worker_init_fn: both signals ignored, like DALI's forked workers; torch's own
-    SIGTERM handler dies by the signal when another process than the parent sends it (a group kill),
-    and the parent then raises "DataLoader worker ... is killed by signal" over its own orderly stop.
-    The parent's shutdown ends the worker (a sentinel on its queue)."""
+    """torch DataLoader's worker_init_fn: SIGINT ignored, SIGTERM ends the worker with status 0, whoever sent
+    it. torch's own SIGTERM handler does that only for its parent's and dies by the signal otherwise (a group
+    kill); the parent then raises "DataLoader worker ... is killed by signal" over its own orderly stop.
+    (A torch worker may end at any point: its parent's queues survive it, unlike DALI's.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 @contextlib.contextmanager
