@@ -290,7 +290,7 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
                     if outcome.meta is not None:
                         root_list.add(outcome.meta)
                     progress.finish(i, outcome)
-        except KeyboardInterrupt:  # closing() ended the workers: what they were writing can go now
+        except BaseException:  # Ctrl-C, SIGTERM, an error: closing() ended the workers, so their staging can go
             clear_staging(store)
             raise
         finally:

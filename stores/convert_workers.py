@@ -98,8 +98,8 @@ def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int
                 progress.fraction(*queue.get())
             for future in done:
                 yield futures[future], future.result()
-    except (KeyboardInterrupt, GeneratorExit):  # interrupted, or closed by `convert` when it was: queued
-        # stacks never start, running ones are cut now (it then clears their staging)
+    except (KeyboardInterrupt, GeneratorExit):  # interrupted, or closed early by `convert`: queued stacks
+        # never start, running ones are cut now (convert then clears their staging)
         signals.stop_pool(pool, grace_s=0)
         raise
     finally:
