@@ -15,7 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
-from stacktrain import __version__, commands
+from stacktrain import __version__, commands, signals
 from stacktrain.choices import Codec, Level, LoaderKind, OutDtype, options
 from stacktrain.errors import StackTrainError, user_message
 from stacktrain.stores.options import ConvertOptions
@@ -340,16 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with signals.installed():  # SIGTERM unwinds like Ctrl-C: locks, claims, workers, staging cleaned up
+            return int(args.func(args) or 0)
     except StackTrainError as e:
         print_error(user_message(e))
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # signals.Interrupted too: 130 for SIGINT, 143 for SIGTERM
         print_error("interrupted")
-        return 130
+        return signals.exit_code(e)
     except BrokenPipeError:  # `stacktrain info --json | head`: the reader left; say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

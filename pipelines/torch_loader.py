@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from stacktrain import signals
+
 from .base import PatchLoader
 from .contract import Batch
 from .source import PatchSource
@@ -68,7 +70,7 @@ class TorchLoader(PatchLoader):
             PatchDataset(self.source), batch_sampler=self._sampler,
             num_workers=workers, persistent_workers=workers > 0,
             prefetch_factor=cfg.prefetch if workers else None, pin_memory=device.type == "cuda",
-            multiprocessing_context=context)
+            multiprocessing_context=context, worker_init_fn=signals.loader_worker if workers else None)
 
     def _batches(self, epoch: int) -> Iterator[Batch]:
         if self._loader is None:

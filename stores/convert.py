@@ -13,6 +13,7 @@ a stack that fails it (or has no record) is reconverted, and the summary says so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,7 +26,7 @@ import numpy as np
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
 from . import intensity, intensity_plan, writer
-from .convert_lock import LOCK_NAME, WRITERS_LOCK, exclusive  # noqa: F401 (LOCK_NAME: tests)
+from .convert_lock import LOCK_NAME, WRITERS_LOCK, clear_staging, exclusive  # noqa: F401 (LOCK_NAME: tests)
 from .convert_workers import run_stacks
 from .layout import StackMeta
 from .manifest import ManifestRow, read_manifest
@@ -287,11 +288,15 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
         root_list = _RootList(store, rows)
         progress.start(sizes)
         try:
-            for i, outcome in run_stacks(convert_stack, rows, store, options, progress):
-                outcomes[i] = outcome
-                if outcome.meta is not None:
-                    root_list.add(outcome.meta)
-                progress.finish(i, outcome)
+            with contextlib.closing(run_stacks(convert_stack, rows, store, options, progress)) as stacks:
+                for i, outcome in stacks:
+                    outcomes[i] = outcome
+                    if outcome.meta is not None:
+                        root_list.add(outcome.meta)
+                    progress.finish(i, outcome)
+        except BaseException:  # Ctrl-C, SIGTERM, an error: closing() ended the workers, so their staging can go
+            clear_staging(store)
+            raise
         finally:
             progress.stop()
     read = sum(s for s, o in zip(sizes, outcomes) if o.status == "converted")

@@ -50,6 +50,12 @@ def _remove_leftovers(store: Path) -> None:
             tmp.unlink()
 
 
+def clear_staging(store: Path, wait_s: float = 10.0) -> None:
+    """What an interrupted run's own workers left (they are ended, so the lock is free at once)."""
+    _wait_for_old_writers(store, wait_s)
+    _remove_leftovers(store)
+
+
 @contextlib.contextmanager
 def exclusive(store: Path) -> Iterator[None]:
     """One convert per store at a time, and no process of an earlier one still writing; then clear

@@ -23,6 +23,8 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+from stacktrain import signals
+
 from .layout import staging_dir
 
 WRITERS_LOCK = "writers.lock"
@@ -47,6 +49,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _init_worker(queue, parent: int, writers_lock: str) -> None:
     global _PROGRESS_QUEUE, _PARENT, _WRITERS_LOCK_PATH
+    signals.ignore_in_worker()  # Ctrl-C reaches the whole group; the parent ends workers (`run_stacks`)
     if not _ORPHANS:
         _die_with_parent(parent)
     _PROGRESS_QUEUE, _PARENT, _WRITERS_LOCK_PATH = queue, parent, writers_lock
@@ -95,5 +98,9 @@ def run_stacks(convert_stack, rows, store, opts, progress) -> Iterator[tuple[int
                 progress.fraction(*queue.get())
             for future in done:
                 yield futures[future], future.result()
+    except (KeyboardInterrupt, GeneratorExit):  # interrupted, or closed early by `convert`: queued stacks
+        # never start, running ones are cut now (convert then clears their staging)
+        signals.stop_pool(pool, grace_s=0)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

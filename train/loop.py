@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from stacktrain import signals
 from stacktrain.errors import EvalError
 from stacktrain.io import hold_dir
 from stacktrain.stores.intensity import mapping_of
@@ -136,22 +137,23 @@ def train(cfg: TrainConfig, *, run_dir: Path, resume: bool = False,
                                 "afresh or --resume from the last good epoch")
             pruned = False
             if rt.is_main:
-                # The epoch, then last.pt, then best.pt (a copy of it), and only then the stop reason: a kill
-                # anywhere leaves a run that --resume (or a study rerun) completes, never a "finished" run
-                # whose checkpoints disagree with its results.
-                writer.append(entry, best_epoch=stopper.best_epoch, stop_reason=None, updated_at=now())
-                ckpts.save_checkpoint(run_dir / ckpts.LAST, model=model, optimizer=optimizer, scaler=prec.scaler,
-                                      epoch=epoch, early_stopping=stopper, config=config,
-                                      model_name=cfg.model.name, model_tiny=cfg.model.tiny, data=identity,
-                                      threshold=evaluation.threshold)
-                if improved:
-                    ckpts.copy_checkpoint(run_dir / ckpts.LAST, run_dir / ckpts.BEST)
-                if stop_reason is not None:
-                    writer.append(None, best_epoch=stopper.best_epoch, stop_reason=stop_reason, updated_at=now())
-                monitor.epoch_line(entry, improved=improved, level=level)
-                if on_epoch is not None and on_epoch(epoch, entry) and stop_reason is None:
-                    pruned = True
-                    writer.append(None, best_epoch=stopper.best_epoch, stop_reason="pruned", updated_at=now())
+                with signals.deferred():  # Ctrl-C / SIGTERM waits for this epoch's files, then stops
+                    # The epoch, then last.pt, then best.pt (a copy of it), and only then the stop reason: a kill
+                    # anywhere leaves a run that --resume (or a study rerun) completes, never a "finished" run
+                    # whose checkpoints disagree with its results.
+                    writer.append(entry, best_epoch=stopper.best_epoch, stop_reason=None, updated_at=now())
+                    ckpts.save_checkpoint(run_dir / ckpts.LAST, model=model, optimizer=optimizer, scaler=prec.scaler,
+                                          epoch=epoch, early_stopping=stopper, config=config,
+                                          model_name=cfg.model.name, model_tiny=cfg.model.tiny, data=identity,
+                                          threshold=evaluation.threshold)
+                    if improved:
+                        ckpts.copy_checkpoint(run_dir / ckpts.LAST, run_dir / ckpts.BEST)
+                    if stop_reason is not None:
+                        writer.append(None, best_epoch=stopper.best_epoch, stop_reason=stop_reason, updated_at=now())
+                    monitor.epoch_line(entry, improved=improved, level=level)
+                    if on_epoch is not None and on_epoch(epoch, entry) and stop_reason is None:
+                        pruned = True
+                        writer.append(None, best_epoch=stopper.best_epoch, stop_reason="pruned", updated_at=now())
             if rt.broadcast(pruned) or stop_reason is not None:
                 break
         best = stopper.best_score[0] if isinstance(stopper.best_score, tuple) else stopper.best_score or 0.0

@@ -38,6 +38,7 @@ from typing import Any
 
 import tomli_w
 
+from stacktrain import signals
 from stacktrain.train.config import ConfigError, apply_override
 from stacktrain.train.evaluator import selection_score
 from stacktrain.train.results import RESULTS_NAME, load_results
@@ -190,6 +191,16 @@ class Objective:
         return len(ahead) >= self.target
 
     def __call__(self, trial: Any) -> float:
+        try:
+            return self._objective(trial)
+        except KeyboardInterrupt:  # Optuna fails the trial; queue it again so the rerun resumes it, as after a kill
+            _optuna().logging.set_verbosity(_optuna().logging.ERROR)  # its "trial failed" warning has a traceback
+            if "run_number" in trial.user_attrs:
+                trial.study.enqueue_trial(trial.params, user_attrs={"run_number": trial.user_attrs["run_number"],
+                                                                    "base": bool(trial.user_attrs.get("base"))})
+            raise
+
+    def _objective(self, trial: Any) -> float:
         optuna = _optuna()
         if self._surplus(trial):
             raise SurplusTrial(f"trial {trial.number}: the search already has {self.target} trials")
@@ -235,16 +246,17 @@ def _work(study: Study, space: dict[str, SearchDimension], out: Path, split_copy
     ostudy, _ = open_study(study)
     objective = Objective(study, space, out, split_copy, split, trial_folds(study), trainer, target)
     ran = 0
-    while True:
-        trials = ostudy.get_trials(deepcopy=False)
-        waiting = sum(t.state == states.WAITING for t in trials)
-        taken = sum(t.state in (states.COMPLETE, states.PRUNED, states.RUNNING) for t in trials)
-        if not waiting and taken >= target:
-            return ran
-        ostudy.optimize(objective, n_trials=1, catch=(SurplusTrial,))
-        ran += 1
-        if progress is not None:
-            progress(storages.finished_count(ostudy))
+    with signals.unwinding():  # in a worker, the SIGTERM run_hpo sends on an interrupt unwinds the trial
+        while True:
+            trials = ostudy.get_trials(deepcopy=False)
+            waiting = sum(t.state == states.WAITING for t in trials)
+            taken = sum(t.state in (states.COMPLETE, states.PRUNED, states.RUNNING) for t in trials)
+            if not waiting and taken >= target:
+                return ran
+            ostudy.optimize(objective, n_trials=1, catch=(SurplusTrial,))
+            ran += 1
+            if progress is not None:
+                progress(storages.finished_count(ostudy))
 
 
 def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_copy: Path, split: dict[str, Any], *,
@@ -273,14 +285,19 @@ def run_hpo(study: Study, space: dict[str, SearchDimension], out: Path, split_co
             from multiprocessing import get_context
 
             setup = pool_settings(workers)
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                     initializer=signals.stop_on_parent_term) as pool:
                 pending = {pool.submit(_work, study, space, out, split_copy, split, trainer, target, w, setup)
                            for w in range(workers)}
-                while pending:  # the timeout only refreshes the bar from the storage
-                    finished, pending = wait(pending, timeout=30, return_when=FIRST_EXCEPTION)
-                    for future in finished:
-                        future.result()
-                    update(storages.finished_count(ostudy))
+                try:
+                    while pending:  # the timeout only refreshes the bar from the storage
+                        finished, pending = wait(pending, timeout=30, return_when=FIRST_EXCEPTION)
+                        for future in finished:
+                            future.result()
+                        update(storages.finished_count(ostudy))
+                except KeyboardInterrupt:  # Ctrl-C, SIGTERM: trials in flight stop now (the rerun resumes them)
+                    signals.stop_pool(pool, grace_s=signals.UNWIND_GRACE_S)
+                    raise
     if any(t.state.name == "COMPLETE" for t in ostudy.get_trials(deepcopy=False)):
         best = ostudy.best_trial
         console.print(f"best trial {best.user_attrs.get('run_number', best.number)}: objective "

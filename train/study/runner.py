@@ -26,7 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
-from stacktrain import ui
+from stacktrain import signals, ui
 from stacktrain.io import atomic_write_bytes, atomic_write_json, make_dir, remove_stale_temps
 from stacktrain.train.config import config_to_dict
 from stacktrain.train.preflight import preflight
@@ -123,14 +123,17 @@ def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *
                 finished(run_dir, train_one(*task))
         elif tasks:
             ctx = get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=worker_setup,
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                      initargs=(*pool_settings(workers), ctx.Value("i", 0))) as pool:
-                pending = {pool.submit(train_one, *task): run_dir for run_dir, task in tasks.items()}
+                pending = {pool.submit(_train_in_worker, *task): run_dir for run_dir, task in tasks.items()}
                 try:
                     while pending:
                         ready, _ = wait(pending, return_when=FIRST_EXCEPTION)
                         for future in ready:
                             finished(pending.pop(future), future.result())
+                except KeyboardInterrupt:  # Ctrl-C, SIGTERM: runs in flight stop now, release their claims
+                    signals.stop_pool(pool, grace_s=signals.UNWIND_GRACE_S)
+                    raise
                 except BaseException:  # runs in flight finish (they resume later); the others never start
                     pool.shutdown(cancel_futures=True)
                     raise
@@ -140,6 +143,16 @@ def run_grid(study: Study, out: Path, split_copy: Path, split: dict[str, Any], *
                           f"for them (one silent for {claims.STALE_BEATS * study.heartbeat_s:g} s is taken over)")
             _wait_for_others(taken, tasks, study.heartbeat_s, finished)
     return counts
+
+
+def _worker_init(*setup) -> None:
+    signals.stop_on_parent_term()  # the parent relays Ctrl-C as SIGTERM (run_grid); idle workers just end
+    worker_setup(*setup)
+
+
+def _train_in_worker(*task) -> str:
+    with signals.unwinding():  # SIGTERM unwinds the training: last epoch's files kept, claim released
+        return train_one(*task)
 
 
 def _wait_for_others(taken: list[Path], tasks: dict[Path, tuple], beat_s: float, finished) -> None:
