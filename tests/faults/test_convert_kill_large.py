@@ -81,7 +81,9 @@ def stacks_in_place(n: int) -> Callable[[Path], bool]:
 
 
 def root_tmp(out: Path) -> bool:
-    return any(out.glob(".zarr.json.*.tmp"))
+    """The root list being rewritten after a stack is in place (the first root writes, the store's
+    creation and its intensity record, come before any worker starts)."""
+    return stacks_in_place(1)(out) and any(out.glob(".zarr.json.*.tmp"))
 
 
 def _writers_busy(out: Path) -> bool:
