@@ -17,7 +17,7 @@ from stacktrain.train.study.config import StudyError, load_study
 from stacktrain.train.study.final import run_final
 from stacktrain.train.study.report import report
 from stacktrain.train.study.runner import read_manifest, run_study
-from stacktrain.train.study.runs import RUN_RECORD
+from stacktrain.train.study.runs import RUN_RECORD, record_config
 from stacktrain.train.study.selection import read_selection
 from tests.support import FAKE, VARIANTS, hpo_body, make_store, write_study
 
@@ -58,7 +58,7 @@ def test_phases_chain_and_the_final_step_reads_the_test_part_once(tmp_path, test
     test_ids = set(load_split(split)["folds"][0]["test"])
     for record in p1.glob(f"runs/*/{RUN_RECORD}"):  # no run trained or validated on a test stack
         run = json.loads(record.read_text())
-        parts = load_split(run["config"]["data"]["split"])["folds"][run["fold"]]
+        parts = load_split(record_config(run, record.parent)["data"]["split"])["folds"][run["fold"]]
         assert test_ids.isdisjoint(parts["train"]) and test_ids.isdisjoint(parts["val"])
 
     p2_file = phase(tmp_path, "p2", store, "", PHASE2, base=p1)  # the split comes with the base
@@ -128,3 +128,22 @@ def test_seeds_repeat_every_run_and_the_report_lists_them(tmp_path, fake_data):
     md = (out / "report.md").read_text()
     assert "| scale | 1 | 4 |" in md  # the per-run table: label, fold, seed
     assert "fewer than about 10" in result["verdict"]  # 2 patients per class per fold here
+
+
+def test_a_study_directory_moved_with_its_store_still_reports_and_evaluates(tmp_path):
+    """Run records and selection.json hold paths relative to themselves: the whole project moved (or
+    mounted elsewhere on another machine), `report` finds the patients and `--final` the store."""
+    project = tmp_path / "project"
+    store, _ = make_store(project / "data")
+    split = project / "data" / "split-test.json"
+    write_split(make_splits(store, folds=3, test_fraction=0.25, seed=0), split)
+    out = run_study(phase(project, "p1", store, split, VARIANTS), project / "studies" / "p1", trainer=FAKE,
+                    console=QUIET)
+    for record in out.glob(f"runs/*/{RUN_RECORD}"):
+        assert str(project) not in json.dumps(json.loads(record.read_text())["config"])
+    assert str(project) not in json.dumps(read_selection(out, "")["config"])
+    moved = tmp_path / "elsewhere"
+    project.rename(moved)
+    final = run_final(moved / "studies" / "p1", evaluate=fake_evaluate, console=QUIET)
+    assert final["n_patients"] >= 2 and final["volume_metrics"]["roc_auc"] is not None
+    assert report(moved / "studies" / "p1", n_resamples=50, plots=False, console=QUIET)["rows"]

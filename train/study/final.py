@@ -28,7 +28,7 @@ from stacktrain.stores.reader import Store
 from stacktrain.train.evaluator import binary_metrics
 from stacktrain.train.predict import predict
 from stacktrain.train.split import load_split
-from stacktrain.train.study.runs import RUN_RECORD
+from stacktrain.train.study.runs import RUN_RECORD, record_config
 from stacktrain.train.study.selection import read_selection
 
 FINAL = "final.json"
@@ -72,7 +72,7 @@ def run_final(study_dir: str | Path, *, evaluate: Callable[..., dict[str, float]
     per_run, probs, thresholds = [], [], []
     for rel in selection["runs"]:
         run_dir = study_dir / rel
-        config = json.loads((run_dir / RUN_RECORD).read_text())["config"]
+        config = record_config(json.loads((run_dir / RUN_RECORD).read_text()), run_dir)
         store = config["data"]["store"]
         got, threshold = evaluate(run_dir / "best.pt", store, test, config, study_dir / "final" / Path(rel).name)
         probs.append([got[s] for s in test])

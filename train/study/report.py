@@ -22,13 +22,15 @@ import numpy as np
 from rich.console import Console
 
 from stacktrain import ui
+from stacktrain.config import relative_paths
 from stacktrain.io import atomic_write, atomic_write_json
 from stacktrain.stores.reader import Store
+from stacktrain.train.config import PATH_KEYS
 from stacktrain.train.results import RESULTS_NAME, RunResults, load_results
 from stacktrain.train.study.config import StudyError
 from stacktrain.train.study.manifest import read_manifest
 from stacktrain.train.study.render import markdown, rich_tables, write_csvs
-from stacktrain.train.study.runs import RUN_RECORD
+from stacktrain.train.study.runs import RUN_RECORD, record_config
 from stacktrain.train.study.selection import RUN_KEYS, SELECTION, ranking
 from stacktrain.train.study.stats import (
     LEVELS,
@@ -69,7 +71,7 @@ class Run:
         return self.results.best
 
     def predictions(self) -> FoldPredictions:
-        store = self.record["config"]["data"]["store"]
+        store = record_config(self.record, self.run_dir)["data"]["store"]
         return fold_predictions(self.best, self.fold, patients(store) if store and Path(store).exists() else None)
 
     @property
@@ -318,9 +320,10 @@ def write_selection(study_dir: Path, storage: str | None = None) -> dict[str, An
     runs = groups[label]
     keys = sorted(runs, key=_sort_key)
     chosen = runs[keys[0]]
-    config = json.loads(json.dumps(chosen.record["config"]))
+    config = record_config(chosen.record, chosen.run_dir)
     for section, name in RUN_KEYS:
         config.get(section, {}).pop(name, None)
+    relative_paths(config, PATH_KEYS, study_dir)  # as the study directory holds it (selection.parent_base)
     selection = {"label": label, "level": level, "score": key[0], "stack_roc_auc": key[1], "val_loss": -key[2],
                  "variant": chosen.record["variant"], "model": chosen.record["model"],
                  "runs": [runs[k].run_dir.relative_to(study_dir).as_posix() for k in keys],

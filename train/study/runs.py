@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.progress import Progress
 
 from stacktrain import ui
+from stacktrain.config import anchor_paths, relative_paths
 from stacktrain.io import atomic_write_json, remove_stale_temps
 from stacktrain.train.checkpoint import LAST
-from stacktrain.train.config import config_from_dict, config_to_dict
+from stacktrain.train.config import PATH_KEYS, config_from_dict, config_to_dict
 from stacktrain.train.results import RESULTS_NAME, load_results
 from stacktrain.train.study.claims import Claim
 from stacktrain.train.study.config import RunSpec, Study, StudyError
@@ -54,11 +55,19 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def run_record(spec: RunSpec, study: Study, split: dict[str, Any]) -> dict[str, Any]:
+    """The run's study_run.json; its config's paths relative to the run directory (`record_config`
+    reads them back), so a study directory mounted elsewhere, or moved with its store, still reads."""
+    config = relative_paths(config_to_dict(spec.config), PATH_KEYS, spec.run_dir)
     return {"format_version": FORMAT_VERSION, "study": study.name, "label": spec.label,
             "variant": spec.variant, "model": spec.model, "fold": spec.fold, "seed": spec.seed,
             "trial": spec.trial,
             "split_file": str(study.split_file), "split_sha256": split["sha256"],
-            "config": config_to_dict(spec.config), "host": socket.gethostname()}
+            "config": config, "host": socket.gethostname()}
+
+
+def record_config(record: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A run record's config with its paths absolute again (a copy)."""
+    return anchor_paths(json.loads(json.dumps(record["config"])), PATH_KEYS, Path(run_dir))
 
 
 def check_record(run_dir: Path, record: dict[str, Any]) -> None:

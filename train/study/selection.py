@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from stacktrain.config import anchor_paths
 from stacktrain.errors import StudyError
+from stacktrain.train.config import PATH_KEYS
 from stacktrain.train.evaluator import selection_score
 from stacktrain.train.study.manifest import read_manifest
 
@@ -66,7 +68,7 @@ def parent_base(study_dir: Path, where: str) -> tuple[dict[str, Any], dict[str, 
               "variant": selection["variant"], "model": selection["model"], "score": selection["score"],
               "level": selection["level"], "split_sha256": manifest["split_sha256"],
               "chain": manifest.get("chain", [])}
-    return json.loads(json.dumps(selection["config"])), parent
+    return anchor_paths(json.loads(json.dumps(selection["config"])), PATH_KEYS, Path(study_dir)), parent
 
 
 def chain_of(parent: dict[str, Any] | None) -> list[dict[str, Any]]:
