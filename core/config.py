@@ -204,11 +204,12 @@ def resolve_file(arg: str | Path, package: str, what: str) -> Path:
     return Path(str(found))
 
 
-def is_preset(path: Path, package: str) -> bool:
-    """Whether `path` is one of `package`'s packaged presets (whose relative paths are templates that
-    mean the current directory), rather than a user's file."""
+def paths_base(path: Path, package: str) -> Path | None:
+    """Where the relative paths inside file `path` start: its folder, or None (the current directory)
+    for one of `package`'s packaged presets, whose relative paths are templates."""
     from importlib.resources import files
-    return Path(path).resolve().parent == Path(str(files(package) / "presets")).resolve()
+    preset = Path(path).resolve().parent == Path(str(files(package) / "presets")).resolve()
+    return None if preset else Path(path).parent
 
 
 def _path_slots(raw: dict[str, Any], key: str):

@@ -13,7 +13,9 @@ Readers of user files raise `ConfigError` naming the file and what is wrong.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ import tempfile
 import time
 import tomllib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -121,6 +123,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def atomic_write_csv(path: str | Path, rows: Iterable[Iterable[Any]]) -> None:
+    """Rows (the header first) as a CSV file with "\n" line ends, atomically."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 @contextlib.contextmanager

@@ -31,9 +31,9 @@ from stacktrain.config import (
     anchor_paths,
     build,
     check_choices,
-    is_preset,
     is_text,
     parse_value,
+    paths_base,
     relative_paths,
     require,
     resolve_file,
@@ -214,7 +214,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     if path is not None:
         path = resolve_file(path, "stacktrain.train", "config")
         raw = read_toml(path, "config file")
-        anchor_paths(raw, PATH_KEYS, None if is_preset(path, "stacktrain.train") else path.parent)
+        anchor_paths(raw, PATH_KEYS, paths_base(path, "stacktrain.train"))
     where = str(path) if path is not None else "defaults"
     for override in overrides:
         apply_override(raw, override)

@@ -16,9 +16,7 @@ run's validation stacks (train.threshold = "tuned").
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from rich.table import Table
 
 from stacktrain import ui
 from stacktrain.errors import ConfigError
-from stacktrain.io import atomic_write
+from stacktrain.io import atomic_write, atomic_write_csv, atomic_write_text
 from stacktrain.stores.intensity import require_same
 from stacktrain.stores.layout import CLASS_NAMES
 from stacktrain.stores.reader import Store
@@ -73,8 +71,7 @@ def predict(checkpoint: str | Path, source: str | Path | list, out: str | Path, 
     if not kept:  # the temporary store is gone: the report names what was read instead
         report["store"] = None
     report["inputs"] = [str(p) for p in inputs]
-    text = json.dumps(report, indent=1).encode()
-    atomic_write(Path(out) / "predictions.json", lambda f: f.write(text))
+    atomic_write_text(Path(out) / "predictions.json", json.dumps(report, indent=1))
     return report
 
 
@@ -116,9 +113,9 @@ def _predict(ckpt: dict[str, Any], cfg, checkpoint, st: Store, out, stacks: list
               "store": str(st.path), "aggregate": cfg.train.aggregate, "threshold": threshold,
               "patch_size": list(cfg.patch.size), "patch_metrics": result.patch_metrics,
               "volume_metrics": result.volume_metrics, "stacks": volumes, "patches": result.samples}
-    _write_csv(out / "patches.csv", PATCH_FIELDS,
-               [[s["stack_id"], *s["position"], s["probability"], s["label"]] for s in result.samples])
-    _write_csv(out / "stacks.csv", STACK_FIELDS, [[v[k] for k in STACK_FIELDS] for v in volumes])
+    atomic_write_csv(out / "patches.csv", [PATCH_FIELDS, *([s["stack_id"], *s["position"], s["probability"],
+                                                             s["label"]] for s in result.samples)])
+    atomic_write_csv(out / "stacks.csv", [STACK_FIELDS, *([v[k] for k in STACK_FIELDS] for v in volumes)])
     by_stack: dict[str, list[dict]] = {}
     for s in result.samples:
         by_stack.setdefault(s["stack_id"], []).append(s)
@@ -157,15 +154,6 @@ def _check_flags(loader: str, device: str, batch_size: int | None) -> None:
 def class_name(label: int | None) -> str:
     """SAIN / MALADE for a stored label, "unlabeled" for a stack without one."""
     return "unlabeled" if label is None else CLASS_NAMES[label]
-
-
-def _write_csv(path: Path, header, rows) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    data = buf.getvalue().encode()
-    atomic_write(path, lambda f: f.write(data))
 
 
 def probability_map(samples: list[dict], patch_size, shape_yx) -> np.ndarray:

@@ -12,8 +12,6 @@ the stacks already there), else into a temporary store next to `--out`, removed 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import re
 import shutil
 import tempfile
@@ -22,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from stacktrain.errors import ConfigError
-from stacktrain.io import atomic_write
+from stacktrain.io import atomic_write_csv
 from stacktrain.stores.convert import convert
 from stacktrain.stores.layout import check_stack_id
-from stacktrain.stores.manifest import read_manifest
 from stacktrain.stores.options import DEFAULT_WORKERS, ConvertOptions
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
@@ -62,16 +59,12 @@ def convert_options(ckpt: dict[str, Any], patch_zyx, *, workers: int = DEFAULT_W
 
 def _file_manifest(files: list[Path], folder: Path) -> Path:
     """A manifest (path, stack_id) of raw files, written into `folder`."""
-    buf, taken = io.StringIO(), set()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "stack_id"])
+    taken: set[str] = set()
     for f in files:
         if not f.exists():
             raise ConfigError(f"{f}: not found; give a store, a manifest (.csv) or raw stack files to predict on")
-        writer.writerow([str(f.resolve()), stack_name(f, taken)])
-    data = buf.getvalue().encode()
     path = folder / "inputs.csv"
-    atomic_write(path, lambda out: out.write(data))
+    atomic_write_csv(path, [("path", "stack_id"), *((str(f.resolve()), stack_name(f, taken)) for f in files)])
     return path
 
 
@@ -97,8 +90,7 @@ def input_store(inputs: list[Path], ckpt: dict[str, Any], patch_zyx, *, out: Pat
             manifest = _file_manifest(inputs, scratch)
         opts = convert_options(ckpt, patch_zyx, **options)
         target = store if store is not None else scratch / "inputs.zarr"
-        ids = [row.stack_id for row in read_manifest(manifest, default_axes=opts.axes, allow_unlabeled=True)]
-        convert(manifest, target, opts, progress=progress)
-        yield target, ids, store is not None
+        report = convert(manifest, target, opts, progress=progress)  # outcomes in manifest order
+        yield target, [o.stack_id for o in report.outcomes], store is not None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -38,7 +38,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from stacktrain.config import anchor_paths, build, is_preset, require, resolve_file
+from stacktrain.config import anchor_paths, build, paths_base, require, resolve_file
 from stacktrain.errors import StudyError
 from stacktrain.train.config import PATH_KEYS, ConfigError, TrainConfig, apply_override, config_from_dict
 from stacktrain.train.split import load_split
@@ -253,11 +253,11 @@ def _base_raw(path: Path, head: StudyTable, overrides: list[str],
             except ConfigError as e:
                 raise StudyError(f"{where}: study.base: {e}") from None
         base_raw = _read_toml(base_path, "base training config (study.base, relative to the study file)")
-        anchor_paths(base_raw, PATH_KEYS, None if is_preset(base_path, "stacktrain.train") else base_path.parent)
+        anchor_paths(base_raw, PATH_KEYS, paths_base(base_path, "stacktrain.train"))
     try:  # study.set's paths are the study file's, the command line's the current directory's
         for override in head.set:
             apply_override(base_raw, override)
-        anchor_paths(base_raw, PATH_KEYS, None if is_preset(path, "stacktrain.train.study") else path.parent)
+        anchor_paths(base_raw, PATH_KEYS, paths_base(path, "stacktrain.train.study"))
         for override in overrides:
             apply_override(base_raw, override)
     except ConfigError as e:
@@ -271,8 +271,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> Study:
     """Parse and check a study file; `overrides` (section.key=value) apply to every run."""
     path = resolve_file(path, "stacktrain.train.study", "study")
     where = str(path)
-    raw = anchor_paths(_read_toml(path, "study file"), STUDY_PATH_KEYS,
-                       None if is_preset(path, "stacktrain.train.study") else path.parent)
+    raw = anchor_paths(_read_toml(path, "study file"), STUDY_PATH_KEYS, paths_base(path, "stacktrain.train.study"))
     try:  # every key and value, [hpo] included; the run configs are checked when the runs are expanded
         spec = build(StudyFile, raw, where)
     except ConfigError as e:

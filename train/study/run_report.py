@@ -8,7 +8,6 @@ computes them (stats.py: patients redrawn within class, stacks follow their pati
 
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stacktrain import ui
-from stacktrain.io import atomic_write_bytes
+from stacktrain.io import atomic_write_bytes, atomic_write_csv
 from stacktrain.stores.reader import Store
 from stacktrain.train.results import RESULTS_NAME, f1_malade, level_metrics, load_results
 from stacktrain.train.study.config import StudyError
@@ -88,9 +87,7 @@ def report_run(run_dir: str | Path, *, n_resamples: int = 2000, seed: int = 0, p
                                   for m in METRICS))
     console.print(table)
     console.print(ci_table)
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([COLUMNS, *rows])
-    atomic_write_bytes(run_dir / "epochs.csv", buf.getvalue().encode())
+    atomic_write_csv(run_dir / "epochs.csv", [COLUMNS, *rows])
     lines = [f"# Run {run_dir.name}", "", f"Best epoch {results['best_epoch']}, stop reason "
              f"{results['stop_reason']}.", "", "| level | " + " | ".join(METRICS) + " |",
              "|---|" + "---|" * len(METRICS)]
