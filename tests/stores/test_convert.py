@@ -270,26 +270,28 @@ def test_a_second_convert_on_the_same_store_is_refused(npy_stacks, tmp_path):
 
 
 def test_peak_memory_does_not_grow_with_stack_depth(tmp_path):
-    """Streaming: a 12x deeper stack converts within the same traced peak (numpy and zarr buffers)."""
+    """Streaming: a 6x deeper stack converts within the same traced peak (numpy and zarr buffers). Both
+    stacks span several 32-slice slabs, so both have the reader thread's slab in flight: a one-slab stack
+    as the baseline made the comparison depend on whether that thread was ahead."""
     import tracemalloc
     rng = np.random.default_rng(0)
-    for depth in (32, 384):
+    for depth in (64, 384):
         arr = np.lib.format.open_memmap(tmp_path / f"d{depth}.npy", mode="w+", dtype=np.uint8, shape=(3, depth, 48, 48))
         for z0 in range(0, depth, 32):
             arr[:, z0:z0 + 32] = rng.integers(0, 200, (3, 32, 48, 48), dtype=np.uint8)
         arr.flush()
         del arr
     options = ConvertOptions(chunk_zyx=(8, 48, 48), shard_zyx=(16, 48, 48), min_patch_zyx=(4, 16, 16))
-    convert(write_manifest(tmp_path, [("d32.npy", "warm", "SAIN", "g")], "warm.csv"), tmp_path / "warm.zarr", options)
+    convert(write_manifest(tmp_path, [("d64.npy", "warm", "SAIN", "g")], "warm.csv"), tmp_path / "warm.zarr", options)
     peaks = {}
-    for depth in (32, 384):
+    for depth in (64, 384):
         manifest = write_manifest(tmp_path, [(f"d{depth}.npy", f"d{depth}", "SAIN", "g")], f"{depth}.csv")
         tracemalloc.start()
         convert(manifest, tmp_path / f"{depth}.zarr", options)
         peaks[depth] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     stack_bytes = 3 * 384 * 48 * 48
-    assert peaks[384] < 1.25 * peaks[32] and peaks[384] < stack_bytes / 2, (peaks, stack_bytes)
+    assert peaks[384] < 1.25 * peaks[64] and peaks[384] < stack_bytes / 2, (peaks, stack_bytes)
 
 
 def test_staging_lives_beside_the_store_so_zarr_lists_it_without_a_warning(npy_stacks, tmp_path):
