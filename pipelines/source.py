@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from stacktrain.stores import chunks as store_chunks
+from stacktrain.stores.buffers import pooled
 from stacktrain.stores.reader import Store
 
 from .inflate import split_chunks
@@ -170,7 +171,7 @@ def finished_patch(chunks: np.ndarray, region: store_chunks.ChunkRegion, start, 
     for axis, flipped in enumerate(flips):
         if flipped:
             reverse[1 + axis] = reverse[4 + axis] = slice(None, None, -1)
-    vox = _pooled(region.region_shape, chunks.dtype)
+    vox = pooled(region.region_shape, chunks.dtype)
     np.copyto(vox.reshape(c, gz, cz, gy, cy, gx, cx), tiles[tuple(reverse)].transpose(store_chunks.REASSEMBLE_PERM))
     crop = [slice(None)]
     for axis, (s, n, o, extent) in enumerate(zip(start, size, region.origin_zyx, region.region_shape[1:])):
@@ -179,11 +180,7 @@ def finished_patch(chunks: np.ndarray, region: store_chunks.ChunkRegion, start, 
         crop.append(slice(a, a + n))
     if all(sl.stop - sl.start == extent for sl, extent in zip(crop[1:], region.region_shape[1:])):
         return vox  # the region is the patch (a patch-aligned box)
-    patch = _pooled((c, *size), chunks.dtype)
+    patch = pooled((c, *size), chunks.dtype)
     np.copyto(patch, vox[tuple(crop)])
     return patch
 
-
-def _pooled(shape, dtype) -> np.ndarray:
-    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    return store_chunks.POOL.take(n).view(dtype).reshape(shape)

@@ -47,4 +47,16 @@ class BufferPool:
             return buf
 
 
+    def clear(self) -> None:
+        """Forget every buffer (those still in use live on with their users): after a large job."""
+        with self._lock:
+            self._buffers = []
+
+
 POOL = BufferPool()
+
+
+def pooled(shape, dtype) -> np.ndarray:
+    """An array of `shape` and `dtype` (contents undefined) on a recycled buffer of POOL."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return POOL.take(n).view(dtype).reshape(shape)

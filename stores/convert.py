@@ -26,6 +26,7 @@ import numpy as np
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
 from . import intensity, intensity_plan, writer
+from .buffers import POOL
 from .convert_lock import LOCK_NAME, WRITERS_LOCK, clear_staging, exclusive  # noqa: F401 (LOCK_NAME: tests)
 from .convert_workers import run_stacks
 from .layout import StackMeta
@@ -299,6 +300,7 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
             raise
         finally:
             progress.stop()
+            POOL.clear()  # the slab buffers of an in-process conversion are not kept for later
     read = sum(s for s, o in zip(sizes, outcomes) if o.status == "converted")
     report = ConvertReport(store, outcomes, time.perf_counter() - t0, read)
     failed = [o for o in outcomes if o.status == "failed"]

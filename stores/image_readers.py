@@ -13,6 +13,7 @@ import numpy as np
 
 from stacktrain.errors import InputError
 
+from .buffers import pooled
 from .guards import check_ratio, declared, one_line, quiet_libraries
 from .readers import SLICE_SUFFIXES, FrameReader, _all_or_none, _index, _um, natural_key
 
@@ -118,8 +119,9 @@ class TiffReader:
                     and tuple(pages[0].shape) == tuple(series.shape[1:]):
                 # One page per z (multi-page RGB or grayscale): tifffile reads the pages straight into one
                 # array, ~10x faster than its zarr view (which copies chunk by chunk).
-                for lo, hi in ranges:
-                    yield tif.asarray(key=range(lo, hi), series=0).reshape(hi - lo, *series.shape[1:])
+                for lo, hi in ranges:  # into recycled buffers (reused once nothing holds them)
+                    out = pooled((hi - lo, *series.shape[1:]), series.dtype)
+                    yield tif.asarray(key=range(lo, hi), series=0, out=out).reshape(hi - lo, *series.shape[1:])
                 return
             with series.aszarr(level=0) as store:
                 arr = zarr.open_array(store, mode="r")
