@@ -15,6 +15,7 @@ import numpy as np
 
 from stacktrain.errors import InputError
 
+from .buffers import pooled
 from .guards import check_fits, check_gzip_size, check_ratio, declared, header_array
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -69,7 +70,7 @@ class NpyReader:
         outer, inner = int(np.prod(shape[:ax])), int(np.prod(shape[ax + 1:])) * self.dtype.itemsize
         with open(self.path, "rb", buffering=0) as f:
             for lo, hi in ranges:
-                block = np.empty((*shape[:ax], hi - lo, *shape[ax + 1:]), self.dtype)
+                block = pooled((*shape[:ax], hi - lo, *shape[ax + 1:]), self.dtype)  # recycled pages
                 runs = block.reshape(outer, -1).view(np.uint8)
                 for o in range(outer):
                     f.seek(self.offset + (o * shape[ax] + lo) * inner)
