@@ -33,34 +33,39 @@ def _cpu_ms(fn, repeat: int) -> float:
 
 
 def worker_side(source, epoch: int, batches: int) -> dict[str, Any]:
-    """Per-patch CPU cost of what DALI's parallel workers run, split by function, plus cProfile's top."""
+    """Per-patch and per-chunk CPU cost of what DALI's parallel workers run, stage by stage, plus
+    cProfile's top. Patches are taken one at a time, each dropped before the next, as a worker does:
+    its buffers are recycled (holding them all would time fresh pages instead)."""
     keys = []
     for i in range(batches):
         rows, slots = source.plan(epoch).batch(i)
         keys += [(int(slot), int(row)) for row, slot in zip(rows, slots)]
-    stages = {}
+    names = ("gather (read chunk bytes)", "decode (LZ4 on the CPU)", "finish (reassemble+crop+flip copy)")
     for _ in range(2):  # the first pass opens the shard files and reads their indexes
-        regions = []
-        t = time.process_time()
+        spent, n_chunks = [0.0, 0.0, 0.0], 0
         for slot, row in keys:
+            t0 = time.process_time()
             start, flips = source.augmentation(epoch, slot, row)
             box = tuple((int(s), int(s) + n) for s, n in zip(start, source.index.size))
-            regions.append((source.store.chunk_region(source.index.stack_ids[int(source.index.stack[row])], box),
-                            start, flips))
-    stages["gather (read chunk bytes)"] = 1e3 * (time.process_time() - t) / len(keys)
-    t = time.process_time()
-    decoded = [chunks.decode(region) for region, _, _ in regions]
-    stages["decode (LZ4 on the CPU)"] = 1e3 * (time.process_time() - t) / len(keys)
-    t = time.process_time()
-    for d, (region, start, flips) in zip(decoded, regions):
-        finished_patch(d, region, start, source.index.size, flips)
-    stages["finish (reassemble+crop+flip copy)"] = 1e3 * (time.process_time() - t) / len(keys)
+            region = source.store.chunk_region(source.index.stack_ids[int(source.index.stack[row])], box)
+            t1 = time.process_time()
+            decoded = chunks.decode(region)
+            t2 = time.process_time()
+            finished_patch(decoded, region, start, source.index.size, flips)
+            t3 = time.process_time()
+            for k, dt in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+                spent[k] += dt
+            n_chunks += region.n_chunks
+            del region, decoded
+    stages = {name: 1e3 * dt / len(keys) for name, dt in zip(names, spent)}
+    per_chunk = {name: 1e6 * dt / max(n_chunks, 1) for name, dt in zip(names, spent)}
     profiler = cProfile.Profile()
     profiler.enable()
     for i in range(batches):
         source(types.SimpleNamespace(epoch_idx=epoch - source.epoch_offset, iteration=i))
     profiler.disable()
-    return {"stages_ms_per_patch": stages, "cprofile_top": _top(profiler, len(keys))}
+    return {"stages_ms_per_patch": stages, "stages_us_per_chunk": per_chunk,
+            "chunks_per_patch": n_chunks / len(keys), "cprofile_top": _top(profiler, len(keys))}
 
 
 def _top(profiler: cProfile.Profile, patches: int, n: int = 8) -> list[dict[str, Any]]:

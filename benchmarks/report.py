@@ -54,11 +54,15 @@ def loader_tables(r: dict) -> list[Table]:
                         for b in bars]))
     if r.get("profile"):
         prof = r["profile"]
-        rows = [["worker: " + k, _f(v, ".2f")] for k, v in prof["worker"]["stages_ms_per_patch"].items()]
-        rows += [["DALI: " + k, _f(v, ".2f")] for k, v in (prof.get("dali_graph_ms_per_patch") or {}).items()]
-        rows += [["torch: " + k, _f(v, ".2f")] for k, v in (prof.get("normalize_ms_per_patch") or {}).items()]
-        tables.append(("profile of one dali-cpu patch: CPU ms per patch (DALI rows are cumulative)",
-                       ["stage", "ms/patch"], rows))
+        worker = prof["worker"]
+        per_chunk = worker.get("stages_us_per_chunk", {})
+        rows = [["worker: " + k, _f(v, ".2f"), _f(per_chunk.get(k), ".1f")]
+                for k, v in worker["stages_ms_per_patch"].items()]
+        rows += [["DALI: " + k, _f(v, ".2f"), "-"] for k, v in (prof.get("dali_graph_ms_per_patch") or {}).items()]
+        rows += [["torch: " + k, _f(v, ".2f"), "-"] for k, v in (prof.get("normalize_ms_per_patch") or {}).items()]
+        chunks = f", {worker['chunks_per_patch']:.0f} chunks per patch" if "chunks_per_patch" in worker else ""
+        tables.append((f"profile of one dali-cpu patch: CPU ms per patch (DALI rows are cumulative){chunks}",
+                       ["stage", "ms/patch", "us/chunk"], rows))
     return tables
 
 

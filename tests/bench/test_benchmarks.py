@@ -77,6 +77,26 @@ def test_loader_bench_schema_and_ratios(tiny_store):
     json.dumps(r)  # plain JSON all the way down
 
 
+def test_loader_profile_per_patch_and_per_chunk(tiny_store):
+    from stacktrain.bench.profile_loader import profile_dali_cpu
+    from stacktrain.stores.reader import Store
+    store = Store(tiny_store)
+    prof = profile_dali_cpu(store, list(store.stack_ids), patch=PATCH, batch=4, dtype="fp32", seed=0)
+    worker = prof["worker"]
+    # an 8x32x32 patch on the 8x16x16 chunk grid: 3 channels x 1 x 2 x 2 chunks, more where jitter shifts it
+    assert worker["chunks_per_patch"] >= 12
+    stages = worker["stages_ms_per_patch"]
+    assert set(stages) == set(worker["stages_us_per_chunk"]) and len(stages) == 3
+    for name, ms in stages.items():
+        assert ms >= 0 and worker["stages_us_per_chunk"][name] == pytest.approx(1e3 * ms / worker["chunks_per_patch"])
+    assert sum(stages.values()) > 0
+    title, header, rows = report.loader_tables({"config": {"patches_per_segment": 16, "patch": list(PATCH), "batch": 4,
+                                                           "workers": 2, "cores_available": 2, "dtype": "fp32"},
+                                                "results": {}, "profile": prof})[-1]
+    assert header == ["stage", "ms/patch", "us/chunk"] and "chunks per patch" in title
+    assert [r[0] for r in rows[:3]] == ["worker: " + n for n in stages]
+
+
 def test_ceilings_sanity(cache):
     """(c) does (b)'s reads plus decoding, so it is never faster per patch. (a) >= (b) per byte moved
     holds where numpy copies long rows: patches of whole y-x planes against small chunks read run by
