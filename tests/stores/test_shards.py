@@ -28,18 +28,19 @@ def _files(folder):
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16"])
 @pytest.mark.parametrize("codec", ["lz4", "zstd"])
-def test_shards_are_the_bytes_zarr_python_writes(tmp_path, codec, dtype):
+@pytest.mark.parametrize("chunk,shard", [(CHUNK, SHARD), ((4, 5, 7), (8, 10, 21))], ids=["even", "odd-chunks"])
+def test_shards_are_the_bytes_zarr_python_writes(tmp_path, codec, dtype, chunk, shard):
     vol = tissue((3, 40, 70, 90), seed=1).astype(dtype)  # edges in z, y and x: partial chunks and shards
     vol[:, :16, :40, :40] = 0  # empty chunks (not stored) and an empty shard (no file)
-    kw = dict(shape=vol.shape, dtype=dtype, chunks=(1, *CHUNK), shards=(3, *SHARD), fill_value=0,
+    kw = dict(shape=vol.shape, dtype=dtype, chunks=(1, *chunk), shards=(3, *shard), fill_value=0,
               compressors=[LZ4()] if codec == "lz4" else [ZstdCodec(level=3)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr.create_array(tmp_path / "ref", **kw)[...] = vol
         zarr.create_array(tmp_path / "new", **kw)
-    writer = ShardWriter(tmp_path / "new", vol.shape, dtype, codec=codec, chunk_zyx=CHUNK, shard_zyx=SHARD)
-    for z0 in range(0, 40, 16):
-        writer.write_slab(z0, vol[:, z0:z0 + 16])
+    writer = ShardWriter(tmp_path / "new", vol.shape, dtype, codec=codec, chunk_zyx=chunk, shard_zyx=shard)
+    for z0 in range(0, 40, 2 * shard[0]):  # slabs of two shards in z
+        writer.write_slab(z0, vol[:, z0:z0 + 2 * shard[0]])
     ref, new = _files(tmp_path / "ref"), _files(tmp_path / "new")
     assert "c/0/0/0/0" not in ref and len(ref) == writer.shards_written
     assert new == ref
