@@ -13,6 +13,7 @@ everything that decodes on the CPU to (c)), and to the naive zarr-python baselin
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +142,11 @@ def bench_loader(*, store: str | Path | None = None, cache: Path | None = None, 
                         if not kept:  # a real batch for the normalisation row below
                             kept.append(b)
                 return n
+            main0 = time.process_time()  # this process alone: the pipeline, transport, torch tensors
             results[kind] = measure(one_epoch, label=f"loader {kind}", segments=segments, warmup=warmup, sync=sync(),
                                     tick=tick)
+            delivered = results[kind]["items_per_segment"] * (segments + warmup)
+            results[kind]["main_cpu_ms_per_item"] = 1e3 * (time.process_time() - main0) / delivered
             results[kind]["delivers"] = str(loader.spec.raw_dtype).removeprefix("torch.")
             sample_batch = sample_batch or kept[0]
         finally:

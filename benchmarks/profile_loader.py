@@ -2,8 +2,10 @@
 
 py-spy cannot see inside DALI's C++ operators, so each stage is timed on its own: the worker side
 (the pipelines' source: gather, decode, finish the patch) with CPU clocks per call and cProfile for
-the Python functions; the CPU-mode DALI graph on one CPU thread (it runs no operator), fed one real
-batch, then the copy into torch tensors; and the trainer's device-side normalisation run on the CPU.
+the Python functions, and the trainer's device-side normalisation run on the CPU. What DALI itself
+costs is measured in the timed run (`bench loader`'s dali-cpu row): the main process's CPU (pipeline,
+transport from the workers, torch tensors) apart from the whole process tree's, whose rest is the
+workers' (the source as above, plus handing each batch to DALI's shared memory).
 All figures are CPU milliseconds per patch (one core, except normalisation: torch's threads).
 """
 
@@ -77,33 +79,6 @@ def _top(profiler: cProfile.Profile, patches: int, n: int = 8) -> list[dict[str,
     return sorted(rows, key=lambda r: -r["tottime_ms_per_patch"])[:n]
 
 
-def dali_side(source, epoch: int, *, store_dtype: str, repeat: int = 3) -> dict[str, float]:
-    """CPU cost of the CPU-mode DALI graph on one thread (it runs no operator: the workers finished the
-    patches), fed one real batch, and of the copy into torch tensors."""
-    from nvidia.dali import fn, pipeline_def
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-    from stacktrain.pipelines import graph
-
-    batch = source(types.SimpleNamespace(epoch_idx=epoch - source.epoch_offset, iteration=0))
-    n = len(batch[0])
-
-    @pipeline_def(batch_size=n, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False,
-                  prefetch_queue_depth=1)
-    def pipe():
-        ins = dict(zip(source.fields, fn.external_source(lambda: batch, num_outputs=len(source.fields), batch=True)))
-        return graph.cpu_graph(ins, store_dtype)
-
-    def built():
-        p = pipe()
-        p.build()
-        return p
-    out = {"external_source + the CPU graph (no operators)": _cpu_ms(built().run, repeat) / n}
-    it = DALIGenericIterator([built()], graph.OUTPUT_MAP, size=-1, auto_reset=True, prepare_first_batch=False)
-    out["+ copy into torch tensors (DALIGenericIterator)"] = _cpu_ms(lambda: next(it), repeat) / n
-    return out
-
-
 def normalize_side(source, epoch: int, *, dtype: str, clip: bool, repeat: int = 3) -> float:
     """CPU ms per patch of the trainer's input step (pipelines.normalize) on this machine's CPU threads."""
     import numpy as np
@@ -123,10 +98,6 @@ def profile_dali_cpu(store, stack_ids, *, patch, batch: int, dtype: str, seed: i
     source = PatchSource(store, index, norm, train=True, raw_lz4=False, batch_size=batch, seed=seed,
                          flip=prep.flip, jitter=prep.jitter)
     report = {"worker": worker_side(source, 1, batches=min(2, len(source.plan(1))))}
-    try:
-        report["dali_graph_ms_per_patch"] = dali_side(source, 1, store_dtype=store.meta(stack_ids[0]).dtype)
-    except ImportError:
-        report["dali_graph_ms_per_patch"] = None
     report["normalize_ms_per_patch"] = {f"normalize on the CPU to {dtype} (trainer's input step)":
                                         normalize_side(source, 1, dtype=dtype, clip=clip)}
     return report

@@ -56,6 +56,9 @@ def test_loader_bench_schema_and_ratios(tiny_store):
     res = r["results"]
     assert set(res) == {"ram", "bytes", "decode", "source-bytes", "naive-zarr", "dali-cpu", "torch", "normalize-cpu"}
     assert res["dali-cpu"]["delivers"] == res["torch"]["delivers"] == "uint8"  # raw; normalised separately
+    for kind in ("dali-cpu", "torch"):  # this process's share of the loader's CPU, apart from its workers'
+        main, tree = res[kind]["main_cpu_ms_per_item"], res[kind]["cpu_ms_per_item"]
+        assert positive_finite(main) and (tree is None or main <= tree * 1.05), kind
     norm = res.pop("normalize-cpu")
     assert positive_finite(norm["per_s"]) and norm["items_per_segment"] == 4 * 4 and norm["dtype"] == "fp32"
     for name, item in res.items():
@@ -90,11 +93,13 @@ def test_loader_profile_per_patch_and_per_chunk(tiny_store):
     for name, ms in stages.items():
         assert ms >= 0 and worker["stages_us_per_chunk"][name] == pytest.approx(1e3 * ms / worker["chunks_per_patch"])
     assert sum(stages.values()) > 0
+    timed = {"per_s": 1.0, "gb_per_s": 1.0, "cpu_ms_per_item": 9.0, "main_cpu_ms_per_item": 2.5}
     title, header, rows = report.loader_tables({"config": {"patches_per_segment": 16, "patch": list(PATCH), "batch": 4,
                                                            "workers": 2, "cores_available": 2, "dtype": "fp32"},
-                                                "results": {}, "profile": prof})[-1]
+                                                "results": {"dali-cpu": timed}, "profile": prof})[-1]
     assert header == ["stage", "ms/patch", "us/chunk"] and "chunks per patch" in title
     assert [r[0] for r in rows[:3]] == ["worker: " + n for n in stages]
+    assert [r[1] for r in rows[3:5]] == ["6.50", "2.50"]  # the timed run's tree minus its main process
 
 
 def test_ceilings_sanity(cache):
