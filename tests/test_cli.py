@@ -17,7 +17,7 @@ COMMANDS = {
     "synth": (["out_dir"], ["--difficulty", "--dtype", "--patient-effect", "--prevalence", "--seed", "--shape",
                             "--stacks"]),
     "convert": (["manifest"], ["--allow-gaps", "--allow-unlabeled", "--axes", "--chunk", "--codec", "--dtype",
-                               "--foreground-threshold", "--label-map", "--min-patch", "--no-progress", "--out",
+                               "--foreground-threshold", "--label-map", "--levels", "--min-patch", "--no-progress", "--out",
                                "--overwrite", "--pad", "--replicate-channels", "--scale", "--shard", "--window",
                                "--workers"]),
     "info": (["store"], ["--json"]),
