@@ -16,7 +16,7 @@ from stacktrain.stores.convert import ConvertOptions, convert
 from stacktrain.stores.layout import IMAGE, PYRAMID_MIN_Z
 from stacktrain.stores.pyramid import PyramidWriter, default_levels, factors, level_shapes
 from stacktrain.stores.reader import Store
-from stacktrain.stores.verify import verify_store
+from stacktrain.stores.verify import require_intact, verify_store
 from tests.stores.test_convert import write_manifest
 
 CHUNK, SHARD = (8, 16, 16), (16, 32, 32)
@@ -130,3 +130,32 @@ def test_pyramid_memory_does_not_grow_with_depth(tmp_path):
     shallow, deep = _peak_while_writing(tmp_path, 128), _peak_while_writing(tmp_path, 2048)
     assert deep < 1.25 * shallow + 256 * 1024, (shallow, deep)
     assert deep < 4 * slab, (deep, slab)  # a few slabs, while the stack is 64 slabs deep
+
+
+def _drop_level(level_dir):
+    for f in level_dir.rglob("*"):
+        if f.is_file():
+            f.unlink()
+
+
+def _corrupt_level(level_dir):
+    shard = next(p for p in (level_dir / "c").rglob("*") if p.is_file())
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the chunks or their index: zstd or the index crc32c refuses it
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, deep, says", [(_drop_level, False, "pyramid level 2 is missing"),
+                                                (_corrupt_level, True, "pyramid level 2 does not read")],
+                         ids=["missing-quick", "corrupt-deep"])
+def test_verify_checks_the_levels_and_training_ignores_them(tmp_path, damage, deep, says):
+    arr = np.random.default_rng(1).integers(0, 255, (2, 16, 64, 64), dtype=np.uint8)
+    write(tmp_path / "s.zarr", arr, levels=2)
+    assert all(check.ok for check in verify_store(tmp_path / "s.zarr", deep=True))
+    damage(tmp_path / "s.zarr" / "s" / IMAGE / "2")
+    (check,) = verify_store(tmp_path / "s.zarr", deep=deep)
+    assert any(says in p for p in check.problems), check.problems
+    store = Store(tmp_path / "s.zarr")
+    require_intact(store, ["s"])  # training reads level 0 only: not refused
+    np.testing.assert_array_equal(store.read("s"), arr)
