@@ -13,6 +13,7 @@ from stacktrain.cli import main
 from stacktrain.errors import StoreError
 from stacktrain.stores import writer
 from stacktrain.stores.convert import ConvertOptions, convert
+from stacktrain.stores.info import summarize
 from stacktrain.stores.layout import IMAGE, PYRAMID_MIN_Z
 from stacktrain.stores.pyramid import PyramidWriter, default_levels, factors, level_shapes
 from stacktrain.stores.reader import Store
@@ -97,6 +98,8 @@ def test_convert_levels_option(tmp_path, levels, want):
     assert store.meta("a").levels == want
     np.testing.assert_array_equal(store.read("a"), arr)  # reads stay on level 0
     assert all(check.ok for check in verify_store(tmp_path / "s.zarr", deep=True))
+    (row,) = summarize(tmp_path / "s.zarr")["stacks"]  # `info`: the levels, their bytes apart from level 0's
+    assert row["levels"] == want and (row["pyramid_bytes"] > 0) == (want > 0)
 
 
 def test_cli_refuses_negative_levels_in_one_line(tmp_path, capsys):
