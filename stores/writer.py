@@ -84,7 +84,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_ome_collection(path: Path, metas: list[StackMeta]) -> None:
-    """The root's OME group (layout.ome_collection), each file atomically; written before the root."""
+    """The root's OME group (layout.ome_collection), each file atomically; written after the root."""
     for rel, text in ome_collection(metas).items():
         (Path(path) / rel).parent.mkdir(exist_ok=True)
         write_text(Path(path) / rel, text)
@@ -107,8 +107,8 @@ def register(path: str | Path, metas: Iterable[StackMeta]) -> None:
         seen = sorted({m.intensity["source_dtype"] for m in metas if m.intensity} | {m.dtype for m in metas
                                                                                   if not m.intensity})
         record["mapping"] = {**record["mapping"], "source_dtypes": seen}
-    write_ome_collection(Path(path), metas)
     write_json(Path(path) / "zarr.json", root_group_json(entries, record))
+    write_ome_collection(Path(path), metas)  # after the root: a full disk there leaves both as they were
 
 
 def record_intensity(path: str | Path, record: dict) -> None:
