@@ -9,8 +9,10 @@ alone, not k times).
 
 Streaming: level 0 arrives in z order, slab by slab. Each level holds at most one row of sums it
 could not pair yet (its carry) and one shard's depth of its own output, written to zarr when the
-shard is complete, so memory does not grow with the stack's depth. Levels >= 1 are written by
-zarr-python with zstd, a core Zarr v3 codec every reader opens (level 0 stays LZ4 for the GPU).
+shard is complete, so memory does not grow with the stack's depth. Levels >= 1 use zstd, a core Zarr v3
+codec every reader opens (level 0 stays LZ4 for the GPU): zarr-python creates each level's array
+(`create_array`, its zarr.json), and `stores.shards.ShardWriter` writes its shard files, the bytes zarr
+writes without zarr's per-chunk cost.
 Training and patch reading use level 0 only.
 """
 
@@ -25,8 +27,7 @@ from zarr.codecs import ZstdCodec
 from stacktrain.errors import StoreError
 
 from .layout import PYRAMID_MIN_YX, PYRAMID_MIN_Z
-
-ZSTD_LEVEL = 3
+from .shards import ZSTD_LEVEL, ShardWriter
 
 
 def default_levels(shape) -> int:
@@ -89,10 +90,13 @@ def _level_grid(n: int, chunk: int, shard: int) -> tuple[int, int]:
 class _Level:
     """One level: pairs the sums it is given, writes their means a shard deep at a time, passes the sums on."""
 
-    def __init__(self, array, halve_z: bool, counts_yx: np.ndarray, sum_dtype, dtype):
+    def __init__(self, array, shards: ShardWriter, halve_z: bool, counts_yx: np.ndarray, sum_dtype, dtype):
         self.array = array
+        self.shards = shards
         self.halve_z = halve_z
         self.cyx = counts_yx.astype(sum_dtype)
+        first = int(counts_yx.flat[0])  # every block whole in y and x (no odd edge): one count for all
+        self.uniform_yx = first if bool((counts_yx == first).all()) else None
         self.sum_dtype = sum_dtype
         c, _, y, x = array.shape
         self.out = np.empty((c, array.shards[1], y, x), dtype)  # one shard deep: writes stay shard-aligned
@@ -117,8 +121,12 @@ class _Level:
             self._emit(s, zc)
 
     def _emit(self, s: np.ndarray, zc: np.ndarray) -> None:
-        count = zc.astype(self.sum_dtype)[:, None, None] * self.cyx[None]
-        mean = (s + count // 2) // count  # the block mean, rounded half up, exactly
+        n = self.uniform_yx * int(zc[0]) if self.uniform_yx and bool((zc == zc[0]).all()) else 0
+        if n and n & (n - 1) == 0:  # whole blocks: a shift, much cheaper than integer division
+            mean = (s + n // 2) >> n.bit_length() - 1
+        else:
+            count = zc.astype(self.sum_dtype)[:, None, None] * self.cyx[None]
+            mean = (s + count // 2) // count  # the block mean, rounded half up, exactly
         depth = self.out.shape[1]
         i = 0
         while i < mean.shape[1]:
@@ -132,7 +140,7 @@ class _Level:
 
     def _flush(self) -> None:
         if self.filled:
-            self.array[:, self.written:self.written + self.filled] = self.out[:, :self.filled]
+            self.shards.write_slab(self.written, self.out[:, :self.filled])
             self.written += self.filled
             self.filled = 0
 
@@ -168,7 +176,10 @@ class PyramidWriter:
                                        shards=(c, *(g[1] for g in grid)), compressors=[ZstdCodec(level=ZSTD_LEVEL)],
                                        fill_value=0, dimension_names=("c", "z", "y", "x"))
             cy, cx = _pair(cy, 0, np.int64), _pair(cx, 0, np.int64)
-            level = _Level(array, zyx[0] < prev[0], cy[:, None] * cx[None, :], sum_dtype, dtype)
+            # the shard files as zarr would write them, without its per-chunk cost (stores/shards.py)
+            shards = ShardWriter(image.store_path.store.root / array.path, array.shape, dtype, codec="zstd",
+                                 chunk_zyx=array.chunks[1:], shard_zyx=array.shards[1:])
+            level = _Level(array, shards, zyx[0] < prev[0], cy[:, None] * cx[None, :], sum_dtype, dtype)
             if self.levels:
                 self.levels[-1].next = level
             self.levels.append(level)
