@@ -81,6 +81,13 @@ def _pair(a: np.ndarray, axis: int, dtype) -> np.ndarray:
     return out
 
 
+def _sum_dtype(dtype: np.dtype, block: int) -> np.dtype:
+    """The narrowest unsigned type that holds a whole block's sum plus half the block (the rounding):
+    uint16 for uint8 data up to 4x4x4 blocks, so the widest level costs the least memory traffic."""
+    top = int(np.iinfo(dtype).max) * block + block
+    return next(np.dtype(t) for t in (np.uint16, np.uint32, np.uint64) if top < np.iinfo(t).max)
+
+
 def _level_grid(n: int, chunk: int, shard: int) -> tuple[int, int]:
     """A level's chunk and shard along one axis: level 0's, shrunk to the level where it is smaller."""
     chunk = min(chunk, n)
@@ -164,13 +171,11 @@ class PyramidWriter:
         self.factors = factors(self.shape, self.shapes)
         c = self.shape[0]
         dtype = np.dtype(dtype)
-        block = math.prod(self.factors[-1])
-        # sums of a whole block must fit: uint32 covers uint16 data up to 32x32x64 blocks
-        sum_dtype = np.dtype(np.uint32 if int(np.iinfo(dtype).max) * block < 2**32 else np.uint64)
         self.levels: list[_Level] = []
         cy, cx = np.ones(self.shape[2], np.int64), np.ones(self.shape[3], np.int64)
         prev = self.shape[1:]
         for k, zyx in enumerate(self.shapes, start=1):
+            sum_dtype = _sum_dtype(dtype, math.prod(self.factors[k]))
             grid = [_level_grid(n, ch, sh) for n, ch, sh in zip(zyx, chunk_zyx, shard_zyx)]
             array = image.create_array(str(k), shape=(c, *zyx), dtype=dtype, chunks=(1, *(g[0] for g in grid)),
                                        shards=(c, *(g[1] for g in grid)), compressors=[ZstdCodec(level=ZSTD_LEVEL)],
