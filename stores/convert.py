@@ -222,7 +222,7 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
             source_sha256=hasher.hexdigest, shape=shape, dtype=dtype,
             slabs=stored_slabs(src, row, opts, shape, dtype, on_progress, hasher, applied), spacing_zyx=src.spacing_zyx,
             gaps=src.gaps, codec=opts.codec, chunk_zyx=opts.chunk_zyx, shard_zyx=opts.shard_zyx,
-            foreground_threshold=opts.foreground_threshold, intensity=applied,
+            foreground_threshold=opts.foreground_threshold, intensity=applied, levels=opts.levels,
             valid_zyx=src.shape[1:], source_bytes=_disk_size(row.path))  # what --pad's zeros do not count in
     except (StackTrainError, OSError, ValueError) as e:
         text = str(e)

@@ -54,7 +54,7 @@ def export(source: str | Path, out: str | Path, *, codec: str = "zstd", progress
                 source_sha256=m.source_sha256, shape=tuple(m.shape), dtype=m.dtype, slabs=_slabs(src, m, depth),
                 spacing_zyx=m.spacing_zyx, codec=codec, chunk_zyx=tuple(m.chunk_zyx), shard_zyx=tuple(m.shard_zyx),
                 foreground_threshold=m.foreground_threshold, gaps=m.gaps, intensity=m.intensity,
-                valid_zyx=m.valid_zyx, source_bytes=m.source_bytes))
+                valid_zyx=m.valid_zyx, source_bytes=m.source_bytes, levels=m.levels))
             writer.register(target, copied)
             if progress is not None:
                 progress(i + 1, len(metas), m.stack_id)

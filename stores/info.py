@@ -38,19 +38,23 @@ def summarize(path: str | Path) -> dict[str, Any]:
     bytes, ratios, the intensity mapping applied to it) and totals per label and overall, with the
     store's dtype and mapping. Stored = the files under the stack's image/0; raw = the valid region's
     voxels (not convert --pad's zeros) x channels x itemsize; source = the source's size on disk recorded
-    at conversion (None in older stores); ratio = raw / stored, source_ratio = source / stored. A listed
+    at conversion (None in older stores); ratio = raw / stored, source_ratio = source / stored; levels: the
+    pyramid's levels beside level 0 and pyramid_bytes their files (not in stored, not read by training). A listed
     stack whose folder was deleted by hand is named in `damaged`. Refuses stores of an unknown
     format_version (StoreError from Store)."""
     store = Store(path, damaged_ok=True)  # a stack folder deleted by hand is reported, not fatal
     rows = []
     for m in store.stacks:
-        stored = _tree_bytes(store.array_path(m.stack_id))
+        level0 = store.array_path(m.stack_id)
+        stored = _tree_bytes(level0)
+        pyramid = sum(_tree_bytes(level0.parent / str(k)) for k in range(1, m.levels + 1))
         raw = m.shape[0] * math.prod(m.valid) * np.dtype(m.dtype).itemsize
         rows.append({"stack_id": m.stack_id, "label": m.label, "group": m.group, "shape": list(m.shape),
                      "valid_zyx": list(m.valid), "dtype": m.dtype, "codec": m.codec, "chunk_zyx": list(m.chunk_zyx),
                      "shard_zyx": list(m.shard_zyx), "stored_bytes": stored, "raw_bytes": raw,
                      "ratio": _ratio_of(raw, stored), "source_bytes": m.source_bytes,
-                     "source_ratio": _ratio_of(m.source_bytes, stored), "intensity": m.intensity})
+                     "source_ratio": _ratio_of(m.source_bytes, stored), "intensity": m.intensity,
+                     "levels": m.levels, "pyramid_bytes": pyramid})
     kinds = {name: name for name in CLASS_NAMES} | {"unlabeled": UNLABELED}  # total's name -> the label
     totals = {name: _totals([r for r in rows if r["label"] == label]) for name, label in kinds.items()
               if any(r["label"] == label for r in rows)}

@@ -2,11 +2,14 @@
 
 ```
 STORE.zarr/
-  zarr.json                  root group; attributes.stacktrain = {format_version, stacks: [...]}
+  zarr.json                  root group; attributes.stacktrain = {format_version, stacks: [...]} and
+                             attributes.ome = {version 0.5, bioformats2raw.layout 3}: an OME collection
+  OME/                       zarr.json (attributes.ome.series: every "<stack_id>/image") and METADATA.ome.xml
   <stack_id>/
     zarr.json                group; attributes.stacktrain = StackMeta as a dict
     image/                   an OME-Zarr 0.5 image (attributes.ome.multiscales)
       0/                     uint8|uint16 array, axes c,z,y,x, sharded, LZ4 (or zstd) chunks
+      1/ .. k/               the pyramid (stores/pyramid.py): block means, zstd; training reads only 0/
     stats/
       foreground             float32 (Zc, Yc, Xc): fraction of voxels above the threshold per stats cell
       mean                   float32 (C, Zc, Yc, Xc): mean intensity per channel and stats cell
@@ -26,9 +29,11 @@ index position (u32 LE) and decoded bytes, in file order). `stores/verify.py` ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 from stacktrain.choices import Codec, Label, options
 
@@ -37,6 +42,8 @@ AXES = ("c", "z", "y", "x")
 IMAGE = "image"
 LEVEL0 = "0"
 STATS = "stats"
+OME_GROUP = "OME"  # the collection's series list (bioformats2raw layout), beside the stacks
+OME_XML = "METADATA.ome.xml"
 LEGACY_STAGING = ".staging"  # the staging folder inside the store, before it moved beside it
 
 
@@ -54,6 +61,10 @@ DEFAULT_SHARD_ZYX = (32, 256, 256)
 STATS_CELL_ZYX = (8, 32, 32)
 DEFAULT_FOREGROUND_THRESHOLD = 0  # a voxel is foreground when any channel is above this value
 PERCENTILES = (0.5, 1.0, 99.0, 99.5)
+# The pyramid (stores/pyramid.py): z is halved only while the halved depth stays one default patch deep;
+# by default levels are added until the smaller of y and x is under PYRAMID_MIN_YX.
+PYRAMID_MIN_Z = 32
+PYRAMID_MIN_YX = 256
 CODECS = options(Codec)
 GPU_CODECS = ("lz4",)
 LABELS = {"SAIN": 0, "MALADE": 1}
@@ -65,7 +76,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 # Names the store itself uses at the level of the stack folders, or inside one: a stack named so
 # would overwrite the store's own metadata.
-RESERVED_IDS = frozenset({"zarr.json", ".zattrs", ".zgroup", "image", "stats"})
+RESERVED_IDS = frozenset({"zarr.json", ".zattrs", ".zgroup", "image", "stats", OME_GROUP.lower()})
 
 
 def check_stack_id(stack_id: str) -> str | None:
@@ -114,6 +125,7 @@ class StackMeta:
     # what was applied to the source's values (stores/intensity.py): {"kind": identity|offset|window|minmax,
     # "source_dtype", and "offset" or "low"/"high"}; None: converted before stores recorded it
     intensity: dict[str, Any] | None = None
+    levels: int = 0  # pyramid levels beside level 0 (image/1 .. image/<levels>); 0 in stores older than them
 
     @property
     def label_index(self) -> int:
@@ -153,13 +165,43 @@ def shard_relpath(gz: int, gy: int, gx: int) -> str:
 
 
 def root_group_json(stacks: list[dict[str, Any]], intensity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The root zarr.json: a plain Zarr v3 group whose attributes list the stacks, with the store's dtype
-    and intensity mapping ({"dtype", "mapping"}, stores/intensity.py) once it has one."""
+    """The root zarr.json: a Zarr v3 group whose attributes list the stacks, with the store's dtype and
+    intensity mapping ({"dtype", "mapping"}, stores/intensity.py) once it has one, and mark it as an OME
+    collection (bioformats2raw layout: the images are listed in OME/, see `ome_collection`)."""
     return {
         "zarr_format": 3,
         "node_type": "group",
-        "attributes": {"stacktrain": {"format_version": FORMAT_VERSION, **(intensity or {}), "stacks": stacks}},
+        "attributes": {"ome": {"version": "0.5", "bioformats2raw.layout": 3},
+                       "stacktrain": {"format_version": FORMAT_VERSION, **(intensity or {}), "stacks": stacks}},
     }
+
+
+def image_path(stack_id: str) -> str:
+    """Where a stack's OME image lies under the store's root."""
+    return f"{stack_id}/{IMAGE}"
+
+
+def ome_collection(metas) -> dict[str, str]:
+    """The files of the root's OME group, {path under the store: text}, for the stacks `metas` (StackMeta,
+    in the root list's order): OME/zarr.json whose `series` lists every image path, and OME/METADATA.ome.xml
+    with one Image per stack whose ID is "Image:<path>" (what napari-ome-zarr follows). A pure function of
+    the stack list, rewritten with the root whenever that changes. The paths are not numbered (0, 1, ...):
+    the bioformats2raw layout allows any paths when `series` lists them."""
+    series = [image_path(m.stack_id) for m in metas]
+    group = {"zarr_format": 3, "node_type": "group", "attributes": {"ome": {"version": "0.5", "series": series}}}
+    ns = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+    root = ElementTree.Element("OME", {"xmlns": ns, "Creator": "stacktrain"})
+    for m, path in zip(metas, series):
+        image = ElementTree.SubElement(root, "Image", {"ID": f"Image:{path}", "Name": m.stack_id})
+        c, z, y, x = m.shape
+        pixels = {"ID": f"Pixels:{path}", "DimensionOrder": "XYZCT", "Type": m.dtype, "SizeX": str(x),
+                  "SizeY": str(y), "SizeZ": str(z), "SizeC": str(c), "SizeT": "1"}
+        if m.spacing_zyx:
+            for ax, size in zip("ZYX", m.spacing_zyx):
+                pixels |= {f"PhysicalSize{ax}": repr(float(size)), f"PhysicalSize{ax}Unit": "µm"}
+        ElementTree.SubElement(ElementTree.SubElement(image, "Pixels", pixels), "MetadataOnly")
+    xml = '<?xml version="1.0" encoding="UTF-8"?>\n' + ElementTree.tostring(root, encoding="unicode") + "\n"
+    return {f"{OME_GROUP}/zarr.json": json.dumps(group, indent=2), f"{OME_GROUP}/{OME_XML}": xml}
 
 
 CHANNEL_COLORS = ("FF0000", "00FF00", "0000FF")  # what viewers show the 3 channels as: red, green, blue
@@ -178,19 +220,26 @@ def omero_channels(dtype_max: float, percentiles: dict[str, list[float]]) -> dic
 
 
 def ome_multiscales(name: str, spacing_zyx: tuple[float, float, float] | None,
-                    omero: dict[str, Any] | None = None) -> dict[str, Any]:
-    """OME-Zarr 0.5 `ome` attributes for a single-level c,z,y,x image (with its `omero` block when given)."""
-    scale = [1.0, *(spacing_zyx or (1.0, 1.0, 1.0))]
+                    omero: dict[str, Any] | None = None,
+                    level_factors: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+    """OME-Zarr 0.5 `ome` attributes of a c,z,y,x image (with its `omero` block when given). `level_factors`:
+    the level-0 voxels one voxel of each level spans along z, y, x (level 0 first; None: level 0 alone).
+    Level k's scale is the spacing times its factor, and its translation half a level-0 voxel per halving
+    ((factor - 1) / 2 voxels): a block mean's centre is its block's centre, so the levels overlay exactly."""
+    spacing = tuple(spacing_zyx or (1.0, 1.0, 1.0))
     unit = "micrometer" if spacing_zyx else None
     axes = [{"name": "c", "type": "channel"}]
     for ax in ("z", "y", "x"):
         axes.append({"name": ax, "type": "space", **({"unit": unit} if unit else {})})
+    datasets = []
+    for k, f in enumerate(level_factors or [(1, 1, 1)]):
+        transforms = [{"type": "scale", "scale": [1.0, *(float(s * n) for s, n in zip(spacing, f))]}]
+        if k:
+            transforms.append({"type": "translation",
+                               "translation": [0.0, *(float(s * (n - 1) / 2) for s, n in zip(spacing, f))]})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
     return {
         "version": "0.5",
-        "multiscales": [{
-            "name": name,
-            "axes": axes,
-            "datasets": [{"path": LEVEL0, "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
-        }],
+        "multiscales": [{"name": name, "axes": axes, "datasets": datasets}],
         **({"omero": omero} if omero else {}),
     }

@@ -74,12 +74,17 @@ class ConvertOptions:
     """Smallest stack accepted without pad: one training patch."""
     foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD
     """Voxels above this in any channel count as foreground in the patch statistics."""
+    levels: int | None = None
+    """Pyramid levels written beside level 0 for viewers (each halves y and x, and z while it stays >= 32;
+    block means, zstd): 0 writes none; default: halve until the smaller of y and x is under 256 (3 for
+    1024x1024, none under 256). Training reads level 0 only."""
 
     def __post_init__(self):
         check_choices(self, "convert")
         self.labels()  # refuses a malformed --label-map now
         check_request(self.dtype, self.window, self.scale)
         require(self.workers >= 1, "--workers", self.workers, "give at least 1")
+        require(self.levels is None or self.levels >= 0, "--levels", self.levels, "give 0 (no pyramid) or more")
         require(self.foreground_threshold >= 0, "--foreground-threshold", self.foreground_threshold,
                 "give 0 or more")
         for name, zyx in (("chunk", self.chunk_zyx), ("shard", self.shard_zyx), ("min-patch", self.min_patch_zyx)):

@@ -7,22 +7,28 @@ grid the shape implies equal to the one recorded at conversion; every recorded s
 recorded size, no unrecorded one; every index's crc32c right and every chunk inside its file. `--deep`
 also reads every byte: the file's crc32c, every chunk decoded to its size, and the crc32c of the decoded
 content, all against the completeness record (`StackMeta.record`, stores/layout.py).
+`stacktrain verify` also checks the pyramid's levels (stores/pyramid.py): each one's zarr.json with the shape
+and dtype its plan says, and with --deep every chunk read; `train`'s quick check leaves them out, as
+training reads level 0 only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
+import zarr
 
 from stacktrain.errors import StoreError
 
 from .chunks import chunk_decoder
 from .integrity import ABSENT, declared_size, index_problem, record_problem
 from .layout import IMAGE, LEVEL0, StackMeta, check_stack_id, shard_grid
+from .pyramid import level_shapes
 from .reader import Store, _read_json, array_problem, read_stack_meta
 
 NO_RECORD = "no completeness record (converted by an older stacktrain); reconvert to get checksums"
@@ -80,8 +86,34 @@ def _deep_problem(data: bytes, index: np.ndarray, meta: StackMeta, listed: list[
     return None
 
 
-def check_stack(store: str | Path, stack_id: str, *, deep: bool = False, meta: StackMeta | None = None) -> StackCheck:
-    """Every problem of one stack (quick, or `deep`: every byte read and decoded)."""
+def level_problems(store: Path, meta: StackMeta, deep: bool) -> list[str]:
+    """What is wrong with the stack's pyramid levels 1..meta.levels (`deep`: every chunk read, too)."""
+    problems = []
+    for k, zyx in enumerate(level_shapes(meta.shape, meta.levels), start=1):
+        path = store / meta.stack_id / IMAGE / str(k) / "zarr.json"
+        want = (meta.shape[0], *zyx)
+        try:
+            arr = json.loads(path.read_text())
+            shape, dtype = tuple(arr["shape"]), arr["data_type"]
+        except FileNotFoundError:
+            problems.append(f"{path}: pyramid level {k} is missing")
+            continue
+        except (ValueError, KeyError, TypeError) as e:
+            problems.append(f"{path}: not a Zarr array's metadata ({type(e).__name__}: {e})")
+            continue
+        if shape != want or dtype != meta.dtype:
+            problems.append(f"{path}: pyramid level {k} says {shape}, {dtype}; its plan is {want}, {meta.dtype}")
+        elif deep:
+            try:
+                zarr.open_array(path.parent, mode="r")[...]
+            except Exception as e:  # whatever the codec or the shard index reports
+                problems.append(f"{path.parent}: pyramid level {k} does not read ({type(e).__name__}: {e})")
+    return problems
+
+
+def check_stack(store: str | Path, stack_id: str, *, deep: bool = False, meta: StackMeta | None = None,
+                levels: bool = False) -> StackCheck:
+    """Every problem of one stack (quick, or `deep`: every byte read and decoded); `levels`: its pyramid too."""
     store = Path(store)
     try:
         meta = meta or read_stack_meta(store, stack_id)
@@ -89,6 +121,8 @@ def check_stack(store: str | Path, stack_id: str, *, deep: bool = False, meta: S
         return StackCheck(stack_id, [str(e)])
     array_dir = store / stack_id / IMAGE / LEVEL0
     problems = [f"{array_dir / 'zarr.json'}: {p}" for p in [array_problem(array_dir, meta)] if p]
+    if levels:
+        problems += level_problems(store, meta, deep)
     record = meta.record
     grid = shard_grid(meta.shape, meta.shard_zyx)
     if record is not None and tuple(record.get("grid", ())) != grid:
@@ -140,7 +174,7 @@ def verify_store(path: str | Path, *, deep: bool = False) -> list[StackCheck]:
         if why := check_stack_id(sid):
             checks.append(StackCheck(str(sid), [f"{path}/zarr.json: {why}"]))
         else:
-            checks.append(check_stack(path, sid, deep=deep))
+            checks.append(check_stack(path, sid, deep=deep, levels=True))
     return checks
 
 

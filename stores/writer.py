@@ -31,12 +31,14 @@ from .layout import (
     STATS,
     STATS_CELL_ZYX,
     StackMeta,
+    ome_collection,
     ome_multiscales,
     omero_channels,
     root_group_json,
     shard_grid,
     staging_dir,
 )
+from .pyramid import PyramidWriter
 from .reader import read_stack_meta
 from .shards import ShardWriter
 from .stats import SlabStats
@@ -58,14 +60,19 @@ def init_store(path: str | Path) -> Path:
         if path.exists() and any(path.iterdir()):
             raise StoreError(f"{path}: exists and is not a stacktrain store; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
-        write_json(root, root_group_json([]))
+        write_json(root, root_group_json([]))  # first: what makes the folder a store
+        write_ome_collection(path, [])
     staging_dir(path).mkdir(exist_ok=True)
     return path
 
 
 def write_json(path: Path, obj) -> None:
     """Atomically, or one StoreError naming the file and the space it needs when the disk is full."""
-    text = json.dumps(obj, indent=2)
+    write_text(path, json.dumps(obj, indent=2))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically, or one StoreError naming the file and the space it needs when the disk is full."""
     try:
         atomic_write_text(path, text)
     except OSError as e:
@@ -74,6 +81,13 @@ def write_json(path: Path, obj) -> None:
         free = shutil.disk_usage(path.parent).free
         raise StoreError(f"{path}: no space left on the device to write it (needs {len(text.encode()):,} bytes "
                          f"free, {free:,} are); free some space and rerun: the file is unchanged") from None
+
+
+def write_ome_collection(path: Path, metas: list[StackMeta]) -> None:
+    """The root's OME group (layout.ome_collection), each file atomically; written after the root."""
+    for rel, text in ome_collection(metas).items():
+        (Path(path) / rel).parent.mkdir(exist_ok=True)
+        write_text(Path(path) / rel, text)
 
 
 def existing_meta(path: str | Path, stack_id: str) -> StackMeta | None:
@@ -94,6 +108,7 @@ def register(path: str | Path, metas: Iterable[StackMeta]) -> None:
                                                                                   if not m.intensity})
         record["mapping"] = {**record["mapping"], "source_dtypes": seen}
     write_json(Path(path) / "zarr.json", root_group_json(entries, record))
+    write_ome_collection(Path(path), metas)  # after the root: a full disk there leaves both as they were
 
 
 def record_intensity(path: str | Path, record: dict) -> None:
@@ -136,7 +151,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
                 slabs: Iterable[tuple[int, np.ndarray]], spacing_zyx=None, codec: str = "lz4",
                 chunk_zyx=DEFAULT_CHUNK_ZYX, shard_zyx=DEFAULT_SHARD_ZYX,
                 foreground_threshold: int = DEFAULT_FOREGROUND_THRESHOLD, gaps=None, valid_zyx=None,
-                source_bytes: int | None = None, intensity=None) -> StackMeta:
+                source_bytes: int | None = None, intensity=None, levels: int | None = None) -> StackMeta:
     """Write a stack from `(z0, slab)` pairs (slab: (C, dz, Y, X), in z order) under a staging name
     and rename it into place. Nothing is visible under `<store>/<stack_id>` until it is complete.
     The root list is not touched: call `register` once the stack is in place.
@@ -146,6 +161,8 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
     come from `stores.stats.SlabStats`, both in one pass over each slab. `valid_zyx`: the region that came
     from the source when the slabs are zero-padded past it (`convert --pad`); statistics cover only it.
     `intensity`: what was applied to the source's values (StackMeta.intensity).
+    `levels`: pyramid levels beside level 0 (stores/pyramid.py), fed from the same slabs; None: the default
+    (halve until the smaller of y, x is under 256), 0: none.
     """
     if codec not in CODECS:
         raise StoreError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
@@ -166,6 +183,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
                            compressors=compressors, fill_value=0, dimension_names=("c", "z", "y", "x"))
         shards = ShardWriter(staging / IMAGE / LEVEL0, shape, dtype, codec=codec, chunk_zyx=chunk_zyx,
                              shard_zyx=shard_zyx)
+        pyramid = PyramidWriter(image, shape, dtype, levels, chunk_zyx=chunk_zyx, shard_zyx=shard_zyx)
         stats = SlabStats(shape, dtype, foreground_threshold, valid_zyx)
         expected_z = 0
         # whole shards for zarr, whole statistics cells for _Stats
@@ -175,14 +193,16 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
                                  f"a stack of shape {shape}")
             shards.write_slab(z0, slab)
             stats.add(z0, slab)
+            pyramid.add(slab)
             expected_z = z0 + slab.shape[1]
             del slab  # done with it before asking for the next
         if expected_z != shape[1]:
             raise StoreError(f"{source}: got {expected_z} slices, expected {shape[1]}")
         if callable(source_sha256):
             source_sha256 = source_sha256()
+        pyramid.finish()
         omero = omero_channels(np.iinfo(np.dtype(dtype)).max, stats.percentiles())
-        image.attrs.put({"ome": ome_multiscales(stack_id, spacing_zyx, omero)})
+        image.attrs.put({"ome": ome_multiscales(stack_id, spacing_zyx, omero, pyramid.factors)})
         stats_group = stack_group.create_group(STATS)
         stats_group.create_array("foreground", data=stats.fg, chunks=stats.fg.shape)
         stats_group.create_array("mean", data=stats.mean, chunks=stats.mean.shape)
@@ -194,7 +214,7 @@ def write_stack(path: str | Path, *, stack_id: str, label: str, group: str, sour
             channel_sum=stats.sum.tolist(), channel_sumsq=stats.sumsq.tolist(),
             foreground_threshold=foreground_threshold, format_version=FORMAT_VERSION,
             record={"grid": list(shard_grid(shape, shard_zyx)), "shards": shards.files},
-            valid_zyx=valid_zyx, source_bytes=source_bytes, intensity=intensity)
+            valid_zyx=valid_zyx, source_bytes=source_bytes, intensity=intensity, levels=len(pyramid.levels))
         # Complete, and its completeness record written: the rename below is what makes it visible.
         stack_group.attrs.put({"stacktrain": meta.to_dict()})
         remove_stack(path, stack_id)

@@ -309,4 +309,4 @@ def test_staging_lives_beside_the_store_so_zarr_lists_it_without_a_warning(npy_s
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # zarr-python warns on any folder that is not a group or an array
         members = dict(zarr.open_group(out, mode="r").members())
-    assert sorted(members) == ["s0", "s1", "s2"]
+    assert sorted(members) == ["OME", "s0", "s1", "s2"]  # OME: the collection's series list
