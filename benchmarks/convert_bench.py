@@ -7,7 +7,9 @@ other processes falls on every row alike:
   with numcodecs into a reused buffer, no Zarr, nothing written, in N processes (N = the cores);
 - peer: tifffile.imread (np.load) -> zarr.create_array(chunks=(1,16,64,64), shards=(3,32,256,256),
   compressors=[LZ4()]) -> write the whole stack, in N processes;
-- `stacktrain convert` (statistics, sha256, staging and renames included) with 1 and N workers.
+- `stacktrain convert` (statistics, sha256, staging and renames included) with 1 and N workers, writing
+  level 0 only (`levels=0`: the peer's output), and with N workers and the default pyramid beside it
+  (its cost on its own row; the goals compare like with like).
 Every timed run is its own subprocess (`python -m stacktrain.bench.convert_bench SPEC`), timed from
 inside around the work, process pools included, so that peak RSS can be read per run: the largest
 peak RSS of the processes doing the work (getrusage). Cores used = CPU seconds / wall seconds of the
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stacktrain.stores.options import DEFAULT_MIN_PATCH_ZYX
+from stacktrain.stores.pyramid import default_levels
 
 from . import data
 from .convert_runs import FORMATS, THINGS, generated_inputs
@@ -45,7 +48,7 @@ def _deeper(cache: Path, fmt: str, stacks: int, shape_zyx, seed: int, min_patch,
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         run = _run({"thing": "convert", "paths": [str(p) for p in paths], "manifest": str(manifest),
-                    "out": str(scratch), "min_patch_zyx": min_patch, "processes": stacks})
+                    "out": str(scratch), "min_patch_zyx": min_patch, "processes": stacks, "levels": 0})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"shape_zyx": list(deep_shape), "stacks": stacks, "source_bytes": size, "processes": run["processes"],
@@ -82,7 +85,8 @@ def bench_convert(*, cache: Path | None = None, stacks: int = DEFAULT_STACKS, sh
         manifest, paths, source_bytes = generated_inputs(cache, fmt, stacks=stacks, shape_zyx=shape_zyx, seed=seed)
         scratch = cache / f"convert-bench-out-{fmt}"
         specs = {"ceiling": {"processes": workers}, "peer": {"processes": workers},
-                 "convert 1": {"processes": 1}, "convert N": {"processes": workers}}
+                 "convert 1": {"processes": 1, "levels": 0}, "convert N": {"processes": workers, "levels": 0},
+                 "convert N, pyramid": {"processes": workers, "levels": None}}
         runs: dict[str, list] = {name: [] for name in specs}
         try:
             for _ in range(warmup + segments):
@@ -113,7 +117,8 @@ def bench_convert(*, cache: Path | None = None, stacks: int = DEFAULT_STACKS, sh
             "config": {"stacks": stacks, "shape_zyx": list(shape_zyx), "dtype": "uint8", "channels": 3,
                        "formats": list(formats), "workers": workers, "cores_available": cores,
                        "segments": segments, "warmup": warmup, "seed": seed,
-                       "chunk_zyx": [16, 64, 64], "shard_zyx": [32, 256, 256], "codec": "lz4"},
+                       "chunk_zyx": [16, 64, 64], "shard_zyx": [32, 256, 256], "codec": "lz4",
+                       "default_levels": default_levels((3, *shape_zyx))},
             "results": out}
 
 

@@ -26,7 +26,8 @@ from stacktrain.stores.convert import ConvertOptions, convert
 from . import data
 
 FORMATS = ("tiff", "npy")
-THINGS = {"ceiling": "ceiling", "peer": "peer", "convert 1": "convert", "convert N": "convert"}
+THINGS = {"ceiling": "ceiling", "peer": "peer", "convert 1": "convert", "convert N": "convert",
+          "convert N, pyramid": "convert"}
 CHUNK = (1, 16, 64, 64)
 SHARD = (3, 32, 256, 256)
 TEXTURE_YX = 512
@@ -130,7 +131,7 @@ def run_one(spec: dict) -> dict:
         Path(spec["out"]).mkdir(parents=True, exist_ok=True)
         _pool_map(_peer_one, [(p, str(Path(spec["out"]) / Path(p).stem)) for p in paths], processes)
     elif thing == "convert":
-        convert(spec["manifest"], spec["out"], ConvertOptions(workers=processes,
+        convert(spec["manifest"], spec["out"], ConvertOptions(workers=processes, levels=spec.get("levels"),
                                                               min_patch_zyx=tuple(spec["min_patch_zyx"])))
     else:
         raise ValueError(f"unknown thing {thing!r}")

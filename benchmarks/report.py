@@ -88,7 +88,9 @@ def store_tables(r: dict) -> list[Table]:
 
 
 CONVERT_ROWS = {"ceiling": "ceiling: read + LZ4 compress, no Zarr", "peer": "peer: imread -> zarr-python create_array",
-                "convert 1": "stacktrain convert --workers 1", "convert N": "stacktrain convert --workers N"}
+                "convert 1": "stacktrain convert --workers 1 --levels 0",
+                "convert N": "stacktrain convert --workers N --levels 0",
+                "convert N, pyramid": "stacktrain convert --workers N (default pyramid levels)"}
 
 
 def convert_tables(r: dict) -> list[Table]:

@@ -15,7 +15,7 @@ from stacktrain.bench.convert_bench import bench_convert
 from stacktrain.bench.convert_runs import generated_inputs
 
 SHAPE = (8, 64, 64)
-ROWS = {"ceiling", "peer", "convert 1", "convert N"}
+ROWS = {"ceiling", "peer", "convert 1", "convert N", "convert N, pyramid"}
 
 
 def positive_finite(value) -> bool:
@@ -33,6 +33,7 @@ def result(tmp_path_factory):
 def test_every_row_is_measured_and_the_ratios_follow_from_the_rates(result):
     _, r = result
     assert r["bench"] == "convert" and r["config"]["workers"] == 2 and set(r["results"]) == {"tiff", "npy"}
+    assert r["config"]["default_levels"] == 0  # 64x64: under 256, no pyramid level by default
     for fmt, part in r["results"].items():
         rows = part["results"]
         assert set(rows) == ROWS, fmt
@@ -84,7 +85,8 @@ def test_tables_and_markdown(result):
     tables = report.convert_tables(r)
     assert len(tables) == 4  # per format: the rows and the goals
     title, headers, rows = tables[0]
-    assert "cores used" in headers and len(rows) == 5 and rows[0][1] == "2" and "2x deeper" in rows[-1][0]
+    assert "cores used" in headers and len(rows) == 6 and rows[0][1] == "2" and "2x deeper" in rows[-1][0]
+    assert rows[4][0] == "stacktrain convert --workers N (default pyramid levels)"
     assert "bench convert (tiff)" in report.markdown({"machine": {"name": "m", "cores": 2, "cpu": "c", "gpu": None,
                                                                   "torch": "t", "dali": None},
                                                       "date": "d", "benches": {"convert": r}})
