@@ -213,7 +213,7 @@ def test_a_part_killed_mid_stack_is_rerun_and_the_other_parts_are_undisturbed(tm
     Rerunning part 2 completes the store, which then equals one process's; the other parts' stacks are
     not rewritten, and what the killed process left (its staging folder, its stack lock) is gone."""
     shapes = [(3, 16, 48, 48)] * 6
-    shapes[1] = (3, 64, 480, 480)  # part 2's first stack: long enough to be caught mid-write
+    shapes[1] = (3, 32, 384, 384)  # part 2's first stack: long enough to be caught mid-write
     manifest = _manifest(tmp_path, shapes)
     out = tmp_path / "parts.zarr"
     procs = {i: subprocess.Popen(_cmd(manifest, out, "--part", f"{i}/3"), cwd=REPO, stdout=subprocess.PIPE,
