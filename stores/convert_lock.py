@@ -157,18 +157,20 @@ def clear_leftovers(store: Path, ours: Iterable[str] = (), wait_s: float = 10.0)
 
 @contextlib.contextmanager
 def converting(store: Path) -> Iterator[None]:
-    """One convert's hold on a store that other converts may write at the same time; leftovers cleared.
+    """One convert's hold on a store that other converts may write at the same time (convert.lock shared:
+    maintenance waits), then the leftovers of stacks no live process writes are cleared.
 
     Why no process of an earlier, killed run writes a stack while this one clears or writes it: a stack is
     written only by a process holding its lock, taken before its first write and released after the rename
-    that puts it in place (or after its staging folder is removed); a pool worker, once it holds the lock,
-    checks that its parent convert still lives and exits before writing if not (`stack_lock`). So when this
+    that puts it in place (or after its staging folder is removed); a pool worker that has taken it checks
+    that its parent convert still lives and exits before writing if not (`stack_lock`). So while this
     process holds a stack's lock, every earlier writer of that stack has either ended (a flock ends with its
-    holder), or not taken the lock yet, and one that takes it later finds its parent gone (a killed convert
-    is gone before anyone reruns it... or, if its orphan worker started that task later, it exits at the
-    check) and writes nothing. A live convert that wants the same stack waits for the lock, then finds the
-    stack converted and skips it. Leftovers (staging folders named `STACK.RANDOM`, temp files in a stack's
-    folder) are removed only under their stack's lock, so nothing another live convert is writing goes."""
+    holder, also on SIGKILL) or not taken the lock yet; one that takes it later belongs to a convert that
+    is gone (it was killed before this run began, or it is a live convert and waits) and exits at that
+    check. A live convert that wants the same stack waits for the lock, then finds the stack complete and
+    skips it. Leftovers (staging folders `STACK.RANDOM` and `STACK.old-RANDOM`, temp files in a stack's
+    folder, lock files a killed holder left) are removed only under their stack's lock, so nothing that
+    another live convert is writing goes; the root's temp files only under the root lock."""
     staging = staging_dir(store)
     with open(staging / LOCK_NAME, "a") as lock:
         try:
