@@ -3,6 +3,7 @@ and end with the store one process writes (issue 14)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -242,3 +243,41 @@ def test_a_part_killed_mid_stack_is_rerun_and_the_other_parts_are_undisturbed(tm
     one = convert(manifest, tmp_path / "one.zarr", OPTIONS).store
     _same_stores(out, one)
     assert json.loads((out / "zarr.json").read_text()) == json.loads((one / "zarr.json").read_text())
+
+
+@pytest.mark.slow
+def test_parts_with_workers_and_a_killed_parts_orphans_still_writing_equal_one_process(tmp_path):
+    """Larger: three parts with 2 workers each; part 2's main pid is SIGKILLed while its workers write and
+    made to outlive it (STACKTRAIN_TEST_ORPHANS=1), and rerun at once: the rerun waits for the stacks the
+    orphans hold (their locks), then finds them complete; the store equals one process's."""
+    manifest = _manifest(tmp_path, [(3, 64, 384, 384)] * 6)
+    out = tmp_path / "parts.zarr"
+    workers = [*FLAGS[:-3], "--workers", "2", "--no-progress"]
+
+    def start(i: int, env: dict | None = None) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "stacktrain.cli", "convert", str(manifest), "--out", str(out), *workers,
+               "--part", f"{i}/3"]
+        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+
+    procs = {i: start(i, {"STACKTRAIN_TEST_ORPHANS": "1"} if i == 2 else None) for i in (1, 2, 3)}
+    try:
+        deadline = time.monotonic() + 600
+        while not _staged_shard(out, "b1"):
+            assert procs[2].poll() is None and time.monotonic() < deadline, "part 2 never began writing b1"
+            time.sleep(0.002)  # polling the files (the condition), not waiting for time to pass
+        os.kill(procs[2].pid, signal.SIGKILL)
+        procs[2].communicate()
+        rerun = start(2)
+        stdout, stderr = rerun.communicate(timeout=600)
+        assert rerun.returncode == 0, stderr
+        assert "part 2/3, 2 of 6 stacks:" in _summary(stdout) and "0 failed of 2 stacks" in _summary(stdout)
+        for i in (1, 3):
+            stdout, stderr = procs[i].communicate(timeout=600)
+            assert procs[i].returncode == 0, stderr
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # orphans idle on their task queue write nothing
+    one = convert(manifest, tmp_path / "one.zarr", OPTIONS).store
+    _same_stores(out, one)
