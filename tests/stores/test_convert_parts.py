@@ -254,21 +254,22 @@ def test_parts_with_workers_and_a_killed_parts_orphans_still_writing_equal_one_p
     out = tmp_path / "parts.zarr"
     workers = [*FLAGS[:-3], "--workers", "2", "--no-progress"]
 
-    def start(i: int, env: dict | None = None) -> subprocess.Popen:
+    def start(i: int, orphans: bool = False) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "stacktrain.cli", "convert", str(manifest), "--out", str(out), *workers,
                "--part", f"{i}/3"]
-        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        pipe = subprocess.DEVNULL if orphans else subprocess.PIPE  # orphans would hold a pipe open: no EOF
+        return subprocess.Popen(cmd, cwd=REPO, stdout=pipe, stderr=pipe, text=True, start_new_session=True,
+                                env={**os.environ, "STACKTRAIN_TEST_ORPHANS": "1" if orphans else "0"})
 
-    procs = {i: start(i, {"STACKTRAIN_TEST_ORPHANS": "1"} if i == 2 else None) for i in (1, 2, 3)}
+    procs = {i: start(i, orphans=i == 2) for i in (1, 2, 3)}
     try:
         deadline = time.monotonic() + 600
         while not _staged_shard(out, "b1"):
             assert procs[2].poll() is None and time.monotonic() < deadline, "part 2 never began writing b1"
             time.sleep(0.002)  # polling the files (the condition), not waiting for time to pass
         os.kill(procs[2].pid, signal.SIGKILL)
-        procs[2].communicate()
-        rerun = start(2)
+        procs[2].wait()
+        rerun = procs["rerun"] = start(2)
         stdout, stderr = rerun.communicate(timeout=600)
         assert rerun.returncode == 0, stderr
         assert "part 2/3, 2 of 6 stacks:" in _summary(stdout) and "0 failed of 2 stacks" in _summary(stdout)
