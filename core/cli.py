@@ -84,6 +84,10 @@ def _stores(sub) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="STORE.zarr", help="the store to create or extend")
     _convert_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar (failed stacks are still reported)")
+    p.add_argument("--part", metavar="I/N", help="convert only part I of N of the manifest (rows I, I+N, I+2N, ...): "
+                   "N processes, on N machines sharing the store's filesystem, convert into one store at once")
+    p.add_argument("--stacks-from", dest="stacks_from", type=Path, metavar="FILE",
+                   help="convert only the stacks whose ids FILE lists, one a line (instead of --part)")
     p.set_defaults(func=commands.convert)
 
     p = sub.add_parser("info", help="list a store's stacks, sizes and compression",

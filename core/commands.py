@@ -93,7 +93,8 @@ def convert(args: Namespace) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ConvertOptions)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     opts = ConvertOptions(**values)
-    report = run_convert(args.manifest, args.out, opts, progress=ui.ConvertBar(bar=not args.no_progress))
+    report = run_convert(args.manifest, args.out, opts, progress=ui.ConvertBar(bar=not args.no_progress),
+                         part=args.part, stacks_from=args.stacks_from)
     con = ui.console()
     for o in report.outcomes:  # stacks a killed or damaged earlier run left incomplete; notes
         if o.redone:

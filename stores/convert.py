@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +24,9 @@ import numpy as np
 
 from stacktrain.errors import ConversionFailed, InputError, StackTrainError, StoreError
 
-from . import intensity, intensity_plan, writer
+from . import convert_parts, intensity, intensity_plan, writer
 from .buffers import POOL
-from .convert_lock import LOCK_NAME, WRITERS_LOCK, clear_staging, exclusive  # noqa: F401 (LOCK_NAME: tests)
+from .convert_lock import LOCK_NAME, WRITERS_LOCK, clear_leftovers, converting, root_lock, stack_lock  # noqa: F401
 from .convert_workers import run_stacks
 from .layout import StackMeta
 from .manifest import ManifestRow, read_manifest
@@ -55,6 +54,8 @@ class ConvertReport:
     outcomes: list[StackOutcome]  # in manifest order
     seconds: float
     bytes_read: int  # source bytes on disk of the stacks converted in this run
+    selection: str | None = None  # "part 2/3" or "stacks from FILE" (convert_parts.Selection); None: all
+    manifest_stacks: int = 0  # rows in the manifest
 
     def count(self, status: str) -> int:
         return sum(o.status == status for o in self.outcomes)
@@ -63,8 +64,10 @@ class ConvertReport:
         rate = f"{self.bytes_read / 1e6:.1f} MB of sources, {self.bytes_read / 1e6 / max(self.seconds, 1e-9):.1f} MB/s"
         redone = sum(o.redone is not None for o in self.outcomes)
         again = f"{redone} reconverted (incomplete), " if redone else ""
-        return (f"{self.count('converted') - redone} converted, {again}{self.count('skipped')} skipped (unchanged), "
-                f"{self.count('failed')} failed of {len(self.outcomes)} stacks in {self.seconds:.1f} s ({rate})")
+        took = f"{self.selection}, {len(self.outcomes)} of {self.manifest_stacks} stacks: " if self.selection else ""
+        counts = (f"{self.count('converted') - redone} converted, {again}{self.count('skipped')} skipped (unchanged), "
+                  f"{self.count('failed')} failed of {len(self.outcomes)} stacks")
+        return f"{took}{counts} in {self.seconds:.1f} s ({rate})"
 
 
 class Progress:
@@ -242,28 +245,12 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
 
 # -- the store -------------------------------------------------------------------------------------
 
-def _listed_meta(store: Path, stack_id: str) -> StackMeta | None:
-    """A stack of another manifest, kept in the list while its metadata reads (damage: `verify`)."""
-    try:
-        return writer.existing_meta(store, stack_id)
-    except StoreError:
-        return None
-
-
-class _RootList:
-    """The root stack list: stacks from other manifests first, then this manifest's, in its order."""
+class _RootList(convert_parts.RootIndex):
+    """The root stack list: stacks from other manifests first, then this manifest's, in its order (all of
+    its rows, also those other parts convert: convert_parts.merged_order)."""
 
     def __init__(self, store: Path, rows: list[ManifestRow]):
-        root = json.loads((store / "zarr.json").read_text())
-        prior = [e["stack_id"] for e in root["attributes"]["stacktrain"]["stacks"]]
-        ours = [r.stack_id for r in rows]
-        self.store = store
-        self.order = [s for s in prior if s not in ours] + ours
-        self.metas = {s: m for s in prior if (m := _listed_meta(store, s)) is not None}
-
-    def add(self, meta: StackMeta) -> None:
-        self.metas[meta.stack_id] = meta
-        writer.register(self.store, [self.metas[s] for s in self.order if s in self.metas])
+        super().__init__(store, [r.stack_id for r in rows])
 
 
 def _disk_size(path: Path) -> int:
@@ -272,37 +259,62 @@ def _disk_size(path: Path) -> int:
     return path.stat().st_size
 
 
+def convert_locked(row: ManifestRow, store: Path, opts: ConvertOptions,
+                   on_progress: Callable[[float], None] | None = None) -> StackOutcome:
+    """`convert_stack` while holding the stack's lock (in the process that writes it: a pool worker runs
+    this); a stack another process keeps writing past the wait fails alone, with that line."""
+    try:
+        with stack_lock(store, row.stack_id):
+            return convert_stack(row, store, opts, on_progress)
+    except StoreError as e:
+        return StackOutcome(row.stack_id, "failed", error=f"{row.where}: {e}")
+
+
+def _settle(store: Path, planned: intensity_plan.Plan) -> None:
+    """Record the planned mapping under the root lock; a part that finds its own mapping already recorded
+    (another part of the manifest was first) goes ahead."""
+    with root_lock(store):
+        if intensity.mapping_key(intensity.recorded(store)) != intensity.mapping_key(planned.record):
+            intensity_plan.settle(store, planned, writer.record_intensity)
+
+
 def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = ConvertOptions(), *,
-            progress: Progress | None = None) -> ConvertReport:
-    """Convert every stack of `manifest` into the store `out`; raise ConversionFailed if any failed.
-    `progress` hears about every slab and stack (stores.cli.RichProgress draws the bar); default silent."""
-    rows = read_manifest(manifest, default_axes=options.axes, label_map=options.labels(),
-                         allow_unlabeled=options.allow_unlabeled)
+            progress: Progress | None = None, part: str | None = None,
+            stacks_from: str | Path | None = None) -> ConvertReport:
+    """Convert the stacks of `manifest` into the store `out`; raise ConversionFailed if any failed.
+    `part` ("I/N") or `stacks_from` (a file of stack ids) limit it to a share of the manifest, for several
+    processes converting into one store at once (stores/convert_parts.py). `progress` hears about every
+    slab and stack (stores.cli.RichProgress draws the bar); default silent."""
+    all_rows = read_manifest(manifest, default_axes=options.axes, label_map=options.labels(),
+                             allow_unlabeled=options.allow_unlabeled)
+    chosen = convert_parts.choose(all_rows, manifest, part, stacks_from)
+    rows = chosen.rows
     progress = progress or Progress()
-    planned = intensity_plan.plan(rows, out, options, manifest, progress)  # refusals here leave nothing written
+    # over the whole manifest, so that every part reaches the same mapping; refusals here leave nothing written
+    planned = intensity_plan.plan(all_rows, out, options, manifest, progress)
     store = writer.init_store(out)
     t0 = time.perf_counter()
     outcomes: list[StackOutcome | None] = [None] * len(rows)
     sizes = [_disk_size(r.path) for r in rows]
-    with exclusive(store):
-        intensity_plan.settle(store, planned, writer.record_intensity)
-        root_list = _RootList(store, rows)
+    with converting(store):
+        _settle(store, planned)
+        root_list = _RootList(store, all_rows)
         progress.start(sizes)
         try:
-            with contextlib.closing(run_stacks(convert_stack, rows, store, options, progress)) as stacks:
+            with contextlib.closing(run_stacks(convert_locked, rows, store, options, progress)) as stacks:
                 for i, outcome in stacks:
                     outcomes[i] = outcome
                     if outcome.meta is not None:
                         root_list.add(outcome.meta)
                     progress.finish(i, outcome)
         except BaseException:  # Ctrl-C, SIGTERM, an error: closing() ended the workers, so their staging can go
-            clear_staging(store)
+            clear_leftovers(store, ours=[r.stack_id for r in rows])
             raise
         finally:
             progress.stop()
             POOL.clear()  # the slab buffers of an in-process conversion are not kept for later
     read = sum(s for s, o in zip(sizes, outcomes) if o.status == "converted")
-    report = ConvertReport(store, outcomes, time.perf_counter() - t0, read)
+    report = ConvertReport(store, outcomes, time.perf_counter() - t0, read, chosen.label, chosen.total)
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         names = ", ".join(o.stack_id for o in failed[:10]) + (" ..." if len(failed) > 10 else "")

@@ -4,10 +4,12 @@ workers that never write without their parent (a SIGKILLed convert leaves no orp
 Three layers: the kernel kills a worker whose parent dies (PR_SET_PDEATHSIG, Linux); a worker that sees
 its parent gone between slabs ends itself; and a worker holds the store's writers lock (shared flock on
 `writers.lock` in the store's staging folder) for each whole task, taken before the task's first write
-and checked against its parent's life, so the next convert can wait until no earlier writer is left
-(stores/convert_lock.py `exclusive` says why that is enough). Between tasks a worker holds no lock and
-writes nothing: an idle orphan blocked on its task queue cannot hold a rerun up. STACKTRAIN_TEST_ORPHANS=1
-turns the first two layers off, so that tests/faults can show the lock alone keeps a store right.
+and checked against its parent's life, so maintenance can wait until no earlier writer is left
+(stores/convert_lock.py `exclusive` says why that is enough); for each stack it also holds that stack's
+lock (convert_lock.stack_lock, which ends a worker whose parent is gone: `parent_gone`; `converting` says
+why that is enough for other converts). Between tasks a worker holds no lock and writes nothing: an idle
+orphan blocked on its task queue cannot hold a rerun up. STACKTRAIN_TEST_ORPHANS=1 turns the first two
+layers off, so that tests/faults can show the locks alone keep a store right.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ def writing() -> Iterator[None]:
         if os.getppid() != _PARENT:  # our convert ended: a newer one may own the store now
             os._exit(1)
         yield
+
+
+def parent_gone() -> bool:
+    """In a pool worker: whether the convert that started it has ended (False in a convert's own process)."""
+    return _PARENT is not None and os.getppid() != _PARENT
 
 
 def _queue_progress(index: int, fraction: float) -> None:

@@ -19,6 +19,7 @@ from zarr.codecs.numcodecs import LZ4
 from stacktrain.errors import StoreError
 from stacktrain.io import atomic_write_text
 
+from .convert_lock import root_lock
 from .intensity import recorded
 from .layout import (
     CODECS,
@@ -48,21 +49,30 @@ warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr 
 
 
 def init_store(path: str | Path) -> Path:
-    """Create an empty store, or check that an existing one has our format version."""
+    """Create an empty store, or check that an existing one has our format version. Under the root lock:
+    processes that start converting into one new store at the same moment create it once."""
     path = Path(path)
     root = path / "zarr.json"
-    if root.exists():
-        info = json.loads(root.read_text()).get("attributes", {}).get("stacktrain", {})
-        if info.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{path}: existing store has format_version {info.get('format_version')!r}, "
-                             f"this stacktrain writes {FORMAT_VERSION}; use a new --out or --overwrite")
-    else:
-        if path.exists() and any(path.iterdir()):
-            raise StoreError(f"{path}: exists and is not a stacktrain store; choose another --out")
-        path.mkdir(parents=True, exist_ok=True)
-        write_json(root, root_group_json([]))  # first: what makes the folder a store
-        write_ome_collection(path, [])
-    staging_dir(path).mkdir(exist_ok=True)
+    staging = staging_dir(path)
+    made = not staging.is_dir()
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        with root_lock(path):
+            if root.exists():
+                info = json.loads(root.read_text()).get("attributes", {}).get("stacktrain", {})
+                if info.get("format_version") != FORMAT_VERSION:
+                    raise StoreError(f"{path}: existing store has format_version {info.get('format_version')!r}, "
+                                     f"this stacktrain writes {FORMAT_VERSION}; use a new --out or --overwrite")
+            else:
+                if path.exists() and any(path.iterdir()):
+                    raise StoreError(f"{path}: exists and is not a stacktrain store; choose another --out")
+                path.mkdir(parents=True, exist_ok=True)
+                write_json(root, root_group_json([]))  # first: what makes the folder a store
+                write_ome_collection(path, [])
+    except StoreError:
+        if made:  # nothing left beside a folder that is not ours
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     return path
 
 
@@ -99,7 +109,8 @@ def existing_meta(path: str | Path, stack_id: str) -> StackMeta | None:
 
 def register(path: str | Path, metas: Iterable[StackMeta]) -> None:
     """Rewrite the root stack list (atomically) in the given order, keeping the store's intensity record
-    (its source_dtypes: those of the listed stacks)."""
+    (its source_dtypes: those of the listed stacks). The caller holds the root lock or the store
+    (convert_parts.RootIndex, convert_lock.exclusive)."""
     metas = list(metas)
     entries = [{"stack_id": m.stack_id, "label": m.label, "group": m.group} for m in metas]
     record = recorded(path)

@@ -253,20 +253,27 @@ def test_cli_synth_prints_the_stacks(tmp_path, capsys):
         assert r["label"] in line and r["group"] in line and "3x8x32x32" in line
 
 
-def test_a_second_convert_on_the_same_store_is_refused(npy_stacks, tmp_path):
-    import fcntl
+def test_a_second_convert_waits_for_a_stack_another_process_is_writing(npy_stacks, tmp_path):
+    """Converts share a store: a stack another process holds (what a running convert holds while it writes
+    it) is waited for, the others go ahead meanwhile; once it is free the stack is converted."""
+    import threading
+    import time
 
-    from stacktrain.errors import StoreError
-    from stacktrain.stores import writer
+    from stacktrain.stores import convert_lock, writer
     manifest, _ = npy_stacks
     out = writer.init_store(tmp_path / "s.zarr")
-    with open(staging_dir(out) / conv.LOCK_NAME, "w") as held:  # what a running convert holds
-        fcntl.flock(held, fcntl.LOCK_EX)
-        with pytest.raises(StoreError, match="another `stacktrain convert` is writing this store"):
-            convert(manifest, out, ConvertOptions(**TINY))
-    assert Store(out).stack_ids == []
-    convert(manifest, out, ConvertOptions(**TINY))  # released: it runs
-    assert Store(out).stack_ids == ["s0", "s1", "s2"]
+    done: list = []
+    with convert_lock.stack_lock(out, "s2"):
+        worker = threading.Thread(target=lambda: done.append(convert(manifest, out, ConvertOptions(**TINY,
+                                                                                                   workers=1))))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while Store(out).stack_ids != ["s0", "s1"]:  # the free stacks are converted while s2 is held
+            assert time.monotonic() < deadline and worker.is_alive(), "s0 and s1 were not converted"
+            time.sleep(0.01)
+        assert worker.is_alive() and not (out / "s2").exists()
+    worker.join(60)
+    assert done and done[0].count("converted") == 3 and Store(out).stack_ids == ["s0", "s1", "s2"]
 
 
 def test_peak_memory_does_not_grow_with_stack_depth(tmp_path):

@@ -5,7 +5,6 @@ a full disk is one line, and train refuses a damaged store (the corruption table
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import shutil
 
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 
 from stacktrain.cli import main
-from stacktrain.errors import StoreError, user_message
-from stacktrain.stores import convert as conv
+from stacktrain.errors import ConversionFailed, StoreError, user_message
 from stacktrain.stores import convert_lock, writer
 from stacktrain.stores.convert import ConvertOptions, convert
 from stacktrain.stores.layout import staging_dir
@@ -131,17 +129,17 @@ def test_convert_waits_for_an_earlier_runs_writer_and_says_so(npy, tmp_path, mon
     manifest, _ = npy
     out = tmp_path / "s.zarr"
     writer.init_store(out)
-    stale = staging_dir(out) / "q0.deadbeef"
-    stale.mkdir()
     monkeypatch.setattr(convert_lock, "OLD_WRITERS_WAIT_S", 0.3)
-    with open(staging_dir(out) / conv.WRITERS_LOCK, "a") as held:  # what a worker of a killed run holds
-        fcntl.flock(held, fcntl.LOCK_SH)
-        with pytest.raises(StoreError) as e:
-            convert(manifest, out, ConvertOptions(**TINY))
-        assert "still writing into this store" in str(e.value) and "writers.lock" in str(e.value)
-        assert stale.exists()  # nothing cleaned under a writer
+    with convert_lock.stack_lock(out, "q0"):  # what a worker of a killed run holds while it writes q0
+        stale = staging_dir(out) / "q0.deadbeef"
+        stale.mkdir()
+        with pytest.raises(ConversionFailed) as e:  # in this process, where the shorter wait applies
+            convert(manifest, out, ConvertOptions(**TINY, workers=1))
+        why = " ".join(o.error for o in e.value.report.outcomes if o.error)
+        assert "still writing stack 'q0'" in why and "q0.lock" in why
+        assert stale.exists() and e.value.report.count("converted") == 2  # nothing of q0 cleaned under its writer
     report = convert(manifest, out, ConvertOptions(**TINY))  # the writer ended: the run goes ahead
-    assert report.count("converted") == 3 and not stale.exists()
+    assert report.count("converted") == 1 and report.count("skipped") == 2 and not stale.exists()
 
 
 def test_a_full_disk_while_writing_the_stack_list_is_one_line(tmp_path, monkeypatch):
