@@ -171,14 +171,20 @@ def converting(store: Path) -> Iterator[None]:
     skips it. Leftovers (staging folders `STACK.RANDOM` and `STACK.old-RANDOM`, temp files in a stack's
     folder, lock files a killed holder left) are removed only under their stack's lock, so nothing that
     another live convert is writing goes; the root's temp files only under the root lock."""
-    staging = staging_dir(store)
-    with open(staging / LOCK_NAME, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{store}: a `stacktrain relabel`, `remove` or `export` is changing this store; "
-                             "wait for it to finish, then rerun") from None
+    with _store_lock(store, fcntl.LOCK_SH, "a `stacktrain relabel`, `remove` or `export` is changing this store; "
+                     "wait for it to finish, then rerun"):
         clear_leftovers(store, wait_s=0.0)
+        yield
+
+
+@contextlib.contextmanager
+def _store_lock(store: Path, mode: int, busy: str) -> Iterator[None]:
+    """convert.lock held in `mode` (shared: a convert; exclusive: maintenance), or StoreError `busy` at once."""
+    with open(staging_dir(store) / LOCK_NAME, "a") as lock:
+        try:
+            fcntl.flock(lock, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{store}: {busy}") from None
         yield
 
 
@@ -221,13 +227,8 @@ def exclusive(store: Path) -> Iterator[None]:
     that its parent still lives (convert_workers.writing). Taking writers.lock exclusive succeeds only when
     no task holds it: every task has then ended or not taken it yet, and one that takes it later finds its
     parent gone and exits before writing."""
-    staging = staging_dir(store)
-    with open(staging / LOCK_NAME, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"{store}: another `stacktrain convert` is writing this store; "
-                             "wait for it to finish or choose another --out") from None
+    with _store_lock(store, fcntl.LOCK_EX, "another `stacktrain convert` is writing this store; wait for it to "
+                     "finish or choose another --out"):
         _wait_for_old_writers(store, OLD_WRITERS_WAIT_S)
         _remove_leftovers(store)
         yield

@@ -78,3 +78,20 @@ def test_info_reports_a_stack_folder_deleted_by_hand(small_store, capsys):
     import json
     summary = json.loads((store.parent / "info.json").read_text())
     assert list(summary["damaged"]) == [ids[0]] and [r["stack_id"] for r in summary["stacks"]] == ids[1:]
+
+
+def test_convert_waits_for_no_maintenance(small_store, tmp_path):
+    """A convert takes the convert lock shared: refused at once while maintenance holds it exclusive,
+    and nothing is written."""
+    import fcntl
+
+    from stacktrain.stores.convert import ConvertOptions, convert
+    store, _ = small_store
+    np.save(tmp_path / "n.npy", np.ones((3, 8, 16, 16), np.uint8))
+    (tmp_path / "m.csv").write_text("path,stack_id,label,group\nn.npy,newcomer,SAIN,p1\n")
+    before = (store / "zarr.json").read_bytes()
+    with open(staging_dir(store) / "convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(StoreError, match="`remove` or `export` is changing this store"):
+            convert(tmp_path / "m.csv", store, ConvertOptions(workers=1, min_patch_zyx=(8, 16, 16)))
+    assert (store / "zarr.json").read_bytes() == before and not (store / "newcomer").exists()
