@@ -98,6 +98,7 @@ def test_two_processes_share_one_search(server, tmp_path, fake_data):
     assert all(f"trial-{int(name.split('-')[1])}" in notes for name in gone)
 
 
+@pytest.mark.slow  # a search started for real (13 s): `make test-slow` (CI) runs it
 def test_recorded_url_without_password_asks_for_it(server, tmp_path, fake_data):
     url = create_database(server, "asks")
     store, split = fake_data
@@ -112,7 +113,7 @@ def test_recorded_url_without_password_asks_for_it(server, tmp_path, fake_data):
     assert len(cli.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", ["study", "report"])
+@pytest.mark.parametrize("command", [pytest.param("study", marks=pytest.mark.slow), "report"])  # study: 15 s
 def test_a_database_that_is_down_is_one_line(tmp_path, fake_data, command):
     import socket
     with socket.socket() as s:  # a port nothing listens on
