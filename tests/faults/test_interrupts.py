@@ -223,7 +223,7 @@ def _interrupted_study(tmp_path: Path, body: str, workers: int, signum: int, hea
 
 
 @pytest.mark.parametrize("workers, signum", [
-    pytest.param(1, signal.SIGTERM, id="1-worker-sigterm"),
+    pytest.param(1, signal.SIGTERM, id="1-worker-sigterm", marks=pytest.mark.slow),  # 20 s; the search cases stay
     pytest.param(2, signal.SIGINT, id="2-workers-sigint", marks=pytest.mark.slow),  # 3 torch starts: slow
     pytest.param(2, signal.SIGTERM, id="2-workers-sigterm", marks=pytest.mark.slow),
 ])

@@ -206,7 +206,8 @@ CLI = {  # a few cases in a real process: exit 2, one line on stderr, no traceba
 }
 
 
-@pytest.mark.parametrize("case", CLI)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "resume-changed" else c
+                                  for c in CLI])  # resume-changed: 20 s, refused in-process above as well
 def test_the_command_line_prints_one_line_and_exits_2(case, data, run_copy, tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     argv, expected = CLI[case]
