@@ -43,7 +43,12 @@ def _acquire(path: Path, wait_s: float | None) -> int | None:
     file no longer at `path` (or on one since replaced) is dropped and taken again on the new file."""
     deadline = None if wait_s is None else time.monotonic() + wait_s
     while True:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a releasing holder removed the folder between mkdir's two checks: again
+            if path.parent.exists() and not path.parent.is_dir():
+                raise
+            continue
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except FileNotFoundError:  # its folder was removed between the two calls: make it again

@@ -175,6 +175,29 @@ def test_stacks_registered_at_the_same_moment_are_never_lost(tmp_path):
     assert [p.name for p in staging_dir(out).iterdir()] == ["convert.lock"]  # the root lock file is unlinked
 
 
+def test_stack_locks_taken_and_released_at_once_by_many_writers(tmp_path):
+    """Releasing the last stack lock removes the locks folder; another writer making it at that moment
+    must take its lock all the same (it once failed with FileExistsError, 3 times in 4x300 rounds)."""
+    from stacktrain.stores import convert_lock
+    store = tmp_path / "s.zarr"
+    staging_dir(store).mkdir(parents=True)
+    errors = []
+
+    def writer_of(k):
+        try:
+            for _ in range(300):
+                with convert_lock.stack_lock(store, f"s{k}"):
+                    pass
+        except Exception as e:  # noqa: BLE001 (collected, asserted below)
+            errors.append(repr(e))
+    threads = [threading.Thread(target=writer_of, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and not (staging_dir(store) / "locks").exists()
+
+
 def test_merged_order_does_not_depend_on_which_part_finished_first():
     manifest = ["a", "b", "c", "d"]
     assert convert_parts.merged_order(["x", "d", "b"], manifest, {"a"}) == ["x", "a", "b", "d"]
