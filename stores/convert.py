@@ -245,14 +245,6 @@ def convert_stack(row: ManifestRow, store: Path, opts: ConvertOptions,
 
 # -- the store -------------------------------------------------------------------------------------
 
-class _RootList(convert_parts.RootIndex):
-    """The root stack list: stacks from other manifests first, then this manifest's, in its order (all of
-    its rows, also those other parts convert: convert_parts.merged_order)."""
-
-    def __init__(self, store: Path, rows: list[ManifestRow]):
-        super().__init__(store, [r.stack_id for r in rows])
-
-
 def _disk_size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -298,7 +290,8 @@ def convert(manifest: str | Path, out: str | Path, options: ConvertOptions = Con
     sizes = [_disk_size(r.path) for r in rows]
     with converting(store):
         _settle(store, planned)
-        root_list = _RootList(store, all_rows)
+        # in the whole manifest's order, with the rows other parts convert (convert_parts.merged_order)
+        root_list = convert_parts.RootIndex(store, [r.stack_id for r in all_rows])
         progress.start(sizes)
         try:
             with contextlib.closing(run_stacks(convert_locked, rows, store, options, progress)) as stacks:
